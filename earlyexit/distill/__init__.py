@@ -1,0 +1,1 @@
+"""Online self-distillation of exit heads (see OnlineDistiller)."""

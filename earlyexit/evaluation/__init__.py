@@ -1,0 +1,1 @@
+"""Measurement: MACs, latency, metrics, sweeps, reports, plots, reference workloads."""
