@@ -1,0 +1,508 @@
+"""EarlyExitModel: serve a wrapped classifier, letting confident samples leave at early exits.
+
+How a batch flows (see the design notes): the base model runs as usual, but a forward hook sits on
+each exit module. While *this wrapper* is serving a call on *this thread*, the hook at exit ``i``
+runs head ``i`` on the feature, scores it with the gate, records the samples whose score passes
+threshold ``i`` and returns the feature of the remaining rows only, so every later layer runs on
+fewer rows. When no row remains the hook raises a private exception that stops the forward pass.
+Outside such a call the hooks return ``None`` and change nothing, on any thread.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._backbones import FeatureLayout
+from .errors import ConfigError, InputError
+from .gates import Gate, GateContext
+from .heads import ExitHead
+from .supervisors import Supervisor
+
+
+@dataclass(frozen=True)
+class ExitPoint:
+    """One early exit.
+
+    Attributes:
+        name: module name in the base model (``model.get_submodule(name)``).
+        index: position of that module among the backbone's candidate exit points
+            (``eem.candidates``), so ``wrap(model, exits=[e.index for e in eem.exits])`` rebuilds it.
+        channels: channels of the feature the head reads.
+        macs: per-sample MACs of a sample that leaves here: the backbone up to this exit plus every
+            head evaluated on the way, this one included, at the model's input size.
+    """
+
+    name: str
+    index: int
+    channels: int
+    macs: int
+
+
+@dataclass
+class ExitResult:
+    """What serving a batch returns; every tensor is in the caller's row order.
+
+    Attributes:
+        logits: ``[B, num_classes]`` logits of the head (or final classifier) that answered.
+        exit_index: ``[B]`` int64; ``i < num_exits``: exit ``i`` answered, ``num_exits``: the full model.
+        confidence: ``[B]`` float32, the gate score that decided.
+        accepted: ``[B]`` bool, the final supervisor's verdict (all True without a supervisor;
+            early answers are always accepted: the supervisor watches the full model's output).
+    """
+
+    logits: Tensor
+    exit_index: Tensor
+    confidence: Tensor
+    accepted: Tensor
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+
+@dataclass
+class ExitRecord:
+    """What one exit saw during a traced call (for learning and calibration).
+
+    ``rows`` are caller rows of the samples the head was evaluated on; ``z`` the head's reduced
+    input (``head.reduce(feature)``), ``logits`` its output and ``scores`` the gate scores.
+    """
+
+    rows: Tensor
+    z: Tensor
+    logits: Tensor
+    scores: Tensor
+
+
+@dataclass
+class ExitTrace:
+    """Everything a traced call computed on the way, beyond the served answers.
+
+    Attributes:
+        exits: per exit, an :class:`ExitRecord` (``None`` if the head was not evaluated).
+        final_rows: caller rows that ran to the end (audited samples included).
+        final_logits: the base model's logits for ``final_rows`` (``None`` if none ran to the end).
+    """
+
+    exits: list[ExitRecord | None]
+    final_rows: Tensor
+    final_logits: Tensor | None
+
+
+class _StopForward(Exception):
+    """Raised by an exit hook when every sample of the batch has left: ends the forward pass."""
+
+
+class _HookRuntime(threading.local):
+    """The call being served on this thread, if any. Hooks hold this, never the wrapper itself,
+    so the wrapper can be garbage collected (and its hooks removed) while the model lives on."""
+
+    run: _Run | None = None
+
+
+class _Run:
+    """State of one served call: which caller rows are still running and what was answered."""
+
+    def __init__(
+        self,
+        batch: int,
+        device: torch.device,
+        heads: tuple[ExitHead, ...],
+        thresholds: tuple[float, ...],
+        gate: Gate,
+        evaluate: tuple[bool, ...],
+        capture: bool,
+        audit: Tensor | None,
+    ) -> None:
+        self.rows = torch.arange(batch, device=device)
+        self.decided = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.heads = heads
+        self.thresholds = thresholds
+        self.gate = gate
+        self.evaluate = evaluate
+        self.capture = capture
+        self.audit = audit
+        self.history: list[Tensor | None] = []
+        self.answers: list[tuple[Tensor, Tensor, int, Tensor]] = []
+        self.records: list[ExitRecord | None] = [None] * len(heads)
+
+    def at_exit(self, i: int, feature: object) -> Tensor | None:
+        if not self.evaluate[i]:
+            self.history.append(None)
+            return None
+        if not isinstance(feature, Tensor) or feature.shape[0] != self.rows.shape[0]:
+            raise RuntimeError(
+                f"exit {i} expected a tensor with {self.rows.shape[0]} rows, got "
+                f"{type(feature).__name__} {getattr(feature, 'shape', '')}: this module is not a "
+                "stage boundary of the model"
+            )
+        head = self.heads[i]
+        z = head.reduce(feature)
+        logits = head.classify(z)
+        scores = self.gate.score(logits, GateContext(i, self.rows, self.history)).float()
+        self.history.append(logits)
+        if self.capture:
+            self.records[i] = ExitRecord(self.rows, z, logits, scores)
+        threshold = self.thresholds[i]
+        if threshold == math.inf:
+            return None
+        passed = (scores >= threshold) & ~self.decided
+        if not bool(passed.any()):
+            return None
+        self.answers.append((self.rows[passed], logits[passed], i, scores[passed]))
+        leaving = passed if self.audit is None else passed & ~self.audit[self.rows]
+        self.decided = self.decided | passed
+        if not bool(leaving.any()):
+            return None
+        keep = ~leaving
+        if not bool(keep.any()):
+            raise _StopForward
+        self.rows = self.rows[keep]
+        self.decided = self.decided[keep]
+        self.history = [h[keep] if h is not None else None for h in self.history]
+        return feature[keep]
+
+
+def _exit_hook(runtime: _HookRuntime, index: int):
+    def hook(module: nn.Module, args: object, output: object) -> Tensor | None:
+        run = runtime.run
+        if run is None:  # not our call, or another thread: stay inert
+            return None
+        return run.at_exit(index, output)
+
+    return hook
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+class EarlyExitModel(nn.Module):
+    """A base classifier with exit heads; build it with :func:`earlyexit.wrap`.
+
+    Only the heads are registered submodules (``parameters()``, ``state_dict()`` and ``train()``
+    see only them); the base model is held beside them and never modified. ``to()``/``cuda()``/
+    ``half()`` move or cast the heads *and* the base model, since they are served together.
+
+    Example:
+        >>> import timm, torch, earlyexit as ee
+        >>> eem = ee.wrap(timm.create_model("resnet18").eval())
+        >>> eem.set_thresholds([0.9] * eem.num_exits)
+        >>> res = eem.predict(torch.randn(4, 3, 224, 224))
+        >>> res.exit_index.shape
+        torch.Size([4])
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        *,
+        family: str,
+        exits: Sequence[ExitPoint],
+        layouts: Sequence[FeatureLayout],
+        heads: Sequence[ExitHead],
+        head_kind: str,
+        head_budget: float,
+        head_macs: Sequence[int],
+        backbone_macs: Sequence[int],
+        base_macs: int,
+        gate: Gate,
+        supervisor: Supervisor | None,
+        input_size: tuple[int, int, int],
+        fixed_input_size: bool,
+        num_classes: int,
+        candidates: Sequence[str],
+    ) -> None:
+        super().__init__()
+        # Not a submodule: keeps train()/state_dict()/parameters() off the base model.
+        object.__setattr__(self, "base_model", base_model)
+        self.heads = nn.ModuleList(heads)
+        self.family = family
+        self.head_kind = head_kind
+        self.head_budget = head_budget
+        self.gate = gate
+        self.supervisor = supervisor
+        self.input_size = tuple(input_size)
+        self.fixed_input_size = fixed_input_size
+        self.num_classes = num_classes
+        self.candidates = tuple(candidates)
+        self.layouts = tuple(layouts)
+        self.head_macs = tuple(int(m) for m in head_macs)
+        self.backbone_macs = tuple(int(m) for m in backbone_macs)
+        self.base_macs = int(base_macs)
+        self._exits = tuple(exits)
+        self._thresholds: tuple[float, ...] = (math.inf,) * len(self._exits)
+        self._runtime = _HookRuntime()
+        self._handles: list = []
+        for i, point in enumerate(self._exits):
+            module = base_model.get_submodule(point.name)
+            self._handles.append(module.register_forward_hook(_exit_hook(self._runtime, i)))
+        # Hooks must not outlive the wrapper: remove them when it is garbage collected.
+        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+
+    # ------------------------------------------------------------------ description
+    @property
+    def exits(self) -> tuple[ExitPoint, ...]:
+        """The early exits, in execution order."""
+        return self._exits
+
+    @property
+    def num_exits(self) -> int:
+        """Number of early exits (the final classifier is not counted)."""
+        return len(self._exits)
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """One gate threshold per exit; ``inf`` = closed (a new model starts closed)."""
+        return self._thresholds
+
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        """Set every exit's threshold at once (``inf`` closes an exit, ``-inf`` sends everything out).
+
+        Example:
+            >>> eem.set_thresholds([0.95, 0.9, 0.9, float("inf")])  # doctest: +SKIP
+        """
+        values = list(thresholds)
+        if len(values) != self.num_exits:
+            raise ConfigError(
+                f"expected {self.num_exits} thresholds (one per exit), got {len(values)}"
+            )
+        checked = []
+        for i, value in enumerate(values):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"threshold {i} must be a number, got {value!r}") from None
+            if math.isnan(value):
+                raise ConfigError(f"threshold {i} is NaN; use inf to close an exit")
+            checked.append(value)
+        self._thresholds = tuple(checked)  # one assignment: concurrent calls see old or new, whole
+
+    def path_macs(self, thresholds: Sequence[float] | None = None) -> tuple[int, ...]:
+        """Per-sample MACs of each path under ``thresholds`` (default: the current ones).
+
+        Entry ``i < num_exits`` is a sample leaving at exit ``i``; the last entry a sample that runs
+        to the end. Heads that are skipped (closed gate, no later gate needing them) cost nothing.
+        """
+        evaluate = self._heads_to_evaluate(
+            self._thresholds if thresholds is None else tuple(thresholds), False
+        )
+        costs = []
+        spent = 0
+        for i in range(self.num_exits):
+            spent += self.head_macs[i] if evaluate[i] else 0
+            costs.append(self.backbone_macs[i] + spent)
+        costs.append(self.base_macs + spent)
+        return tuple(costs)
+
+    # ------------------------------------------------------------------ serving
+    def forward(self, x: Tensor) -> Tensor:
+        """The logits of whichever exit answered each sample (see :meth:`predict`)."""
+        return self.predict(x).logits
+
+    def predict(self, x: Tensor) -> ExitResult:
+        """Serve a batch: confident samples leave early, the rest run to the end.
+
+        Example:
+            >>> res = eem.predict(torch.randn(8, 3, 224, 224))  # doctest: +SKIP
+            >>> res.exit_index  # which exit answered each sample  # doctest: +SKIP
+        """
+        result, _ = self._serve(x, capture=False, audit=None)
+        return result
+
+    def trace(self, x: Tensor, *, audit: Tensor | None = None) -> tuple[ExitResult, ExitTrace]:
+        """Serve a batch and also return what every head saw (used by online learning).
+
+        Every head is evaluated on every sample that reaches it. ``audit`` (``[B]`` bool) marks
+        samples that, having been answered early, still run to the end so their early answer can
+        be checked against the full model.
+        """
+        if audit is not None:
+            if not isinstance(audit, Tensor) or audit.dtype != torch.bool or audit.dim() != 1:
+                raise InputError("audit must be a 1-D bool tensor with one entry per sample")
+            if isinstance(x, Tensor) and audit.shape[0] != x.shape[0]:
+                raise InputError(f"audit has {audit.shape[0]} entries for a batch of {x.shape[0]}")
+        return self._serve(x, capture=True, audit=audit)
+
+    def _heads_to_evaluate(self, thresholds: tuple[float, ...], capture: bool) -> tuple[bool, ...]:
+        if capture:
+            return (True,) * self.num_exits
+        open_gates = [t != math.inf for t in thresholds]
+        if self.gate.needs_history:
+            # A head must run if its own gate is open or a later gate looks back at it.
+            return tuple(any(open_gates[i:]) for i in range(self.num_exits))
+        return tuple(open_gates)
+
+    def _serve(
+        self, x: Tensor, *, capture: bool, audit: Tensor | None
+    ) -> tuple[ExitResult, ExitTrace]:
+        if not self._handles:
+            raise RuntimeError(
+                "this EarlyExitModel was removed (eem.remove()); wrap the model again"
+            )
+        self._check_input(x)
+        if self.base_model.training:
+            raise InputError(
+                "the base model is in training mode: serving would change its BatchNorm statistics "
+                "and dropout would make answers random. Call model.eval() before serving."
+            )
+        batch = x.shape[0]
+        if batch == 0:
+            return self._empty_result(x), ExitTrace(
+                [None] * self.num_exits, x.new_zeros(0, dtype=torch.long), None
+            )
+        thresholds = self._thresholds
+        heads = tuple(self.heads)  # one consistent set of heads for the whole call
+        run = _Run(
+            batch,
+            x.device,
+            heads,
+            thresholds,
+            self.gate,
+            self._heads_to_evaluate(thresholds, capture),
+            capture,
+            None if audit is None else audit.to(x.device),
+        )
+        outer = self._runtime.run
+        self._runtime.run = run
+        try:
+            with torch.no_grad():
+                try:
+                    final = self.base_model(x)
+                except _StopForward:
+                    final = None
+                except RuntimeError as err:
+                    if tuple(x.shape[2:]) != self.input_size[1:]:
+                        raise InputError(
+                            f"the base model could not process an input of size {tuple(x.shape[2:])} "
+                            f"(it was built for {self.input_size[1:]}): {err}"
+                        ) from err
+                    raise
+                return self._assemble(run, final, batch, x)
+        finally:
+            self._runtime.run = outer
+
+    def _assemble(
+        self, run: _Run, final: Tensor | None, batch: int, x: Tensor
+    ) -> tuple[ExitResult, ExitTrace]:
+        if final is not None and not isinstance(final, Tensor):
+            raise TypeError(
+                f"the base model returned {type(final).__name__}; earlyexit serves classifiers that "
+                "return a logits tensor (put the model in eval mode)"
+            )
+        answers = list(run.answers)
+        accepted_parts: list[tuple[Tensor, Tensor]] = []
+        if final is not None:
+            undecided = ~run.decided
+            rows = run.rows[undecided]
+            logits = final[undecided]
+            ctx = GateContext(
+                self.num_exits, rows, [h[undecided] if h is not None else None for h in run.history]
+            )
+            scores = self.gate.score(logits, ctx).float()
+            answers.append((rows, logits, self.num_exits, scores))
+            if self.supervisor is not None:
+                accepted_parts.append((rows, self.supervisor.accept(logits)))
+        dtype = final.dtype if final is not None else answers[0][1].dtype
+        device = x.device
+        out_logits = torch.empty(batch, self.num_classes, dtype=dtype, device=device)
+        exit_index = torch.empty(batch, dtype=torch.long, device=device)
+        confidence = torch.empty(batch, dtype=torch.float32, device=device)
+        accepted = torch.ones(batch, dtype=torch.bool, device=device)
+        for rows, logits, index, scores in answers:
+            out_logits[rows] = logits.to(dtype)
+            exit_index[rows] = index
+            confidence[rows] = scores
+        for rows, verdict in accepted_parts:
+            accepted[rows] = verdict
+        result = ExitResult(out_logits, exit_index, confidence, accepted)
+        trace = ExitTrace(run.records, run.rows, final)
+        return result, trace
+
+    def _empty_result(self, x: Tensor) -> ExitResult:
+        dtype = (
+            torch.get_autocast_dtype(x.device.type)
+            if torch.is_autocast_enabled(x.device.type)
+            else x.dtype
+        )
+        return ExitResult(
+            x.new_zeros(0, self.num_classes, dtype=dtype),
+            x.new_zeros(0, dtype=torch.long),
+            x.new_zeros(0, dtype=torch.float32),
+            x.new_zeros(0, dtype=torch.bool),
+        )
+
+    def _check_input(self, x: object) -> None:
+        if not isinstance(x, Tensor):
+            raise InputError(f"expected a torch.Tensor batch [B, C, H, W], got {type(x).__name__}")
+        c, h, w = self.input_size
+        if x.dim() != 4:
+            hint = (
+                " (a single image? add the batch dimension with x.unsqueeze(0))"
+                if x.dim() == 3
+                else ""
+            )
+            raise InputError(
+                f"expected a batch of images [B, {c}, H, W], got shape {tuple(x.shape)}{hint}"
+            )
+        if x.shape[1] != c:
+            hint = " (channels last? use x.permute(0, 3, 1, 2))" if x.shape[-1] == c else ""
+            raise InputError(f"expected {c} channels, got shape {tuple(x.shape)}{hint}")
+        if not x.is_floating_point():
+            raise InputError(
+                f"expected a floating-point batch, got {x.dtype}: convert with x.float() and apply the "
+                "model's normalisation (e.g. timm.data.create_transform / weights.transforms())"
+            )
+        param = next(self.base_model.parameters(), None)
+        if param is not None:
+            if x.device != param.device:
+                raise InputError(
+                    f"the batch is on {x.device} but the model is on {param.device}: use x.to({str(param.device)!r})"
+                )
+            if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+                raise InputError(
+                    f"the batch is {x.dtype} but the model is {param.dtype}: use x.to({param.dtype}) "
+                    "or run under torch.autocast"
+                )
+        if self.fixed_input_size and tuple(x.shape[2:]) != (h, w):
+            raise InputError(
+                f"this model only takes {h}x{w} images, got {x.shape[2]}x{x.shape[3]}: resize first"
+            )
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise InputError(
+                "the batch contains NaN or Inf values; clean or drop those samples before serving"
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+    def remove(self) -> None:
+        """Detach every hook from the base model. The wrapper cannot serve afterwards."""
+        self._finalizer()
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        self.base_model._apply(fn, recurse)
+        return self
+
+    def extra_repr(self) -> str:
+        names = ", ".join(e.name for e in self._exits)
+        return f"family={self.family!r}, exits=[{names}], gate={self.gate!r}"
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str) -> None:
+        """Write heads, thresholds, config and the base model's fingerprint to one safetensors file
+        (atomically: an interrupted save leaves the previous file intact).
+
+        Example:
+            >>> eem.save("heads.safetensors")  # doctest: +SKIP
+        """
+        from .io import save_early_exit_model
+
+        save_early_exit_model(self, path)
