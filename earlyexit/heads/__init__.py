@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -60,7 +59,7 @@ def pool_grid(feature: Tensor, layout: FeatureLayout, size: int) -> Tensor:
         feature = feature.permute(0, 3, 1, 2)
     elif layout.kind == "tokens":
         patches = feature[:, layout.prefix_tokens :]
-        side = int(round(patches.shape[1] ** 0.5))
+        side = round(patches.shape[1] ** 0.5)
         if side * side != patches.shape[1]:
             raise ConfigError(
                 f"a conv head needs a square grid of patch tokens; got {patches.shape[1]} tokens "
