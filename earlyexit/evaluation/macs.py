@@ -232,11 +232,13 @@ _FREE_PREFIXES = (
     "is_",
     "_assert",
     "resize",
+    "_nested_",  # packing/unpacking ragged batches (padding masks)
+    "to_padded_tensor",
 )
 
 
 def _free_by_name(name: str) -> bool:
-    """``name`` is an op name without namespace/overload, e.g. ``"gelu"`` or ``"upsample_bilinear2d"``."""
+    """``name`` is an op name without namespace or overload, e.g. ``"upsample_bilinear2d"``."""
     return name in _FREE_NAMES or name.startswith(_FREE_PREFIXES)
 
 
@@ -288,7 +290,8 @@ def _mha_macs_tensors(q: torch.Tensor, k: torch.Tensor, embed_dim: int) -> int:
         n = len(lq if lq is not None else lk)  # type: ignore[arg-type]
         lq = lq or [q.shape[-2]] * n
         lk = lk or [k.shape[-2]] * n
-        return sum(_mha_macs([a, embed_dim], [b, embed_dim], embed_dim) for a, b in zip(lq, lk))
+        pairs = zip(lq, lk, strict=True)
+        return sum(_mha_macs([a, embed_dim], [b, embed_dim], embed_dim) for a, b in pairs)
     return _mha_macs(_shape(q), _shape(k), embed_dim)
 
 
@@ -339,7 +342,8 @@ def _from_flop_registry() -> dict[Any, _Formula]:
         # Every registered formula counts 2 per multiply-add (conv, mm, sdpa), so // 2 is exact.
         return lambda args, kwargs, out: f(*args, **kwargs, out_val=out) // 2
 
-    return {k: wrap(v) for k, v in flop_registry.items() if isinstance(k, torch._ops.OpOverloadPacket)}
+    packets = (k for k in flop_registry if isinstance(k, torch._ops.OpOverloadPacket))
+    return {k: wrap(flop_registry[k]) for k in packets}
 
 
 def _extra_formulas() -> dict[Any, _Formula]:
