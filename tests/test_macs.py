@@ -42,6 +42,7 @@ def test_count_macs_matches_published(name: str) -> None:
     assert _rel(count_macs(_tv(name), shape), published) < 0.01
 
 
+@pytest.mark.slow  # real forward passes of full-size models: seconds each on 2 loaded cores
 @pytest.mark.parametrize("name", TV_MODELS)
 def test_fvcore_macs_matches_published(name: str) -> None:
     published, shape = _published(name)
@@ -51,6 +52,7 @@ def test_fvcore_macs_matches_published(name: str) -> None:
     assert report.by_module[""] == report.total
 
 
+@pytest.mark.slow  # real forward passes of full-size models: seconds each on 2 loaded cores
 def test_vit_counts_the_fused_attention() -> None:
     # The gap this module exists for: nn.MultiheadAttention's fast path is 35.7% of vit_b_16.
     model = _tv("vit_b_16")
@@ -68,6 +70,7 @@ def test_vit_counts_the_fused_attention() -> None:
     )
 
 
+@pytest.mark.slow  # real forward passes of full-size models: seconds each on 2 loaded cores
 @pytest.mark.parametrize(
     ("timm_name", "tv_name"), [("resnet50", "resnet50"), ("vit_base_patch16_224", "vit_b_16")]
 )
@@ -80,6 +83,7 @@ def test_timm_twins_agree_with_torchvision(timm_name: str, tv_name: str) -> None
     assert report.unsupported_ops == {}
 
 
+@pytest.mark.slow  # real forward passes of full-size models: seconds each on 2 loaded cores
 @pytest.mark.parametrize("name", ["vit_b_16", "mobilenet_v3_large"])
 def test_meta_pass_equals_real_forward(name: str) -> None:
     # On CPU vit_b_16 takes the fused MHA kernel; on meta it decomposes to linear + bmm.
@@ -274,6 +278,52 @@ def test_unsupported_ops_are_reported() -> None:
     report = fvcore_macs(_Spectral(), (2, 3, 8, 8))
     assert set(report.unsupported_ops) == {"aten::fft_rfft2"}
     assert report.total == 120 * 2
+
+
+@torch.library.custom_op("earlyexit_test::opaque_mm", mutates_args=())
+def _opaque_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a @ b  # runs inside the op's kernel, out of the counters' sight
+
+
+@_opaque_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+class _Opaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _opaque_mm(self.lin(x), torch.ones(6, 2))
+
+
+class _Doubler(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x @ torch.ones(x.shape[-1], x.shape[-1])
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+        return g
+
+
+def test_custom_ops_are_reported() -> None:
+    with MacCounter() as mc:
+        _Opaque()(torch.randn(2, 4))
+    assert mc.unsupported_ops == {"earlyexit_test.opaque_mm": 1}
+    assert mc.total == 2 * 4 * 6
+    for device in ("meta", "cpu"):  # the fake kernel lets the meta pass run too
+        assert count_macs(_Opaque(), (1, 4), device=device) == 4 * 6
+    report = fvcore_macs(_Opaque(), (2, 4))
+    assert report.unsupported_ops == {"earlyexit_test::opaque_mm": 1}
+    assert report.total == 4 * 6
+    # A custom autograd Function is opaque to jit tracing (but not to MacCounter).
+    doubler = nn.Sequential(nn.Linear(4, 5))
+    doubler.register_forward_hook(lambda m, i, o: _Doubler.apply(o))
+    assert set(fvcore_macs(doubler, (1, 4)).unsupported_ops) == {"prim::PythonOp._Doubler"}
+    assert count_macs(doubler, (1, 4)) == 4 * 5 + 5 * 5
 
 
 def test_custom_formula() -> None:

@@ -256,8 +256,10 @@ def _free_overload(func: torch._ops.OpOverload) -> bool:
 def _free_jit_name(kind: str) -> bool:
     """Same test for a TorchScript node kind such as ``"aten::gelu_"`` (used with fvcore)."""
     namespace, _, name = kind.partition("::")
-    if namespace == "prim":  # structural nodes: constants, lists, tuples, getattr
-        return True
+    if namespace == "prim":
+        # Structural nodes (constants, lists, getattr) are free; a PythonOp (custom autograd
+        # Function) or CallFunction (scripted code) may hide any amount of compute.
+        return not name.startswith(("PythonOp", "CallFunction"))
     if _free_by_name(name) or _free_by_name(name.rstrip("_")):
         return True
     packet = getattr(getattr(torch.ops, namespace, None), name, None)
