@@ -43,6 +43,7 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
     """
     arch = hashlib.blake2b(digest_size=16)
     weights = hashlib.blake2b(digest_size=16)
+    arch.update(f"{type(model).__module__}.{type(model).__qualname__};".encode())
     for name, tensor in model.state_dict(keep_vars=False).items():
         arch.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         data = tensor.detach().reshape(-1).contiguous().cpu()

@@ -456,6 +456,8 @@ class EarlyExitModel(nn.Module):
         if x.shape[1] != c:
             hint = " (channels last? use x.permute(0, 3, 1, 2))" if x.shape[-1] == c else ""
             raise InputError(f"expected {c} channels, got shape {tuple(x.shape)}{hint}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise InputError(f"the images are empty ({x.shape[2]}x{x.shape[3]} pixels)")
         if not x.is_floating_point():
             raise InputError(
                 f"expected a floating-point batch, got {x.dtype}: convert with x.float() and apply the "
@@ -480,6 +482,25 @@ class EarlyExitModel(nn.Module):
             raise InputError(
                 "the batch contains NaN or Inf values; clean or drop those samples before serving"
             )
+
+    def count_macs(
+        self,
+        input_shape: Sequence[int] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> int:
+        """Per-sample MACs of serving a zero batch of ``input_shape`` with the current thresholds
+        (heads included). For expected MACs over real traffic use :meth:`path_macs` with exit rates.
+        """
+        from .evaluation.macs import MacCounter
+
+        param = next(self.base_model.parameters())
+        shape = tuple(input_shape) if input_shape is not None else (1, *self.input_size)
+        x = torch.zeros(shape, device=device or param.device, dtype=dtype or param.dtype)
+        with MacCounter() as counter:
+            self.predict(x)
+        return counter.total // max(shape[0], 1)
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
