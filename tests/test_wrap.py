@@ -40,7 +40,7 @@ def _assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> Non
 
 
 def test_gates_closed_equals_base_model_on_every_family(family_model):
-    family, model, size = family_model
+    _family, model, size = family_model
     before = _snapshot(model)
     eem = ee.wrap(model, input_size=size)
     assert all(t == math.inf for t in eem.thresholds)
@@ -56,7 +56,7 @@ def test_gates_closed_equals_base_model_on_every_family(family_model):
 
 
 def test_mixed_exits_skip_later_layers_and_keep_input_order(family_model):
-    family, model, size = family_model
+    _family, model, size = family_model
     eem = ee.wrap(model, input_size=size)
     n_exits = eem.num_exits
     batch_size = n_exits + 3
@@ -128,10 +128,8 @@ def test_all_samples_exit_at_first_exit_runs_nothing_after_it(resnet):
 
 
 def test_head_cost_is_small_for_every_default_head(family_model):
-    family, model, size = family_model
+    _family, model, size = family_model
     for kind in ("linear", "mlp", "conv"):
-        if kind == "conv" and family in ("timm.deit",):
-            continue  # 2 prefix tokens + square grid is fine, but keep the matrix small
         eem = ee.wrap(model, head=kind, input_size=size, validate=False)
         for point, macs in zip(eem.exits, eem.head_macs, strict=True):
             assert macs <= 0.02 * eem.base_macs, f"{kind} head at {point.name} costs {macs / eem.base_macs:.2%}"
