@@ -37,21 +37,39 @@ def _tv(builder: str, **kwargs) -> Callable[[], nn.Module]:
 def _tv_vit() -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(image_size=64, patch_size=16, num_layers=4, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10)
+    return VisionTransformer(
+        image_size=64,
+        patch_size=16,
+        num_layers=4,
+        num_heads=2,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_classes=10,
+    )
 
 
 def _tv_swin() -> nn.Module:
     from torchvision.models.swin_transformer import SwinTransformer
 
     return SwinTransformer(
-        patch_size=[4, 4], embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=[4, 4], num_classes=10
+        patch_size=[4, 4],
+        embed_dim=24,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 2, 2, 4],
+        window_size=[4, 4],
+        num_classes=10,
     )
 
 
 def _tv_convnext() -> nn.Module:
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-    cfg = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, 96, 2), CNBlockConfig(96, None, 1)]
+    cfg = [
+        CNBlockConfig(16, 32, 1),
+        CNBlockConfig(32, 64, 1),
+        CNBlockConfig(64, 96, 2),
+        CNBlockConfig(96, None, 1),
+    ]
     return ConvNeXt(cfg, num_classes=10)
 
 
@@ -72,7 +90,14 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {
     "timm.mobilenetv3": (_timm("mobilenetv3_small_050"), (3, 64, 64)),
     "timm.regnet": (_timm("regnetx_002"), (3, 64, 64)),
     "timm.swin": (
-        _timm("swin_tiny_patch4_window7_224", img_size=64, window_size=4, embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4)),
+        _timm(
+            "swin_tiny_patch4_window7_224",
+            img_size=64,
+            window_size=4,
+            embed_dim=24,
+            depths=(1, 1, 2, 1),
+            num_heads=(1, 2, 2, 4),
+        ),
         (3, 64, 64),
     ),
     "torchvision.resnet": (_tv("resnet18"), (3, 64, 64)),

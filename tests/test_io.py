@@ -32,7 +32,9 @@ def test_save_then_load_is_bit_identical(tmp_path, resnet, head):
     loaded = ee.load(resnet, path)
     assert loaded.thresholds == eem.thresholds
     assert [e for e in loaded.exits] == [e for e in eem.exits]
-    for (k1, v1), (k2, v2) in zip(eem.heads.state_dict().items(), loaded.heads.state_dict().items(), strict=True):
+    for (k1, v1), (k2, v2) in zip(
+        eem.heads.state_dict().items(), loaded.heads.state_dict().items(), strict=True
+    ):
         assert k1 == k2 and v1.dtype == v2.dtype and torch.equal(v1, v2)
     x = batch()
     ref, got = eem.predict(x), loaded.predict(x)
@@ -40,7 +42,12 @@ def test_save_then_load_is_bit_identical(tmp_path, resnet, head):
 
 
 def test_gate_and_supervisor_survive_a_round_trip(tmp_path, resnet):
-    eem = ee.wrap(resnet, gate="margin", supervisor=ee.Supervisor("entropy", threshold=-1.5), input_size=(3, 64, 64))
+    eem = ee.wrap(
+        resnet,
+        gate="margin",
+        supervisor=ee.Supervisor("entropy", threshold=-1.5),
+        input_size=(3, 64, 64),
+    )
     eem.save(tmp_path / "h.safetensors")
     loaded = ee.load(resnet, tmp_path / "h.safetensors")
     assert loaded.gate.name == "margin"
@@ -108,7 +115,9 @@ def test_custom_heads_need_their_factory(tmp_path, resnet):
 
 def test_extra_state_rides_along(tmp_path, resnet):
     eem = ee.wrap(resnet, input_size=(3, 64, 64))
-    io.save_early_exit_model(eem, tmp_path / "h.safetensors", {"count": torch.tensor([7])}, {"note": "hi"})
+    io.save_early_exit_model(
+        eem, tmp_path / "h.safetensors", {"count": torch.tensor([7])}, {"note": "hi"}
+    )
     tensors, config = io.read_checkpoint(tmp_path / "h.safetensors")
     assert torch.equal(tensors["extra.count"], torch.tensor([7]))
     assert config["extra"] == {"note": "hi"}

@@ -74,9 +74,17 @@ def test_mixed_exits_skip_later_layers_and_keep_input_order(family_model):
     for name, module in model.named_modules():
         if name in exit_names:
             # Registered after the wrapper's hook: fires right after it, sees the shrunk output.
-            handles.append(module.register_forward_hook(lambda m, a, o, i=exit_names[name]: events.append((f"<exit{i}>", o.shape[0]))))
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, o, i=exit_names[name]: events.append((f"<exit{i}>", o.shape[0]))
+                )
+            )
         elif not list(module.children()):
-            handles.append(module.register_forward_hook(lambda m, a, o, n=name: events.append((n, a[0].shape[0] if a else -1))))
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, o, n=name: events.append((n, a[0].shape[0] if a else -1))
+                )
+            )
     try:
         plain = list(events)  # hooks are inert for direct calls: the full batch everywhere
         assert not plain
@@ -118,8 +126,16 @@ def test_all_samples_exit_at_first_exit_runs_nothing_after_it(resnet):
     calls: list[str] = []
     first_exit = eem.exits[0].name
     order = [n for n, _ in resnet.named_modules()]
-    after = [n for n in order if order.index(n) > order.index(first_exit) and not n.startswith(first_exit)]
-    handles = [resnet.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: calls.append(n)) for n in after if n]
+    after = [
+        n
+        for n in order
+        if order.index(n) > order.index(first_exit) and not n.startswith(first_exit)
+    ]
+    handles = [
+        resnet.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: calls.append(n))
+        for n in after
+        if n
+    ]
     res = eem.predict(batch(n=5))
     for h in handles:
         h.remove()
@@ -132,7 +148,9 @@ def test_head_cost_is_small_for_every_default_head(family_model):
     for kind in ("linear", "mlp", "conv"):
         eem = ee.wrap(model, head=kind, input_size=size, validate=False)
         for point, macs in zip(eem.exits, eem.head_macs, strict=True):
-            assert macs <= 0.02 * eem.base_macs, f"{kind} head at {point.name} costs {macs / eem.base_macs:.2%}"
+            assert macs <= 0.02 * eem.base_macs, (
+                f"{kind} head at {point.name} costs {macs / eem.base_macs:.2%}"
+            )
         eem.remove()
 
 
@@ -350,7 +368,9 @@ class _TinyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(4)])
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(4)]
+        )
         self.fc = nn.Linear(8, 5)
 
     def forward(self, x):
@@ -358,7 +378,9 @@ class _TinyNet(nn.Module):
 
 
 def test_unknown_family_error_names_families_and_registration():
-    with pytest.raises(ee.UnsupportedModelError, match=r"Supported families: .*timm\.resnet.*register_adapter"):
+    with pytest.raises(
+        ee.UnsupportedModelError, match=r"Supported families: .*timm\.resnet.*register_adapter"
+    ):
         ee.wrap(_TinyNet().eval(), input_size=(3, 16, 16))
 
 
@@ -389,7 +411,9 @@ def test_user_registered_family_and_explicit_names_on_unknown_models():
 
 
 def test_custom_head_callable(resnet):
-    eem = ee.wrap(resnet, head=lambda spec: nn.Linear(spec.channels, spec.num_classes), input_size=(3, 64, 64))
+    eem = ee.wrap(
+        resnet, head=lambda spec: nn.Linear(spec.channels, spec.num_classes), input_size=(3, 64, 64)
+    )
     assert eem.head_kind == "custom"
     eem.set_thresholds([-math.inf] + [math.inf] * 3)
     assert eem.predict(batch()).logits.shape == (4, 10)

@@ -1,0 +1,217 @@
+"""Choosing gate thresholds with a statistical guarantee on agreement with the full model.
+
+Evidence is a set of samples drawn without regard to their content (warm-up traffic, or a random
+audit of live traffic) for which every head's gate score and the full model's answer are known. For
+each exit, in order, the threshold is the loosest one for which the hypothesis "agreement with the
+full model among the samples that would leave here is below ``target``" is rejected at level
+``delta``, by a one-sided exact binomial test (Clopper-Pearson), tested as a fixed sequence from the
+strictest threshold to looser ones and stopping at the first failure: Learn-then-Test with
+fixed-sequence testing, which controls the error without a multiplicity penalty along the sequence.
+With ``per_exit_bonferroni`` the level is split over the exits so the guarantee holds for all exits
+at once. Samples that leave at exit ``i`` are removed from the evidence for later exits, which sees
+exactly the traffic that reaches it.
+
+A gate with too little evidence to pass even one test stays closed (``inf``).
+
+The maths are plain functions of tensors; nothing here touches a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from scipy import stats
+from torch import Tensor
+
+from .errors import ConfigError
+
+
+def binomial_tail_pvalue(failures: int, n: int, max_failure_rate: float) -> float:
+    """P(Binom(n, max_failure_rate) <= failures): small when the true failure rate is below the max.
+
+    Example:
+        >>> round(binomial_tail_pvalue(0, 300, 0.01), 4)
+        0.049
+    """
+    if n == 0:
+        return 1.0
+    return float(stats.binom.cdf(failures, n, max_failure_rate))
+
+
+def clopper_pearson_lower(successes: int, n: int, confidence: float) -> float:
+    """One-sided lower confidence bound of a binomial proportion (exact, Clopper-Pearson).
+
+    Example:
+        >>> round(clopper_pearson_lower(300, 300, 0.95), 4)
+        0.9901
+    """
+    if n == 0 or successes == 0:
+        return 0.0
+    return float(stats.beta.ppf(1.0 - confidence, successes, n - successes + 1))
+
+
+def min_evidence(target: float, delta: float) -> int:
+    """Fewest exiting samples that can show ``agreement >= target`` at level ``delta`` (all agreeing)."""
+    return math.ceil(math.log(delta) / math.log(target))
+
+
+@dataclass
+class ExitCalibration:
+    """How one exit's threshold was chosen (all counts over evidence reaching this exit)."""
+
+    threshold: float
+    reached: int
+    exiting: int
+    agreement: float  # among the evidence that would exit (nan when none exits)
+    lower_bound: float  # one-sided lower bound on that agreement at the stated confidence
+    reason: str  # why the gate is open or closed, in words
+
+
+@dataclass
+class CalibrationResult:
+    """Thresholds for every exit and the evidence behind each."""
+
+    thresholds: tuple[float, ...]
+    exits: list[ExitCalibration] = field(default_factory=list)
+    evidence: int = 0
+
+
+def calibrate_thresholds(
+    scores: Tensor,
+    agree: Tensor,
+    target: float,
+    confidence: float = 0.95,
+    *,
+    method: str = "ltt",
+    per_exit_bonferroni: bool = True,
+    max_candidates: int = 200,
+    enabled: list[bool] | None = None,
+) -> CalibrationResult:
+    """Per-exit thresholds so that agreement on exiting samples is ``>= target`` with ``confidence``.
+
+    Args:
+        scores: ``[N, E]`` gate scores of every exit on ``N`` evidence samples (higher = surer).
+        agree: ``[N, E]`` bool, whether exit ``e``'s argmax equals the full model's on sample ``n``.
+        target: required agreement among samples that leave, e.g. 0.99.
+        confidence: probability that the guarantee holds, e.g. 0.95.
+        method: ``"ltt"`` (fixed-sequence testing, the guarantee above) or ``"clopper_pearson"``
+            (loosest threshold whose lower bound passes, without the sequence's stopping rule:
+            more exits, weaker guarantee).
+        per_exit_bonferroni: split ``1 - confidence`` over the exits (a joint guarantee).
+        max_candidates: thresholds tested per exit (a grid over the evidence's score quantiles).
+        enabled: per exit, False keeps that gate closed whatever the evidence says.
+
+    Example:
+        >>> s = torch.rand(2000, 2)
+        >>> a = torch.rand(2000, 2) < 0.5 + 0.5 * s  # surer heads agree more
+        >>> res = calibrate_thresholds(s, a, target=0.95)
+        >>> len(res.thresholds)
+        2
+    """
+    if scores.dim() != 2 or agree.shape != scores.shape:
+        raise ConfigError(
+            f"scores and agree must both be [N, E]; got {tuple(scores.shape)} and {tuple(agree.shape)}"
+        )
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"target must be in (0, 1), got {target}")
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
+    if method not in ("ltt", "clopper_pearson"):
+        raise ConfigError(f"method must be 'ltt' or 'clopper_pearson', got {method!r}")
+    n, num_exits = scores.shape
+    enabled = [True] * num_exits if enabled is None else list(enabled)
+    delta = (1.0 - confidence) / (num_exits if per_exit_bonferroni else 1)
+    need = min_evidence(target, delta)
+    scores = scores.detach().float().cpu()
+    agree = agree.detach().bool().cpu()
+    remaining = torch.ones(n, dtype=torch.bool)
+    thresholds: list[float] = []
+    details: list[ExitCalibration] = []
+    for e in range(num_exits):
+        s = scores[remaining, e]
+        a = agree[remaining, e]
+        detail = (
+            _calibrate_one(s, a, target, delta, need, method, max_candidates)
+            if enabled[e]
+            else None
+        )
+        if detail is None:
+            detail = ExitCalibration(math.inf, int(s.numel()), 0, math.nan, 0.0, "switched off")
+        thresholds.append(detail.threshold)
+        details.append(detail)
+        remaining &= ~(scores[:, e] >= detail.threshold)
+    return CalibrationResult(tuple(thresholds), details, n)
+
+
+def _calibrate_one(
+    s: Tensor, a: Tensor, target: float, delta: float, need: int, method: str, max_candidates: int
+) -> ExitCalibration:
+    reached = int(s.numel())
+    if reached < need:
+        return ExitCalibration(
+            math.inf,
+            reached,
+            0,
+            math.nan,
+            0.0,
+            f"closed: {reached} evidence samples, {need} needed",
+        )
+    order = torch.argsort(s, descending=True)
+    s_sorted, a_sorted = s[order], a[order]
+    fails = torch.cumsum((~a_sorted).long(), 0)
+    # Cut after position j only where the score strictly drops, so "score >= s[j]" is exactly the
+    # first j + 1 samples; start where enough samples exit to pass at all.
+    boundary = torch.ones(reached, dtype=torch.bool)
+    boundary[:-1] = s_sorted[:-1] > s_sorted[1:]
+    cuts = torch.nonzero(boundary).flatten()
+    cuts = cuts[cuts + 1 >= need]
+    if cuts.numel() == 0:
+        return ExitCalibration(
+            math.inf, reached, 0, math.nan, 0.0, "closed: scores too tied to test"
+        )
+    if cuts.numel() > max_candidates:
+        pick = torch.linspace(0, cuts.numel() - 1, max_candidates).round().long()
+        cuts = cuts[pick.unique()]
+    eps = 1.0 - target
+    best: int | None = None
+    for j in cuts.tolist():
+        count = j + 1
+        passed = binomial_tail_pvalue(int(fails[j]), count, eps) <= delta
+        if passed:
+            best = j
+        elif method == "ltt":
+            break  # fixed sequence: the first failure ends the sequence
+    if best is None:
+        j = int(cuts[0])
+        agreement = 1.0 - float(fails[j]) / (j + 1)
+        return ExitCalibration(
+            math.inf,
+            reached,
+            0,
+            math.nan,
+            0.0,
+            f"closed: agreement {agreement:.4f} of the surest {j + 1} not provably >= {target}",
+        )
+    count = best + 1
+    agreement = 1.0 - float(fails[best]) / count
+    lower = clopper_pearson_lower(count - int(fails[best]), count, 1.0 - delta)
+    return ExitCalibration(
+        float(s_sorted[best]),
+        reached,
+        count,
+        agreement,
+        lower,
+        f"open: {count}/{reached} exit, agreement {agreement:.4f} >= {lower:.4f} (bound)",
+    )
+
+
+__all__ = [
+    "CalibrationResult",
+    "ExitCalibration",
+    "binomial_tail_pvalue",
+    "calibrate_thresholds",
+    "clopper_pearson_lower",
+    "min_evidence",
+]
