@@ -147,13 +147,19 @@ def _auto_select(
         if n in probed and 0 < probed[n].macs_through <= MAX_AUTO_FRACTION * total
     ]
     eligible.sort(key=lambda n: probed[n].order)
-    if len(eligible) <= count:
-        return eligible
+    # Exits closer than half a spacing add a head's cost for little new information: skip them
+    # (coarse families such as DenseNet then get fewer, better spread exits).
+    min_gap = 0.5 / (count + 1) * total
     chosen: list[str] = []
     for k in range(count):
         target = (k + 1) / (count + 1) * total
-        free = [n for n in eligible if n not in chosen]
-        chosen.append(min(free, key=lambda n: abs(probed[n].macs_through - target)))
+        free = [
+            n
+            for n in eligible
+            if all(abs(probed[n].macs_through - probed[c].macs_through) >= min_gap for c in chosen)
+        ]
+        if free:
+            chosen.append(min(free, key=lambda n: abs(probed[n].macs_through - target)))
     return sorted(chosen, key=lambda n: probed[n].order)
 
 
