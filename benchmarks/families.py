@@ -55,9 +55,13 @@ def build(source: str, name: str) -> torch.nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="only a few families")
-    parser.add_argument("--out", default="benchmarks/results/families.json", help="where to save JSON")
+    parser.add_argument(
+        "--out", default="benchmarks/results/families.json", help="where to save JSON"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -85,7 +89,9 @@ def main() -> None:
         rows.append(row)
         print(
             f"{row['model']:42s} {eem.family:24s} {row['base_gmacs']:6.2f} GMACs  exits "
-            + ", ".join(f"{n}@{f:.2f}" for n, f in zip(row["exits"], row["exit_mac_fraction"], strict=True))
+            + ", ".join(
+                f"{n}@{f:.2f}" for n, f in zip(row["exits"], row["exit_mac_fraction"], strict=True)
+            )
             + "  heads "
             + " ".join(f"{k}={v:.3%}" for k, v in head_fraction.items()),
             flush=True,
