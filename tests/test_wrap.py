@@ -430,3 +430,26 @@ def test_token_heads_pool_like_the_model():
     assert torch.equal(pool_vector(tokens, layout), tokens[:, 0])
     builder, size = FAMILIES["timm.swin"]
     assert ee.wrap(builder().eval(), input_size=size).layouts[0].kind == "nhwc"
+
+
+def test_concurrent_calls_on_one_wrapper_do_not_mix_rows(resnet):
+    eem = ee.wrap(resnet, input_size=(3, 64, 64))
+    eem.gate = ScriptedGate({0: {0, 2}, 1: {1}})
+    eem.set_thresholds([0.5, 0.5, math.inf, math.inf])
+    inputs = [batch(n=5, seed=s) for s in range(4)]
+    expected = [eem.predict(x) for x in inputs]
+    results: dict[int, list[ee.ExitResult]] = {i: [] for i in range(4)}
+
+    def serve(i: int) -> None:
+        for _ in range(3):
+            results[i].append(eem.predict(inputs[i]))
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        for res in results[i]:
+            assert torch.equal(res.exit_index, expected[i].exit_index)
+            torch.testing.assert_close(res.logits, expected[i].logits, rtol=1e-5, atol=1e-5)
