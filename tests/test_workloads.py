@@ -132,7 +132,7 @@ def test_photo_views_vary_in_difficulty(lite0: torch.nn.Module, preprocess) -> N
 
 
 def test_digit_splits_partition_the_sources() -> None:
-    splits = {s: set(digit_split_sources(s).tolist()) for s in wl._digits.DIGITS_SPLITS}
+    splits = {s: set(digit_split_sources(s).tolist()) for s in wl.DIGITS_SPLITS}
     assert sum(len(s) for s in splits.values()) == 1797
     assert set().union(*splits.values()) == set(range(1797))
     names = list(splits)
@@ -143,7 +143,7 @@ def test_digit_splits_partition_the_sources() -> None:
 
 @pytest.mark.parametrize("split", ["train", "traffic", "evaluation"])
 def test_digit_samples_use_only_their_split(split: str) -> None:
-    data = DigitImages(split, size=300, seed=1)
+    data = DigitImages(split, size=150, seed=1)
     own = set(digit_split_sources(split).tolist())
     for i in range(len(data)):
         d = data.describe(i)
@@ -182,7 +182,7 @@ def test_digit_images_are_deterministic_and_splits_differ() -> None:
 def test_digit_difficulty_is_spread() -> None:
     data = DigitImages("traffic", size=500)
     d = np.array([data.describe(i)["difficulty"] for i in range(len(data))])
-    assert d.min() < 0.05 and d.max() > 0.75 and 0.25 < d.mean() < 0.45
+    assert d.min() < 0.05 and d.max() > 0.7 and 0.18 < d.mean() < 0.32
 
 
 # ---------------------------------------------------------------- reference backbone

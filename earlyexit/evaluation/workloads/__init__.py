@@ -32,6 +32,7 @@ from ._digits import (
     DIGITS_CHECKPOINT,
     DIGITS_INPUT_SIZE,
     DIGITS_RECORD,
+    DIGITS_SPLITS,
     DigitImages,
     digit_split_sources,
     digits_record,
@@ -54,6 +55,7 @@ __all__ = [
     "DIGITS_EVAL_SIZE",
     "DIGITS_INPUT_SIZE",
     "DIGITS_RECORD",
+    "DIGITS_SPLITS",
     "DIGITS_TRAFFIC_SIZE",
     "DigitImages",
     "EFFICIENTNET_LITE0_ARCH",
@@ -115,7 +117,7 @@ class Workload:
     description: str
 
 
-def _photos(traffic_size: int | None, eval_size: int | None, seed: int) -> Workload:
+def _build_photos(traffic_size: int | None, eval_size: int | None, seed: int) -> Workload:
     model = load_efficientnet_lite0()
     preprocess = photo_preprocess(model)
     n_traffic = PHOTOS_TRAFFIC_SIZE if traffic_size is None else traffic_size
@@ -136,7 +138,7 @@ def _photos(traffic_size: int | None, eval_size: int | None, seed: int) -> Workl
     )
 
 
-def _digits(traffic_size: int | None, eval_size: int | None, seed: int) -> Workload:
+def _build_digits(traffic_size: int | None, eval_size: int | None, seed: int) -> Workload:
     model = load_digits_backbone()
     n_traffic = DIGITS_TRAFFIC_SIZE if traffic_size is None else traffic_size
     n_eval = DIGITS_EVAL_SIZE if eval_size is None else eval_size
@@ -159,8 +161,8 @@ def _digits(traffic_size: int | None, eval_size: int | None, seed: int) -> Workl
 
 
 _WORKLOADS: dict[str, Callable[[int | None, int | None, int], Workload]] = {
-    "photos": _photos,
-    "digits": _digits,
+    "photos": _build_photos,
+    "digits": _build_digits,
 }
 
 
