@@ -378,6 +378,7 @@ def optimise_placement(
     confidence: float = 0.95,
     *,
     objective: str = "cost",
+    max_latency_s: float | None = None,
     holdout: float = 0.5,
     needs_history: bool = False,
     seed: int = 0,
@@ -387,7 +388,8 @@ def optimise_placement(
     For each subset of exits, thresholds are calibrated (Learn-then-Test, other gates closed) on
     a random ``1 - holdout`` share of the stream; the exits they produce on the held-out share set
     the expected cost of every site assignment. The best by ``objective`` (``"cost"`` or
-    ``"latency"``) is returned with all candidates (for plots).
+    ``"latency"``) among those within ``max_latency_s`` expected latency (a service-level
+    objective; if none meets it, the fastest) is returned with all candidates (for plots).
 
     Args:
         scores: ``[N, E]`` gate scores; agree: ``[N, E]`` agreement with the full model.
@@ -434,7 +436,12 @@ def optimise_placement(
                 )
             )
     key = (lambda r: r.expected_cost) if objective == "cost" else (lambda r: r.expected_latency_s)
-    return min(candidates, key=key), candidates
+    feasible = [
+        c for c in candidates if max_latency_s is None or c.expected_latency_s <= max_latency_s
+    ]
+    if not feasible:
+        return min(candidates, key=lambda r: r.expected_latency_s), candidates
+    return min(feasible, key=key), candidates
 
 
 __all__ = [

@@ -122,6 +122,18 @@ def test_optimise_picks_a_cheap_placement_at_target_agreement():
         PROFILE, SITES, LINKS, scores, agree, target=0.95, objective="latency"
     )
     assert fast.expected_latency_s <= best.expected_latency_s
+    budget = (fast.expected_latency_s + best.expected_latency_s) / 2
+    slo, cands = optimise_placement(
+        PROFILE, SITES, LINKS, scores, agree, target=0.95, max_latency_s=budget
+    )
+    assert slo.expected_latency_s <= budget
+    assert slo.expected_cost == min(
+        c.expected_cost for c in cands if c.expected_latency_s <= budget
+    )
+    impossible, _ = optimise_placement(
+        PROFILE, SITES, LINKS, scores, agree, target=0.95, max_latency_s=0.0
+    )
+    assert impossible.expected_latency_s == fast.expected_latency_s  # none meets it: the fastest
 
 
 def test_profile_from_a_wrapped_model(resnet):
