@@ -52,6 +52,7 @@ from earlyexit.placement import (  # noqa: E402
     evaluate_placement,
     heads_paid,
     optimise_placement,
+    sample_costs,
     simulate_exits,
 )
 from earlyexit.supervisors import (  # noqa: E402
@@ -454,20 +455,28 @@ def section_placement(stream: Stream, ex: dict, out: Path) -> dict:
     scores = gate_scores("max_softmax", head_logits[mask])
     agree = (head_logits.argmax(-1) == final.argmax(-1)[:, None])[mask]
     best, candidates = optimise_placement(
-        profile, SITES, LINKS, scores, agree, target=0.95, confidence=CONFIDENCE
+        profile, SITES, LINKS, scores, agree, 0.95, CONFIDENCE, max_latency_s=SLO_S
     )
     e = eem.num_exits
     named = {}
     for name, assign in {"all device": (0,) * (e + 1), "all cloud": (2,) * (e + 1)}.items():
         match = [c for c in candidates if c.assignment == assign and c.enabled == best.enabled]
         named[name] = match[0].to_dict()
+    named["cheapest ignoring the SLO"] = min(candidates, key=lambda c: c.expected_cost).to_dict()
+    no_exit = [c for c in candidates if not any(c.enabled)]
+    named["best without exits (within the SLO)"] = min(
+        [c for c in no_exit if c.expected_latency_s <= SLO_S] or no_exit,
+        key=lambda c: c.expected_cost,
+    ).to_dict()
+    _plot_placement(candidates, best, out / "seeds_placement.png")
     return {
+        "slo_s": SLO_S,
         "profile": profile.__dict__,
         "sites": [s.__dict__ for s in SITES],
         "links": [link.__dict__ for link in LINKS],
         "target": 0.95,
         "best": best.to_dict(),
-        "same_exits_other_placements": named,
+        "other_placements": named,
         "candidates": len(candidates),
     }
 
@@ -534,42 +543,57 @@ def section_cartography(stream: Stream, ex: dict, out: Path) -> dict:
     scores = gate_scores("max_softmax", head_logits)
     e = eem.num_exits
     assignment = tuple(ex.get("assignment", (0,) + (1,) * (e - 1) + (2,)))
-    points = {"no routing": [], "routing hard (p>=0.5)": [], "routing hard (p>=0.7)": []}
+    # Routed samples: decided on the site of exit 0 from its feature; they skip the later heads
+    # and every intermediate site, going straight to the last site with exit 0's activation.
+    routed_assignment = (assignment[0],) + (len(SITES) - 1,) * e
+    never_early = ~agree[test, :-1].any(1)  # no shallow head would agree: truly hard here
+    rank = torch.argsort(torch.argsort(p_hard, descending=True)).float() / len(p_hard)
+    policies = {
+        "no routing": None,
+        "route 5% most likely hard": rank < 0.05,
+        "route 15% most likely hard": rank < 0.15,
+        "perfect router (upper bound)": never_early,
+    }
+    points: dict[str, list] = {label: [] for label in policies}
+    macs_head = torch.tensor(eem.head_macs, dtype=torch.float64)
     for target in TARGETS:
         res = calibrate_thresholds(scores[cal], agree[cal], target, CONFIDENCE)
         exits = simulate_exits(scores[test], res.thresholds)
         paid = heads_paid(int(test.sum()), [t != math.inf for t in res.thresholds])
-        for label, cut in (
-            ("no routing", None),
-            ("routing hard (p>=0.5)", 0.5),
-            ("routing hard (p>=0.7)", 0.7),
-        ):
+        eem.gate = make_gate("max_softmax")
+        macs_paths = torch.tensor(eem.path_macs(res.thresholds), dtype=torch.float64)
+        for label, choice in policies.items():
             ex_i, paid_i = exits.clone(), paid.clone()
-            if cut is not None:
-                routed = (p_hard >= cut) & (ex_i > 0)  # decided at exit 0: skip the later heads
+            routed = torch.zeros_like(exits, dtype=torch.bool)
+            if choice is not None:
+                routed = choice & (ex_i > 0)  # a sample already leaving at exit 0 stays
                 ex_i[routed] = e
                 paid_i[routed, 1:] = False
+            cost = sample_costs(profile, SITES, LINKS, assignment, ex_i, paid_i)
+            secs = sample_costs(profile, SITES, LINKS, assignment, ex_i, paid_i, latency=True)
+            if routed.any():
+                cost[routed] = sample_costs(
+                    profile, SITES, LINKS, routed_assignment, ex_i[routed], paid_i[routed]
+                )
+                secs[routed] = sample_costs(
+                    profile,
+                    SITES,
+                    LINKS,
+                    routed_assignment,
+                    ex_i[routed],
+                    paid_i[routed],
+                    latency=True,
+                )
             rep = evaluate_placement(profile, SITES, LINKS, assignment, ex_i, paid_i, agree[test])
-            eem.gate = make_gate("max_softmax")
-            macs_paths = eem.path_macs(res.thresholds)
-            head_saved = float(
-                (
-                    (paid & ~paid_i).double() @ torch.tensor(eem.head_macs, dtype=torch.float64)
-                ).mean()
-            )
+            macs = macs_paths[ex_i] - (paid & ~paid_i).double() @ macs_head
             points[label].append(
                 {
                     "target": target,
                     "agreement": rep.agreement,
-                    "placement_cost_saving": rep.cost_saving,
-                    "expected_latency_s": rep.expected_latency_s,
-                    "mac_saving": 1.0
-                    - (
-                        float(torch.tensor(macs_paths, dtype=torch.float64)[ex_i].mean())
-                        - head_saved
-                    )
-                    / eem.base_macs,
-                    "routed_share": float((ex_i != exits).float().mean()),
+                    "placement_cost_saving": 1.0 - float(cost.mean()) / rep.cost_all_cloud,
+                    "expected_latency_s": float(secs.mean()),
+                    "mac_saving": 1.0 - float(macs.mean()) / eem.base_macs,
+                    "routed_share": float(routed.float().mean()),
                 }
             )
     import matplotlib
@@ -598,7 +622,7 @@ def section_cartography(stream: Stream, ex: dict, out: Path) -> dict:
     for ax in axes:
         ax.set_xlabel("agreement with the full model (test)")
         ax.legend(fontsize=7)
-    fig.suptitle("Routing samples the data map calls hard straight to the end")
+    fig.suptitle("Routing samples the data map calls hard straight to the last site")
     fig.tight_layout()
     fig.savefig(out / "seeds_cartography_routing.png", dpi=120)
     plt.close(fig)
@@ -659,9 +683,9 @@ def _print_summary(r: dict) -> None:
         )
     best = r["placement"]["best"]
     print(
-        f"placement (target 0.95): best {best['assignment']} exits {best['enabled']} cost saving {best['cost_saving']:.3f} latency {best['expected_latency_s'] * 1e3:.2f} ms agreement {best['agreement']:.3f}"
+        f"placement (target 0.95, latency <= {r['placement']['slo_s'] * 1e3:.0f} ms): best {best['assignment']} exits {best['enabled']} cost saving {best['cost_saving']:.3f} latency {best['expected_latency_s'] * 1e3:.2f} ms agreement {best['agreement']:.3f}"
     )
-    for name, rep in r["placement"]["same_exits_other_placements"].items():
+    for name, rep in r["placement"]["other_placements"].items():
         print(
             f"  {name:10s} cost saving {rep['cost_saving']:.3f} latency {rep['expected_latency_s'] * 1e3:.2f} ms"
         )

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from scipy import stats
 from torch import Tensor
@@ -315,14 +316,12 @@ def threshold_for_fpr(
     if confidence is None:
         m = math.floor(target_fpr * n + 1e-9)
     else:
-        m = -1
-        for cand in range(n):
-            if stats.beta.cdf(target_fpr, cand + 1, n - cand) >= confidence:
-                m = cand
-            else:
-                break
-        if m < 0:
+        cand = np.arange(n)
+        # P(false-alarm rate <= target) of rejecting the cand lowest; decreasing in cand.
+        ok = np.nonzero(stats.beta.cdf(target_fpr, cand + 1, n - cand) >= confidence)[0]
+        if ok.size == 0:
             return -math.inf
+        m = int(ok.max())
     return float(right[m]) if m < n else math.inf
 
 
