@@ -314,8 +314,14 @@ class EarlyExitModel(nn.Module):
         Example:
             >>> res = eem.predict(torch.randn(8, 3, 224, 224))  # doctest: +SKIP
             >>> res.exit_index  # which exit answered each sample  # doctest: +SKIP
+
+        With a final supervisor its policy applies here: rejected full-model answers are flagged
+        (``accepted=False``), raise :class:`~earlyexit.supervisors.UntrustedPredictionError`, or are
+        answered by its fallback. :meth:`trace` only flags (learning must not be interrupted).
         """
         result, _ = self._serve(x, capture=False, audit=None)
+        if self.supervisor is not None:
+            result = self.supervisor.enforce(x, result)
         return result
 
     def trace(self, x: Tensor, *, audit: Tensor | None = None) -> tuple[ExitResult, ExitTrace]:
