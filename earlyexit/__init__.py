@@ -14,6 +14,16 @@ from ._backbones import (
     supported_families,
     unregister_adapter,
 )
+from .cartography import CartographyMeter, DataMap, DifficultyRouter
+from .cascade import (
+    Cascade,
+    EarlyExitTier,
+    EnsembleTier,
+    LocalTier,
+    ModelServer,
+    RemoteTier,
+    RemoteTierError,
+)
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -21,37 +31,66 @@ from .errors import (
     InputError,
     UnsupportedModelError,
 )
-from .gates import Gate, GateContext, make_gate, register_gate
+from .gates import (
+    AgreementGate,
+    Gate,
+    GateContext,
+    PatienceGate,
+    gate_scores,
+    make_gate,
+    register_gate,
+)
 from .heads import ExitHead, HeadSpec, register_head
 from .io import load
 from .model import EarlyExitModel, ExitPoint, ExitRecord, ExitResult, ExitTrace
-from .supervisors import Supervisor
+from .placement import Link, Site, StageProfile, evaluate_placement, optimise_placement
+from .supervisors import FallbackError, Supervisor, UntrustedPredictionError
 from .wrapping import exit_candidates, wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgreementGate",
     "BackboneAdapter",
+    "CartographyMeter",
+    "Cascade",
     "CheckpointError",
     "ConfigError",
+    "DataMap",
+    "DifficultyRouter",
     "EarlyExitError",
     "EarlyExitModel",
+    "EarlyExitTier",
+    "EnsembleTier",
     "ExitHead",
     "ExitPoint",
     "ExitRecord",
     "ExitResult",
     "ExitTrace",
+    "FallbackError",
     "FeatureLayout",
     "Gate",
     "GateContext",
     "HeadSpec",
     "InputError",
+    "Link",
+    "LocalTier",
+    "ModelServer",
+    "PatienceGate",
+    "RemoteTier",
+    "RemoteTierError",
+    "Site",
+    "StageProfile",
     "Supervisor",
     "UnsupportedModelError",
+    "UntrustedPredictionError",
     "__version__",
+    "evaluate_placement",
     "exit_candidates",
+    "gate_scores",
     "load",
     "make_gate",
+    "optimise_placement",
     "register_adapter",
     "register_gate",
     "register_head",
