@@ -179,7 +179,7 @@ def compare_latency(
             shift = r % len(names)  # rotate who goes first: no config always runs on a cold cache
             for name in names[shift:] + names[:shift]:
                 before_call.get(name, lambda: None)()
-                times[name].append(timer(lambda name=name: configs[name](x)))
+                times[name].append(timer(lambda name=name, x=x: configs[name](x)))
     return {n: TimingStats.from_times(times[n], batches[0].shape[0]) for n in names}
 
 

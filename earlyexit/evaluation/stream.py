@@ -154,10 +154,9 @@ class StreamRecord:
             if len(thresholds) != e:
                 raise ValueError(f"expected {e} thresholds, got {len(thresholds)}")
             open_gates = [float(t) != math.inf for t in thresholds]
-            if self.needs_history:
-                evaluate = [any(open_gates[i:]) for i in range(e)]
-            else:
-                evaluate = open_gates
+            # A closed exit's head still runs if the gate looks back at it from a later open exit.
+            history = [any(open_gates[i:]) for i in range(e)]
+            evaluate = history if self.needs_history else open_gates
         costs, spent = [], 0
         for i in range(e):
             spent += self.head_macs[i] if evaluate[i] else 0
@@ -472,8 +471,7 @@ def evaluate_exits(
     agree_counts = torch.bincount(exit_index[agree], minlength=e + 1)
     rates = tuple(float(c) / n for c in counts)
     per_exit = tuple(
-        float(a) / float(c) if c > 0 else None
-        for a, c in zip(agree_counts, counts, strict=True)
+        float(a) / float(c) if c > 0 else None for a, c in zip(agree_counts, counts, strict=True)
     )
     accuracy = None
     if record.labels is not None:
@@ -586,7 +584,9 @@ def sweep_thresholds(
     return points
 
 
-def sweep_patience(record: StreamRecord, patiences: Iterable[int] | None = None) -> list[PolicyPoint]:
+def sweep_patience(
+    record: StreamRecord, patiences: Iterable[int] | None = None
+) -> list[PolicyPoint]:
     """PABEE's trade-off curve: one point per patience (default ``1 .. E-1``).
 
     Example:
