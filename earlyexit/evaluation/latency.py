@@ -272,6 +272,8 @@ class MixTiming:
         mac_fraction: expected MACs of the mix (heads of open exits included) / base MACs.
         ratio_median: median time of the wrapper / median time of the base model.
         ratio_p90: same at the 90th percentile.
+        ratio_min: same for the fastest repetitions: on a machine shared with other work, noise
+            only ever adds time, so this is the steadiest estimate of the intrinsic ratio.
         overhead_vs_macs: ``ratio_median - mac_fraction``: what the time costs beyond what the MACs
             predict (hooks, gate, smaller kernels after shrinking), as a share of the base time.
         throughput_ratio: wrapped / base samples per second (``1 / ratio_median``).
@@ -284,6 +286,7 @@ class MixTiming:
     mac_fraction: float
     ratio_median: float
     ratio_p90: float
+    ratio_min: float
     overhead_vs_macs: float
     throughput_ratio: float
     base_median_s: float
@@ -377,6 +380,7 @@ def bench_exit_mixes(
                     mac_fraction=fractions[mix.name],
                     ratio_median=ratio,
                     ratio_p90=s.p90_s / base.p90_s,
+                    ratio_min=s.min_s / base.min_s,
                     overhead_vs_macs=ratio - fractions[mix.name],
                     throughput_ratio=base.median_s / s.median_s,
                     base_median_s=base.median_s,

@@ -215,8 +215,10 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 
 def _pct(v: Any, digits: int = 1) -> str:
-    # + 0.0 turns -0.0 into 0.0 so a rounding-level loss does not print as "-0.0%".
-    return "n/a" if v is None else f"{100 * float(v) + 0.0:.{digits}f}%"
+    if v is None:
+        return "n/a"
+    # Round first, then + 0.0 turns -0.0 into 0.0: a rounding-level loss must not print "-0.0%".
+    return f"{round(100 * float(v), digits) + 0.0:.{digits}f}%"
 
 
 def _ratio(v: Any) -> str:
