@@ -64,11 +64,12 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
         >>> parse_input_size("3x64x48")
         (3, 64, 48)
     """
-    parts = [p for p in re.split(r"[x,X\s]+", text.strip()) if p]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
+    compact = re.sub(r"\s+", "", text)
+    values = (
+        [int(p) for p in re.split(r"[xX,]", compact)]
+        if re.fullmatch(r"\d+([xX,]\d+){0,2}", compact)
+        else []
+    )
     if len(values) == 1:
         values = [3, values[0], values[0]]
     elif len(values) == 2:
