@@ -203,3 +203,19 @@ def test_iterate_batches_accepts_tensors_datasets_and_loaders():
     assert [b.shape[0] for b, _ in iterate_batches(loader)] == [3, 2]
     with pytest.raises(ValueError):
         list(iterate_batches(x, y[:3]))
+
+
+def test_record_with_open_gates_still_sees_every_head(served, record):
+    eem, x, _ = served
+    thresholds = [float(record.scores[:, i].median()) for i in range(eem.num_exits)]
+    eem.set_thresholds(thresholds)
+    try:
+        again = record_stream(eem, x, batch_size=16)
+    finally:
+        eem.set_thresholds([math.inf] * eem.num_exits)
+    # Every sample is audited, so heads and the full model are recorded for all of them ...
+    torch.testing.assert_close(again.scores, record.scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again.final_pred, record.final_pred)
+    # ... and where the wrapper answered is exactly what the simulation says.
+    assert torch.equal(again.served_exit, threshold_exits(again, thresholds))
+    assert again.recorded_thresholds == tuple(thresholds)
