@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 "first_exit_ratio": first.ratio_median,
                 "first_exit_ratio_min": first.ratio_min,
                 "first_exit_mac_fraction": first.mac_fraction,
+                "first_exit_prefix_ratio": first.prefix_ratio,
                 "first_exit_within_fraction_plus_10pct": first.ratio_median
                 <= first.mac_fraction + 0.10,
             }
@@ -111,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _f(v: float | None, spec: str = ".3f") -> str:
+    return "" if v is None else format(v, spec)
+
+
 def _print_model(name, exits, fractions, rows, checks) -> None:
     print(
         f"\n{name}: exits {', '.join(f'{e} ({100 * f:.1f}%)' for e, f in zip(exits, fractions, strict=True))}"
@@ -122,7 +127,8 @@ def _print_model(name, exits, fractions, rows, checks) -> None:
     for r in rows:
         print(
             f"| {r.batch} | {r.mix} | {r.mac_fraction:.3f} | {r.ratio_median:.3f} | {r.ratio_p90:.3f} "
-            f"| {r.ratio_min:.3f} | {r.overhead_vs_macs:+.3f} | {r.throughput_ratio:.2f} |"
+            f"| {r.ratio_min:.3f} | {r.overhead_vs_macs:+.3f} | {_f(r.prefix_ratio)} "
+            f"| {_f(r.overhead_vs_prefix, '+.3f')} | {r.throughput_ratio:.2f} |"
         )
     for b, c in checks.items():
         print(
@@ -130,6 +136,7 @@ def _print_model(name, exits, fractions, rows, checks) -> None:
             f"{'ok' if c['closed_within_3pct'] else 'MISSED'}); all at first exit "
             f"{c['first_exit_ratio']:.3f} (min {c['first_exit_ratio_min']:.3f}) vs MAC fraction "
             f"{c['first_exit_mac_fraction']:.3f} + 0.10: {'ok' if c['first_exit_within_fraction_plus_10pct'] else 'MISSED'}"
+            f" (backbone alone up to exit 0: {_f(c['first_exit_prefix_ratio'])})"
         )
 
 

@@ -133,3 +133,20 @@ def test_cuda_timer_path_when_available():
     net = nn.Linear(16, 16).cuda()
     stats = compare_latency({"a": net}, torch.zeros(4, 16, device="cuda"), reps=3, warmup=1)
     assert stats["a"].median_s > 0
+
+
+def test_pure_mixes_are_compared_with_the_truncated_backbone(tiny):
+    rows, eem = bench_exit_mixes(
+        tiny,
+        input_size=SIZE,
+        batch_sizes=[2],
+        reps=1,
+        warmup=0,
+        mixes=[ExitMix("all@1", (0, 1, 0, 0, 0)), ExitMix("half", (0.5, 0, 0, 0, 0.5))],
+    )
+    pure, mixed = rows
+    assert pure.prefix_ratio is not None and pure.prefix_ratio > 0
+    assert pure.overhead_vs_prefix == pytest.approx(pure.ratio_median - pure.prefix_ratio)
+    assert mixed.prefix_ratio is None and mixed.overhead_vs_prefix is None
+    eem.remove()
+    assert not tiny._forward_hooks and all(not m._forward_hooks for m in tiny.modules())

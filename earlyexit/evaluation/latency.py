@@ -277,6 +277,12 @@ class MixTiming:
         overhead_vs_macs: ``ratio_median - mac_fraction``: what the time costs beyond what the MACs
             predict (hooks, gate, smaller kernels after shrinking), as a share of the base time.
         throughput_ratio: wrapped / base samples per second (``1 / ratio_median``).
+        prefix_ratio: for a mix where every sample leaves at exit ``i``: the median time of the
+            *unwrapped* backbone stopped right after that exit's module, over the base model's
+            (``None`` otherwise). Early layers often cost more time per MAC than late ones, so
+            this, not ``mac_fraction``, is what a perfect wrapper would reach.
+        overhead_vs_prefix: ``ratio_median - prefix_ratio``: the wrapper's own cost at that exit
+            (hooks, head, gate, assembling the answer), as a share of the base time.
         base_median_s, eem_median_s: the medians behind the ratios (seconds).
     """
 
@@ -291,9 +297,34 @@ class MixTiming:
     throughput_ratio: float
     base_median_s: float
     eem_median_s: float
+    prefix_ratio: float | None = None
+    overhead_vs_prefix: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _StopAt(Exception):
+    """Raised by a hook to end a truncated forward pass."""
+
+
+def _truncated(model: nn.Module, module_name: str) -> Callable[[Tensor], None]:
+    """``f(x)``: the base model run up to and including ``module_name``, then stopped."""
+    module = model.get_submodule(module_name)
+
+    def stop(m: nn.Module, args: object, output: object) -> None:
+        raise _StopAt
+
+    def run(x: Tensor) -> None:
+        handle = module.register_forward_hook(stop)
+        try:
+            model(x)
+        except _StopAt:
+            pass
+        finally:
+            handle.remove()
+
+    return run
 
 
 def bench_exit_mixes(
@@ -358,6 +389,9 @@ def bench_exit_mixes(
 
             configs[mix.name] = eem.predict
             setups[mix.name] = setup
+            if len(set(plan.tolist())) == 1 and int(plan[0]) < e:
+                # The unwrapped backbone stopped at the same exit: what a free wrapper would cost.
+                configs[f"prefix@{int(plan[0])}"] = _truncated(model, eem.exits[int(plan[0])].name)
         n_reps = reps[b] if isinstance(reps, Mapping) else reps
         stats = compare_latency(
             configs,
@@ -372,6 +406,9 @@ def bench_exit_mixes(
         for mix in chosen:
             s = stats[mix.name]
             ratio = s.median_s / base.median_s
+            plan = mix.plan(b)
+            prefix = stats.get(f"prefix@{int(plan[0])}") if len(set(plan.tolist())) == 1 else None
+            prefix_ratio = None if prefix is None else prefix.median_s / base.median_s
             rows.append(
                 MixTiming(
                     mix=mix.name,
@@ -385,6 +422,8 @@ def bench_exit_mixes(
                     throughput_ratio=base.median_s / s.median_s,
                     base_median_s=base.median_s,
                     eem_median_s=s.median_s,
+                    prefix_ratio=prefix_ratio,
+                    overhead_vs_prefix=None if prefix_ratio is None else ratio - prefix_ratio,
                 )
             )
     return rows, eem
