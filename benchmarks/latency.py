@@ -15,8 +15,8 @@ contention), never absolute seconds across runs. Prints a table and writes
 ``benchmarks/results/latency.json`` (``latency_quick.json`` with ``--quick``).
 
 Usage:
-    python benchmarks/latency.py            # ~4-5 minutes on 2 CPU cores
-    python benchmarks/latency.py --quick    # ~1 minute: batch 8 instead of 32, fewer reps
+    python benchmarks/latency.py            # ~5 minutes on 2 idle CPU cores (more when shared)
+    python benchmarks/latency.py --quick    # ~1-2 minutes: batch 8 instead of 32, fewer reps
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     big = 8 if args.quick else 32
-    reps = {1: 6 if args.quick else 15, big: 2 if args.quick else 3}
+    reps = {1: 5 if args.quick else 10, big: 2}
     out = args.out or RESULTS / ("latency_quick.json" if args.quick else "latency.json")
     results = {
         "description": "wrapped / base wall-clock ratios, random weights, CPU, interleaved reps",
