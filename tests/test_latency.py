@@ -103,6 +103,7 @@ def test_bench_exit_mixes_returns_ratios(tiny):
     )
     for r in rows:
         assert r.ratio_median > 0 and math.isfinite(r.ratio_median) and r.throughput_ratio > 0
+        assert r.ratio_paired > 0 and math.isfinite(r.ratio_paired)
         assert r.overhead_vs_macs == pytest.approx(r.ratio_median - r.mac_fraction)
         assert set(r.to_dict()) >= {"mix", "batch", "mac_fraction", "ratio_median", "ratio_p90"}
     eem.remove()

@@ -33,7 +33,8 @@ EPILOG = f"""examples:
   earlyexit bench timm:vit_base_patch16_224 --batch-sizes 1,32 --reps 20 --reps-batched 3
   earlyexit bench timm:resnet18 --input-size 64 --mixes closed,all@0 --json > bench.json
 
-reading the output: ratio < 1 is faster than the base model; 'overhead' = measured ratio minus
+reading the output: 'time ratio' is the median over repetitions of wrapped / base time within
+the same repetition (robust to drifting load); ratio < 1 is faster than the base model; 'overhead' = measured ratio minus
 the mix's MAC fraction (what shrinking, hooks and heads cost beyond the MACs). Timings on a
 shared machine are noisy: compare ratios from one run, not seconds across runs.
 
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
                     r.batch,
                     r.mix,
                     f"{r.mac_fraction:.3f}",
+                    f"{r.ratio_paired:.3f}",
                     f"{r.ratio_median:.3f}",
                     f"{r.ratio_p90:.3f}",
                     f"{r.ratio_min:.3f}",
@@ -147,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 "mix",
                 "MAC frac",
                 "time ratio",
+                "of medians",
                 "p90 ratio",
                 "min ratio",
                 "overhead",

@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,8 @@ class TimingStats:
         median_s, p90_s, mean_s, min_s: statistics over the timed repetitions.
         reps: number of timed repetitions (warm-up excluded).
         batch: batch size of each call.
+        times: every timed repetition, in order (repetition ``r`` of every config of one
+            :func:`compare_latency` call ran back to back, so ``a.times[r] / b.times[r]`` pairs).
     """
 
     median_s: float
@@ -60,6 +62,17 @@ class TimingStats:
     min_s: float
     reps: int
     batch: int
+    times: tuple[float, ...] = field(default=(), repr=False, compare=False)
+
+    def paired_ratio(self, base: TimingStats) -> float:
+        """Median over repetitions of ``self.times[r] / base.times[r]``.
+
+        Each pair ran within the same repetition, so slow drift (load from other processes)
+        cancels in the pair; the most robust ratio on a shared machine.
+        """
+        if len(self.times) != len(base.times) or not self.times:
+            raise ValueError("paired ratios need the same number of recorded repetitions")
+        return statistics.median(a / b for a, b in zip(self.times, base.times, strict=True))
 
     @property
     def throughput(self) -> float:
@@ -77,6 +90,7 @@ class TimingStats:
             min_s=ordered[0],
             reps=len(ordered),
             batch=batch,
+            times=tuple(times),
         )
 
 
@@ -270,6 +284,8 @@ class MixTiming:
         mix: the mix's name; ``fractions`` its path shares.
         batch: batch size.
         mac_fraction: expected MACs of the mix (heads of open exits included) / base MACs.
+        ratio_paired: median over repetitions of (wrapper time / base time in the same
+            repetition): the headline ratio, robust to drifting load.
         ratio_median: median time of the wrapper / median time of the base model.
         ratio_p90: same at the 90th percentile.
         ratio_min: same for the fastest repetitions: on a machine shared with other work, noise
@@ -290,6 +306,7 @@ class MixTiming:
     fractions: tuple[float, ...]
     batch: int
     mac_fraction: float
+    ratio_paired: float
     ratio_median: float
     ratio_p90: float
     ratio_min: float
@@ -415,6 +432,7 @@ def bench_exit_mixes(
                     fractions=mix.fractions,
                     batch=b,
                     mac_fraction=fractions[mix.name],
+                    ratio_paired=s.paired_ratio(base),
                     ratio_median=ratio,
                     ratio_p90=s.p90_s / base.p90_s,
                     ratio_min=s.min_s / base.min_s,

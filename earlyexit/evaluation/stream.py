@@ -359,7 +359,9 @@ def _first_true(mask: Tensor) -> Tensor:
     """Index of the first True per row, ``E`` where none (the full model)."""
     n, e = mask.shape
     index = torch.arange(e).expand(n, e)
-    return torch.where(mask, index, torch.full_like(index, e)).amin(1) if e else torch.zeros(n)
+    if e == 0:
+        return torch.zeros(n, dtype=torch.long)
+    return torch.where(mask, index, torch.full_like(index, e)).amin(1)
 
 
 def patience_exits(record: StreamRecord, patience: int) -> Tensor:
