@@ -290,14 +290,14 @@ class MixTiming:
         ratio_p90: same at the 90th percentile.
         ratio_min: same for the fastest repetitions: on a machine shared with other work, noise
             only ever adds time, so this is the steadiest estimate of the intrinsic ratio.
-        overhead_vs_macs: ``ratio_median - mac_fraction``: what the time costs beyond what the MACs
+        overhead_vs_macs: ``ratio_paired - mac_fraction``: what the time costs beyond what the MACs
             predict (hooks, gate, smaller kernels after shrinking), as a share of the base time.
-        throughput_ratio: wrapped / base samples per second (``1 / ratio_median``).
+        throughput_ratio: wrapped / base samples per second (``1 / ratio_paired``).
         prefix_ratio: for a mix where every sample leaves at exit ``i``: the median time of the
-            *unwrapped* backbone stopped right after that exit's module, over the base model's
-            (``None`` otherwise). Early layers often cost more time per MAC than late ones, so
+            *unwrapped* backbone stopped right after that exit's module over the base model's,
+            paired per repetition (``None`` otherwise). Early layers often cost more time per MAC than late ones, so
             this, not ``mac_fraction``, is what a perfect wrapper would reach.
-        overhead_vs_prefix: ``ratio_median - prefix_ratio``: the wrapper's own cost at that exit
+        overhead_vs_prefix: ``ratio_paired - prefix_ratio``: the wrapper's own cost at that exit
             (hooks, head, gate, assembling the answer), as a share of the base time.
         base_median_s, eem_median_s: the medians behind the ratios (seconds).
     """
@@ -425,23 +425,24 @@ def bench_exit_mixes(
             ratio = s.median_s / base.median_s
             plan = mix.plan(b)
             prefix = stats.get(f"prefix@{int(plan[0])}") if len(set(plan.tolist())) == 1 else None
-            prefix_ratio = None if prefix is None else prefix.median_s / base.median_s
+            prefix_ratio = None if prefix is None else prefix.paired_ratio(base)
+            paired = s.paired_ratio(base)
             rows.append(
                 MixTiming(
                     mix=mix.name,
                     fractions=mix.fractions,
                     batch=b,
                     mac_fraction=fractions[mix.name],
-                    ratio_paired=s.paired_ratio(base),
+                    ratio_paired=paired,
                     ratio_median=ratio,
                     ratio_p90=s.p90_s / base.p90_s,
                     ratio_min=s.min_s / base.min_s,
-                    overhead_vs_macs=ratio - fractions[mix.name],
-                    throughput_ratio=base.median_s / s.median_s,
+                    overhead_vs_macs=paired - fractions[mix.name],
+                    throughput_ratio=1.0 / paired,
                     base_median_s=base.median_s,
                     eem_median_s=s.median_s,
                     prefix_ratio=prefix_ratio,
-                    overhead_vs_prefix=None if prefix_ratio is None else ratio - prefix_ratio,
+                    overhead_vs_prefix=None if prefix_ratio is None else paired - prefix_ratio,
                 )
             )
     return rows, eem
