@@ -115,7 +115,7 @@ def standin_workload(quick: bool, seed: int = 0):
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         log(f"  backbone epoch {epoch + 1}/{epochs}: loss {total / len(y):.3f}")
     model.eval()
     desc = (
