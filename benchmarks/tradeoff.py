@@ -124,7 +124,7 @@ def standin_workload(quick: bool, seed: int = 0):
         f"{len(data['traffic'][1])} traffic / {len(data['evaluation'][1])} evaluation renders of "
         "disjoint source glyphs"
     )
-    return model, data["traffic"], data["evaluation"], desc, "resnet18 (digits stand-in)"
+    return model, data["traffic"], data["evaluation"], desc, ("timm resnet18", "digits stand-in")
 
 
 def digits_workload(quick: bool):
@@ -144,7 +144,7 @@ def digits_workload(quick: bool):
         xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
         return torch.stack(xs), torch.tensor(ys)
 
-    return w.model.eval(), stack(w.traffic), stack(w.evaluation), w.description, "digits workload"
+    return w.model.eval(), stack(w.traffic), stack(w.evaluation), w.description, (w.name, "digits workload")
 
 
 # ------------------------------------------------------------------------------ online heads
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if loaded is None:
         log("building the stand-in digits stream and training its backbone ...")
         loaded = standin_workload(args.quick)
-    model, traffic, evaluation, description, label = loaded
+    model, traffic, evaluation, description, (model_label, stream_label) = loaded
     eem = ee.wrap(model, input_size=tuple(evaluation[0].shape[1:]), head=args.head)
     log(f"wrapped: exits {[p.name for p in eem.exits]}")
 
