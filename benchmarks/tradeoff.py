@@ -144,7 +144,13 @@ def digits_workload(quick: bool):
         xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
         return torch.stack(xs), torch.tensor(ys)
 
-    return w.model.eval(), stack(w.traffic), stack(w.evaluation), w.description, (w.name, "digits workload")
+    return (
+        w.model.eval(),
+        stack(w.traffic),
+        stack(w.evaluation),
+        w.description,
+        (w.name, "digits workload"),
+    )
 
 
 # ------------------------------------------------------------------------------ online heads
@@ -238,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         sdn_record=sdn_record,
         sdn_thresholds=sdn_thresholds,
         latency=latency,
-        model=model_meta(eem, label),
+        model=model_meta(eem, model_label),
         stream={
-            "name": label,
+            "name": stream_label,
             "description": description,
             "online_heads": how,
             "calibration_target": args.target,
