@@ -1,5 +1,87 @@
-"""Measurement: MACs, latency, metrics, sweeps, reports, plots, reference workloads."""
+"""Measurement: MACs, latency, metrics, sweeps, reports, plots, reference workloads.
 
+Example:
+    >>> from earlyexit.evaluation import record_stream, evaluate_policy
+    >>> rec = record_stream(eem, images, labels=labels)  # doctest: +SKIP
+    >>> evaluate_policy(rec, "threshold", thresholds=eem.thresholds).mac_saving  # doctest: +SKIP
+"""
+
+from .baselines import best_at_agreement, calibrate_greedy, compare_methods, train_heads
+from .breakdown import ExitCost, MacBreakdown, mac_breakdown
+from .latency import (
+    ExitMix,
+    MixTiming,
+    ScriptedExitGate,
+    TimingStats,
+    bench_exit_mixes,
+    compare_latency,
+    default_mixes,
+    fixed_threads,
+    stream_latency,
+)
 from .macs import MacCounter, MacReport, count_macs, fvcore_macs
+from .plot import plot_tradeoff
+from .report import (
+    REQUIRED_KEYS,
+    build_report,
+    load_report,
+    model_meta,
+    render_markdown,
+    tradeoff_report,
+    write_report,
+)
+from .stream import (
+    PolicyPoint,
+    StreamRecord,
+    evaluate_exits,
+    evaluate_policy,
+    iterate_batches,
+    oracle_exits,
+    patience_exits,
+    record_stream,
+    sweep_patience,
+    sweep_thresholds,
+    threshold_exits,
+)
 
-__all__ = ["MacCounter", "MacReport", "count_macs", "fvcore_macs"]
+__all__ = [
+    "REQUIRED_KEYS",
+    "ExitCost",
+    "ExitMix",
+    "MacBreakdown",
+    "MacCounter",
+    "MacReport",
+    "MixTiming",
+    "PolicyPoint",
+    "ScriptedExitGate",
+    "StreamRecord",
+    "TimingStats",
+    "bench_exit_mixes",
+    "best_at_agreement",
+    "build_report",
+    "calibrate_greedy",
+    "compare_latency",
+    "compare_methods",
+    "count_macs",
+    "default_mixes",
+    "evaluate_exits",
+    "evaluate_policy",
+    "fixed_threads",
+    "fvcore_macs",
+    "iterate_batches",
+    "load_report",
+    "mac_breakdown",
+    "model_meta",
+    "oracle_exits",
+    "patience_exits",
+    "plot_tradeoff",
+    "record_stream",
+    "render_markdown",
+    "stream_latency",
+    "sweep_patience",
+    "sweep_thresholds",
+    "threshold_exits",
+    "tradeoff_report",
+    "train_heads",
+    "write_report",
+]

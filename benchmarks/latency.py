@@ -1,0 +1,147 @@
+"""Wall-clock cost of early exit on timm resnet50 and vit_base_patch16_224 (random weights, CPU).
+
+For each model, the wrapped model is timed against the model itself in one interleaved loop
+(warm-up excluded, CPU threads fixed) at batch 1 and batch 32, with forced exit mixes:
+
+* ``closed``: every gate closed (hooks installed, no head runs): the wrapping overhead.
+  Target: <= 3% over the base model.
+* ``all@i``: every sample leaves at exit ``i``. Target for ``all@0``: time ratio <= the MAC
+  fraction of exit 0 + 0.10.
+* ``half@0``, ``even`` (batch 32 only): a batch that shrinks on the way; compare the measured
+  ratio with the MAC fraction to see what shrinking costs (several smaller kernels).
+
+Timings on a shared machine are noisy: read the ratios (median, and min, the steadiest under
+contention), never absolute seconds across runs. Prints a table and writes
+``benchmarks/results/latency.json`` (``latency_quick.json`` with ``--quick``).
+
+Usage:
+    python benchmarks/latency.py            # ~5 minutes on 2 idle CPU cores (more when shared)
+    python benchmarks/latency.py --quick    # ~1-2 minutes: batch 8 instead of 32, fewer reps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from earlyexit.evaluation.latency import bench_exit_mixes, default_mixes
+
+MODELS = ("resnet50", "vit_base_patch16_224")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 8 and fewer reps (~1 min)")
+    parser.add_argument("--models", default=",".join(MODELS), help="timm names, comma-separated")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    big = 8 if args.quick else 32
+    reps = {1: 5 if args.quick else 10, big: 2}
+    out = args.out or RESULTS / ("latency_quick.json" if args.quick else "latency.json")
+    results = {
+        "description": "wrapped / base wall-clock ratios, random weights, CPU, interleaved reps",
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "threads": args.threads,
+        "batch_sizes": [1, big],
+        "reps": {str(k): v for k, v in reps.items()},
+        "models": {},
+    }
+    started = time.perf_counter()
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).eval()
+        print(f"== {name} ==", file=sys.stderr, flush=True)
+        mixes = default_mixes(4)
+        keep_b1 = [m for m in mixes if m.pure]
+        keep_big = [m for m in mixes if m.name in ("closed", "all@0", "all@2", "half@0", "even")]
+        rows = []
+        for batch, chosen in ((1, keep_b1), (big, keep_big)):
+            part, eem = bench_exit_mixes(
+                model,
+                batch_sizes=[batch],
+                mixes=chosen,
+                reps=reps,
+                warmup=1,
+                threads=args.threads,
+                progress=not args.no_progress,
+            )
+            exits = [p.name for p in eem.exits]
+            fractions = [p.macs / eem.base_macs for p in eem.exits]
+            eem.remove()
+            rows.extend(part)
+        by = {(r.batch, r.mix): r for r in rows}
+        checks = {}
+        for b in (1, big):
+            closed, first = by[(b, "closed")], by[(b, "all@0")]
+            checks[f"b{b}"] = {
+                "closed_ratio": closed.ratio_paired,
+                "closed_ratio_min": closed.ratio_min,
+                "closed_within_3pct": closed.ratio_paired <= 1.03,
+                "first_exit_ratio": first.ratio_paired,
+                "first_exit_ratio_min": first.ratio_min,
+                "first_exit_mac_fraction": first.mac_fraction,
+                "first_exit_prefix_ratio": first.prefix_ratio,
+                "first_exit_within_fraction_plus_10pct": first.ratio_paired
+                <= first.mac_fraction + 0.10,
+            }
+        results["models"][name] = {
+            "exits": exits,
+            "exit_mac_fractions": fractions,
+            "rows": [r.to_dict() for r in rows],
+            "wrapping_checks": checks,
+        }
+        _print_model(name, exits, fractions, rows, checks)
+    results["elapsed_s"] = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out} ({results['elapsed_s']:.0f} s)")
+    return 0
+
+
+def _f(v: float | None, spec: str = ".3f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def _print_model(name, exits, fractions, rows, checks) -> None:
+    print(
+        f"\n{name}: exits {', '.join(f'{e} ({100 * f:.1f}%)' for e, f in zip(exits, fractions, strict=True))}"
+    )
+    print(
+        "| batch | mix | MAC fraction | time ratio (paired median) | ratio of medians | min "
+        "| backbone alone to the exit | overhead vs MACs | overhead vs backbone alone | throughput x |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r.batch} | {r.mix} | {r.mac_fraction:.3f} | {r.ratio_paired:.3f} "
+            f"| {r.ratio_median:.3f} | {r.ratio_min:.3f} | {_f(r.prefix_ratio)} "
+            f"| {r.ratio_paired - r.mac_fraction:+.3f} "
+            f"| {_f(None if r.prefix_ratio is None else r.ratio_paired - r.prefix_ratio, '+.3f')} "
+            f"| {1 / r.ratio_paired:.2f} |"
+        )
+    for b, c in checks.items():
+        print(
+            f"{b}: gates closed {c['closed_ratio']:.3f} (min {c['closed_ratio_min']:.3f}; target <= 1.03: "
+            f"{'ok' if c['closed_within_3pct'] else 'MISSED'}); all at first exit "
+            f"{c['first_exit_ratio']:.3f} (min {c['first_exit_ratio_min']:.3f}) vs MAC fraction "
+            f"{c['first_exit_mac_fraction']:.3f} + 0.10: {'ok' if c['first_exit_within_fraction_plus_10pct'] else 'MISSED'}"
+            f" (backbone alone up to exit 0: {_f(c['first_exit_prefix_ratio'])})"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

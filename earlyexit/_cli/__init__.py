@@ -1,0 +1,1 @@
+"""Subcommands of the ``earlyexit`` command line (see :mod:`earlyexit.cli`)."""

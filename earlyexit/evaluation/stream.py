@@ -1,0 +1,600 @@
+"""Record a stream once, then simulate any exit policy on it exactly and cheaply.
+
+Serving a stream with every head evaluated on every sample (``eem.trace`` with every sample
+audited, so nothing leaves and nothing is skipped) gives, per sample, each head's gate score and
+argmax and the full model's answer. What any threshold policy would have done is then a pure
+function of that record: a sample leaves at the first exit whose score reaches its threshold.
+The simulation is exact (tests check it against ``eem.predict``), so a sweep of hundreds of
+thresholds costs one pass of the backbone.
+
+Policies here return, per sample, the path it took (``0..E-1`` an exit, ``E`` the full model);
+:func:`evaluate_exits` turns that into MACs, agreement, accuracy and exit rates.
+
+Example:
+    >>> rec = record_stream(eem, images, labels=labels)  # doctest: +SKIP
+    >>> point = evaluate_policy(rec, "threshold", thresholds=[0.9, 0.9, 0.9, 0.9])  # doctest: +SKIP
+    >>> point.mac_saving, point.agreement  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..gates import Gate, GateContext
+
+__all__ = [
+    "PolicyPoint",
+    "StreamRecord",
+    "evaluate_exits",
+    "evaluate_policy",
+    "iterate_batches",
+    "oracle_exits",
+    "patience_exits",
+    "record_stream",
+    "sweep_patience",
+    "sweep_thresholds",
+    "threshold_exits",
+]
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def iterate_batches(
+    data: Any, labels: Tensor | None = None, batch_size: int = 64
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield ``(x, y)`` batches from a tensor, a ``Dataset`` of samples, or an iterable of batches.
+
+    ``data`` may be a ``[N, C, H, W]`` tensor (with optional ``labels`` ``[N]``), a
+    ``torch.utils.data.Dataset`` whose items are an image or ``(image, label)``, or any iterable
+    (e.g. a ``DataLoader``) of batches ``x`` or ``(x, y)``. ``y`` is ``None`` when there are no labels.
+
+    Example:
+        >>> [tuple(x.shape) for x, _ in iterate_batches(torch.zeros(5, 3, 8, 8), batch_size=2)]
+        [(2, 3, 8, 8), (2, 3, 8, 8), (1, 3, 8, 8)]
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(data, Tensor):
+        if labels is not None and labels.shape[0] != data.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {data.shape[0]} samples")
+        for start in range(0, data.shape[0], batch_size):
+            y = None if labels is None else labels[start : start + batch_size]
+            yield data[start : start + batch_size], y
+        return
+    if labels is not None:
+        raise ValueError("labels= is only for a tensor of images; datasets carry their own labels")
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    for item in data:
+        if isinstance(item, Tensor):
+            yield item, None
+        elif isinstance(item, (tuple, list)) and len(item) >= 2:
+            y = item[1]
+            yield item[0], (torch.as_tensor(y) if y is not None else None)
+        else:
+            raise TypeError(
+                f"expected batches x or (x, y), got {type(item).__name__}; wrap single images "
+                "in a DataLoader"
+            )
+
+
+# ------------------------------------------------------------------------------------ record
+
+
+@dataclass
+class StreamRecord:
+    """What every head and the full model said about every sample of a stream.
+
+    Attributes:
+        scores: ``[N, E]`` gate scores of each exit's head (the quantity thresholds compare with).
+        max_prob: ``[N, E]`` largest softmax probability of each head (for max-softmax baselines).
+        preds: ``[N, E]`` argmax of each head.
+        final_pred: ``[N]`` argmax of the full model.
+        labels: ``[N]`` ground truth, or ``None`` for an unlabelled stream.
+        backbone_macs: per exit, per-sample MACs of the backbone up to it.
+        head_macs: per exit, per-sample MACs of its head.
+        base_macs: per-sample MACs of the base model.
+        needs_history: whether the gate looks at earlier heads (then every earlier head is
+            evaluated whenever a later gate is open; see :meth:`path_costs`).
+        exit_names: module name of each exit.
+        served_exit: ``[N]`` the exit the wrapper chose with the thresholds it had while recording.
+        recorded_thresholds: those thresholds.
+        features: per exit ``[N, ...]`` reduced head inputs (``head.reduce``), when kept, so other
+            heads can be scored on the same stream (:meth:`with_heads`).
+        final_logits: ``[N, K]`` the full model's logits, when features are kept (teacher signal).
+    """
+
+    scores: Tensor
+    max_prob: Tensor
+    preds: Tensor
+    final_pred: Tensor
+    labels: Tensor | None
+    backbone_macs: tuple[int, ...]
+    head_macs: tuple[int, ...]
+    base_macs: int
+    needs_history: bool = False
+    exit_names: tuple[str, ...] = ()
+    served_exit: Tensor | None = None
+    recorded_thresholds: tuple[float, ...] | None = None
+    features: list[Tensor] | None = field(default=None, repr=False)
+    final_logits: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        """Number of samples in the stream."""
+        return int(self.final_pred.shape[0])
+
+    @property
+    def num_exits(self) -> int:
+        """Number of early exits."""
+        return len(self.backbone_macs)
+
+    def path_costs(self, thresholds: Sequence[float] | None = None) -> tuple[int, ...]:
+        """Per-sample MACs of each path (``E`` exits, then the full model) under ``thresholds``.
+
+        Same accounting as :meth:`EarlyExitModel.path_macs`: the heads of closed exits are skipped,
+        unless the gate needs history and a later gate is open. ``None`` = every head evaluated.
+
+        Example:
+            >>> rec.path_costs([math.inf] * rec.num_exits)[-1] == rec.base_macs  # doctest: +SKIP
+            True
+        """
+        e = self.num_exits
+        if thresholds is None:
+            evaluate = [True] * e
+        else:
+            if len(thresholds) != e:
+                raise ValueError(f"expected {e} thresholds, got {len(thresholds)}")
+            open_gates = [float(t) != math.inf for t in thresholds]
+            # A closed exit's head still runs if the gate looks back at it from a later open exit.
+            history = [any(open_gates[i:]) for i in range(e)]
+            evaluate = history if self.needs_history else open_gates
+        costs, spent = [], 0
+        for i in range(e):
+            spent += self.head_macs[i] if evaluate[i] else 0
+            costs.append(self.backbone_macs[i] + spent)
+        costs.append(self.base_macs + spent)
+        return tuple(costs)
+
+    def subset(self, index: Tensor | slice) -> StreamRecord:
+        """The record of some samples only (e.g. a calibration / evaluation split)."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return replace(
+            self,
+            scores=self.scores[index],
+            max_prob=self.max_prob[index],
+            preds=self.preds[index],
+            final_pred=self.final_pred[index],
+            labels=pick(self.labels),
+            served_exit=pick(self.served_exit),
+            features=None if self.features is None else [f[index] for f in self.features],
+            final_logits=pick(self.final_logits),
+        )
+
+    @torch.no_grad()
+    def with_heads(
+        self, heads: Sequence[nn.Module], gate: Gate, *, batch_size: int = 1024
+    ) -> StreamRecord:
+        """The same stream scored by other heads (same backbone, same exits, same head costs).
+
+        Needs the reduced features (``record_stream(..., keep_features=True)``); each head's
+        ``classify`` (or ``forward`` for plain modules) is applied to them.
+
+        Example:
+            >>> sdn = rec.with_heads(trained_heads, eem.gate)  # doctest: +SKIP
+        """
+        if self.features is None:
+            raise ValueError("this record has no features: record it with keep_features=True")
+        if len(heads) != self.num_exits:
+            raise ValueError(f"expected {self.num_exits} heads, got {len(heads)}")
+        scores, max_prob, preds = [], [], []
+        for start in range(0, self.num_samples, batch_size):
+            rows = torch.arange(start, min(start + batch_size, self.num_samples))
+            history: list[Tensor | None] = []
+            s_b, m_b, p_b = [], [], []
+            for i, head in enumerate(heads):
+                z = self.features[i][start : start + batch_size]
+                classify = getattr(head, "classify", head)
+                logits = classify(z).float()
+                ctx = GateContext(i, rows, list(history) if gate.needs_history else [])
+                s_b.append(gate.score(logits, ctx).float())
+                m_b.append(logits.softmax(-1).amax(-1))
+                p_b.append(logits.argmax(-1))
+                history.append(logits)
+            scores.append(torch.stack(s_b, 1))
+            max_prob.append(torch.stack(m_b, 1))
+            preds.append(torch.stack(p_b, 1))
+        return replace(
+            self,
+            scores=torch.cat(scores),
+            max_prob=torch.cat(max_prob),
+            preds=torch.cat(preds),
+            needs_history=bool(gate.needs_history),
+            served_exit=None,
+            recorded_thresholds=None,
+        )
+
+
+def record_stream(
+    eem: Any,
+    data: Any,
+    *,
+    labels: Tensor | None = None,
+    batch_size: int = 64,
+    keep_features: bool = False,
+    progress: bool = False,
+    desc: str = "recording stream",
+) -> StreamRecord:
+    """Serve ``data`` through ``eem`` once, evaluating every head on every sample, and record it.
+
+    Every sample is *audited* (runs to the end even if a gate lets it out), so the record holds
+    each head's score and argmax and the full model's answer for all samples, whatever the
+    thresholds; ``served_exit`` still says where the wrapper would have answered each one. The
+    wrapper's thresholds, heads and base model are not changed.
+
+    Args:
+        eem: an :class:`~earlyexit.EarlyExitModel`.
+        data: see :func:`iterate_batches` (a tensor, a dataset, or batches ``x`` / ``(x, y)``).
+        labels: labels for a tensor ``data``.
+        batch_size: batch size for tensors and datasets.
+        keep_features: also keep each head's reduced input and the final logits (needed to score
+            other heads with :meth:`StreamRecord.with_heads` or to train heads offline).
+        progress: show a tqdm progress bar (on stderr).
+
+    Example:
+        >>> rec = record_stream(eem, torch.randn(16, 3, 64, 64))  # doctest: +SKIP
+        >>> rec.scores.shape  # doctest: +SKIP
+        torch.Size([16, 4])
+    """
+    from tqdm.auto import tqdm
+
+    e = eem.num_exits
+    parts: dict[str, list[Tensor]] = {
+        k: [] for k in ("scores", "max_prob", "preds", "final", "labels", "served", "logits")
+    }
+    feats: list[list[Tensor]] = [[] for _ in range(e)]
+    any_labels, all_labels = False, True
+    total = None
+    if isinstance(data, Tensor):
+        total = data.shape[0]
+    elif hasattr(data, "__len__") and isinstance(data, torch.utils.data.Dataset):
+        total = len(data)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr)
+    try:
+        for x, y in iterate_batches(data, labels, batch_size):
+            n = x.shape[0]
+            if n == 0:
+                continue
+            audit = torch.ones(n, dtype=torch.bool, device=x.device)
+            result, trace = eem.trace(x, audit=audit)
+            if trace.final_logits is None or trace.final_rows.shape[0] != n:
+                raise RuntimeError("every audited sample should have run to the end")
+            order = torch.argsort(trace.final_rows)
+            final = trace.final_logits[order].float()
+            s_b, m_b, p_b = [], [], []
+            for i, rec in enumerate(trace.exits):
+                if rec is None or rec.rows.shape[0] != n:
+                    raise RuntimeError(f"exit {i} was not evaluated on every sample")
+                o = torch.argsort(rec.rows)
+                logits = rec.logits[o].float()
+                s_b.append(rec.scores[o].float().cpu())
+                m_b.append(logits.softmax(-1).amax(-1).cpu())
+                p_b.append(logits.argmax(-1).cpu())
+                if keep_features:
+                    feats[i].append(rec.z[o].detach().float().cpu())
+            parts["scores"].append(torch.stack(s_b, 1))
+            parts["max_prob"].append(torch.stack(m_b, 1))
+            parts["preds"].append(torch.stack(p_b, 1))
+            parts["final"].append(final.argmax(-1).cpu())
+            parts["served"].append(result.exit_index.cpu())
+            if keep_features:
+                parts["logits"].append(final.cpu())
+            if y is None:
+                all_labels = False
+            else:
+                any_labels = True
+                parts["labels"].append(torch.as_tensor(y).long().cpu().reshape(-1))
+            bar.update(n)
+    finally:
+        bar.close()
+    if any_labels and not all_labels:
+        raise ValueError("some batches have labels and some do not")
+    if not parts["final"]:
+        raise ValueError("the stream is empty")
+    return StreamRecord(
+        scores=torch.cat(parts["scores"]),
+        max_prob=torch.cat(parts["max_prob"]),
+        preds=torch.cat(parts["preds"]),
+        final_pred=torch.cat(parts["final"]),
+        labels=torch.cat(parts["labels"]) if any_labels else None,
+        backbone_macs=tuple(eem.backbone_macs),
+        head_macs=tuple(eem.head_macs),
+        base_macs=int(eem.base_macs),
+        needs_history=bool(eem.gate.needs_history),
+        exit_names=tuple(p.name for p in eem.exits),
+        served_exit=torch.cat(parts["served"]),
+        recorded_thresholds=tuple(eem.thresholds),
+        features=[torch.cat(f) for f in feats] if keep_features else None,
+        final_logits=torch.cat(parts["logits"]) if keep_features else None,
+    )
+
+
+# ------------------------------------------------------------------------------------ policies
+
+
+def threshold_exits(
+    record: StreamRecord, thresholds: Sequence[float], *, score: str = "gate"
+) -> Tensor:
+    """Path of each sample under per-exit thresholds: the first exit with ``score >= threshold``.
+
+    ``score="gate"`` compares the recorded gate scores (what the wrapper does); ``"max_softmax"``
+    the heads' largest softmax probability (the classic fixed-threshold baseline).
+
+    Example:
+        >>> threshold_exits(rec, [0.9, 0.8, 0.8, 0.8])  # doctest: +SKIP
+        tensor([0, 4, 2, ...])
+    """
+    values = {"gate": record.scores, "max_softmax": record.max_prob}.get(score)
+    if values is None:
+        raise ValueError(f"score must be 'gate' or 'max_softmax', got {score!r}")
+    if len(thresholds) != record.num_exits:
+        raise ValueError(f"expected {record.num_exits} thresholds, got {len(thresholds)}")
+    t = torch.tensor([float(v) for v in thresholds], dtype=values.dtype)
+    passed = values >= t  # [N, E]; inf never passes, -inf always does
+    return _first_true(passed)
+
+
+def _first_true(mask: Tensor) -> Tensor:
+    """Index of the first True per row, ``E`` where none (the full model)."""
+    n, e = mask.shape
+    index = torch.arange(e).expand(n, e)
+    if e == 0:
+        return torch.zeros(n, dtype=torch.long)
+    return torch.where(mask, index, torch.full_like(index, e)).amin(1)
+
+
+def patience_exits(record: StreamRecord, patience: int) -> Tensor:
+    """PABEE: leave at the first exit where the argmax has been unchanged for ``patience`` exits.
+
+    A counter goes up by one at each exit whose argmax equals the previous exit's and back to zero
+    otherwise; the sample leaves when it reaches ``patience`` (so ``patience=1`` leaves at the first
+    exit ``i >= 1`` that agrees with exit ``i - 1``). No label, threshold or score is used.
+
+    Example:
+        >>> patience_exits(rec, 2)  # doctest: +SKIP
+    """
+    if patience < 1:
+        raise ValueError(f"patience must be at least 1, got {patience}")
+    n, e = record.preds.shape
+    count = torch.zeros(n, dtype=torch.long)
+    leave = torch.zeros(n, e, dtype=torch.bool)
+    for i in range(1, e):
+        same = record.preds[:, i] == record.preds[:, i - 1]
+        count = torch.where(same, count + 1, torch.zeros_like(count))
+        leave[:, i] = count >= patience
+    return _first_true(leave)
+
+
+def oracle_exits(record: StreamRecord) -> Tensor:
+    """The oracle: each sample leaves at the first head whose argmax equals the full model's.
+
+    Example:
+        >>> oracle_exits(rec)  # doctest: +SKIP
+    """
+    return _first_true(record.preds == record.final_pred[:, None])
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+@dataclass(frozen=True)
+class PolicyPoint:
+    """One operating point of one policy on one stream.
+
+    Attributes:
+        method: e.g. ``"threshold"``, ``"patience"``, ``"oracle"``, ``"full"``.
+        param: the swept parameter (shared threshold, patience), if any.
+        thresholds: per-exit thresholds, for threshold policies.
+        expected_macs: mean per-sample MACs of the paths taken (heads evaluated on the way included).
+        mac_fraction: ``expected_macs / base_macs``.
+        mac_saving: ``1 - mac_fraction``.
+        agreement: share of samples whose answer equals the full model's argmax.
+        accuracy: share equal to the label (``None`` without labels).
+        exit_rates: per path (``E`` exits, then the full model), the share of samples taking it.
+        exit_agreement: per path, agreement among the samples taking it (``None`` where none did).
+    """
+
+    method: str
+    param: float | None
+    thresholds: tuple[float, ...] | None
+    expected_macs: float
+    mac_fraction: float
+    mac_saving: float
+    agreement: float
+    accuracy: float | None
+    exit_rates: tuple[float, ...]
+    exit_agreement: tuple[float | None, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (non-finite thresholds as the strings ``"inf"`` / ``"-inf"``)."""
+        out = asdict(self)
+        if self.thresholds is not None:
+            out["thresholds"] = [_json_float(t) for t in self.thresholds]
+        out["param"] = _json_float(self.param) if self.param is not None else None
+        return out
+
+
+def _json_float(v: float) -> float | str:
+    v = float(v)
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+def evaluate_exits(
+    record: StreamRecord,
+    exit_index: Tensor,
+    *,
+    thresholds: Sequence[float] | None = None,
+    method: str = "custom",
+    param: float | None = None,
+) -> PolicyPoint:
+    """Cost and quality of a policy given the path each sample took.
+
+    Cost per sample is the MACs of its path under ``thresholds`` (closed exits' heads skipped, as
+    the wrapper does); without ``thresholds`` every head on the way is paid for (policies such as
+    patience or the oracle that look at every head).
+
+    Example:
+        >>> evaluate_exits(rec, oracle_exits(rec), method="oracle").mac_saving  # doctest: +SKIP
+        0.61
+    """
+    n, e = record.num_samples, record.num_exits
+    if exit_index.shape != (n,):
+        raise ValueError(f"exit_index must have shape ({n},), got {tuple(exit_index.shape)}")
+    exit_index = exit_index.long().cpu()
+    costs = torch.tensor(record.path_costs(thresholds), dtype=torch.float64)
+    expected = float(costs[exit_index].mean())
+    preds = torch.cat([record.preds, record.final_pred[:, None]], 1)
+    answer = preds.gather(1, exit_index[:, None]).squeeze(1)
+    agree = answer == record.final_pred
+    counts = torch.bincount(exit_index, minlength=e + 1)
+    agree_counts = torch.bincount(exit_index[agree], minlength=e + 1)
+    rates = tuple(float(c) / n for c in counts)
+    per_exit = tuple(
+        float(a) / float(c) if c > 0 else None for a, c in zip(agree_counts, counts, strict=True)
+    )
+    accuracy = None
+    if record.labels is not None:
+        accuracy = float((answer == record.labels).float().mean())
+    fraction = expected / record.base_macs
+    return PolicyPoint(
+        method=method,
+        param=param,
+        thresholds=None if thresholds is None else tuple(float(t) for t in thresholds),
+        expected_macs=expected,
+        mac_fraction=fraction,
+        mac_saving=1.0 - fraction,
+        agreement=float(agree.float().mean()),
+        accuracy=accuracy,
+        exit_rates=rates,
+        exit_agreement=per_exit,
+    )
+
+
+def evaluate_policy(
+    record: StreamRecord,
+    policy: str,
+    *,
+    thresholds: Sequence[float] | None = None,
+    patience: int | None = None,
+    score: str = "gate",
+) -> PolicyPoint:
+    """Simulate a named policy on a recorded stream.
+
+    ``policy``: ``"threshold"`` (needs ``thresholds``; ``score`` as in :func:`threshold_exits`),
+    ``"patience"`` (needs ``patience``), ``"oracle"``, or ``"full"`` (every sample runs to the end,
+    no head evaluated).
+
+    Example:
+        >>> evaluate_policy(rec, "threshold", thresholds=eem.thresholds).agreement  # doctest: +SKIP
+    """
+    e = record.num_exits
+    if policy == "threshold":
+        if thresholds is None:
+            raise ValueError("the threshold policy needs thresholds")
+        return evaluate_exits(
+            record,
+            threshold_exits(record, thresholds, score=score),
+            thresholds=thresholds,
+            method="threshold",
+        )
+    if policy == "patience":
+        if patience is None:
+            raise ValueError("the patience policy needs patience")
+        return evaluate_exits(
+            record, patience_exits(record, patience), method="patience", param=patience
+        )
+    if policy == "oracle":
+        return evaluate_exits(record, oracle_exits(record), method="oracle")
+    if policy == "full":
+        closed = [math.inf] * e
+        return evaluate_exits(
+            record, torch.full((record.num_samples,), e), thresholds=closed, method="full"
+        )
+    raise ValueError(f"unknown policy {policy!r}; use threshold, patience, oracle or full")
+
+
+def default_grid(record: StreamRecord, levels: int = 41, *, score: str = "gate") -> list[float]:
+    """Shared thresholds for a sweep: ``inf``, quantiles of the observed scores, ``-inf``.
+
+    Example:
+        >>> default_grid(rec)[0], default_grid(rec)[-1]  # doctest: +SKIP
+        (inf, -inf)
+    """
+    values = (record.scores if score == "gate" else record.max_prob).flatten().double()
+    values = values[torch.isfinite(values)]
+    qs = []
+    if values.numel():
+        qs = torch.quantile(values, torch.linspace(0, 1, levels, dtype=torch.float64)).tolist()
+    grid = sorted(set(qs), reverse=True)
+    return [math.inf, *grid, -math.inf]
+
+
+def sweep_thresholds(
+    record: StreamRecord,
+    grid: Sequence[float] | None = None,
+    *,
+    score: str = "gate",
+    method: str = "threshold",
+    progress: bool = False,
+) -> list[PolicyPoint]:
+    """The trade-off curve of one shared threshold applied at every exit.
+
+    ``grid`` defaults to :func:`default_grid`; ``inf`` (all gates closed: the full model, saving 0,
+    agreement 1) and ``-inf`` (everything leaves at exit 0) are always included. Points come in the
+    order of ``grid`` (descending thresholds by default: MACs fall along the curve).
+
+    Example:
+        >>> curve = sweep_thresholds(rec)  # doctest: +SKIP
+        >>> curve[0].agreement, curve[0].mac_saving  # doctest: +SKIP
+        (1.0, 0.0)
+    """
+    from tqdm.auto import tqdm
+
+    if grid is None:
+        grid = default_grid(record, score=score)
+    points = []
+    e = record.num_exits
+    for t in tqdm(list(grid), desc=f"sweep {method}", disable=not progress, file=sys.stderr):
+        thresholds = [float(t)] * e
+        exits = threshold_exits(record, thresholds, score=score)
+        points.append(
+            evaluate_exits(record, exits, thresholds=thresholds, method=method, param=float(t))
+        )
+    return points
+
+
+def sweep_patience(
+    record: StreamRecord, patiences: Iterable[int] | None = None
+) -> list[PolicyPoint]:
+    """PABEE's trade-off curve: one point per patience (default ``1 .. E-1``).
+
+    Example:
+        >>> [p.param for p in sweep_patience(rec)]  # doctest: +SKIP
+        [1, 2, 3]
+    """
+    if patiences is None:
+        patiences = range(1, max(record.num_exits, 2))
+    return [evaluate_policy(record, "patience", patience=int(t)) for t in patiences]
