@@ -7,6 +7,7 @@ Example:
     tensor([4, 4])
 """
 
+from . import evaluation
 from ._backbones import (
     BackboneAdapter,
     FeatureLayout,
@@ -86,6 +87,7 @@ __all__ = [
     "UntrustedPredictionError",
     "__version__",
     "evaluate_placement",
+    "evaluation",
     "exit_candidates",
     "gate_scores",
     "load",

@@ -250,7 +250,9 @@ def _free_overload(func: torch._ops.OpOverload) -> bool:
     returns = func._schema.returns
     if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
         return True
-    return _free_by_name(func._overloadpacket.__name__)
+    name = func._overloadpacket.__name__
+    # In-place variants (hardswish_, relu_, ...) cost what their out-of-place twin costs.
+    return _free_by_name(name) or _free_by_name(name.rstrip("_"))
 
 
 def _free_jit_name(kind: str) -> bool:
