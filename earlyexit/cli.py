@@ -36,6 +36,8 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main", "register_subcommand"]
 
 #: Import paths of the subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS: list[str] = [
+    "earlyexit._cli.demo",
+    "earlyexit._cli.run",
     "earlyexit._cli.profile",
     "earlyexit._cli.bench",
     "earlyexit._cli.report",

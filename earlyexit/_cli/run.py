@@ -1,0 +1,150 @@
+"""``earlyexit run``: the demo's path on your own model and a folder of images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import (
+    EXIT_BAD_INPUT,
+    EXIT_MISSING_FILE,
+    EXIT_OK,
+    CliError,
+    add_output_arguments,
+    build_model,
+    emit_json,
+    exit_codes_text,
+    positive_int,
+    status,
+)
+from .serving import _unit_interval, add_serving_arguments, options_from_args, print_outcome
+
+NAME = "run"
+HELP = "learn exits online on your model and a folder of images, and report what they save"
+DESCRIPTION = (
+    "Builds MODEL (timm:NAME or torchvision:NAME) with --weights PATH (a local checkpoint) or "
+    "--pretrained (downloads, for machines with a network), reads --data DIR through the model's "
+    "own preprocessing (timm data config / torchvision weights transforms), streams a shuffled "
+    "share of the images through OnlineDistiller.step while learning, and evaluates on the rest "
+    "exactly as `earlyexit demo` does. --data is a labelled ImageFolder (one sub-folder per "
+    "class: integer folder names are the model's class indices, other names are numbered in "
+    "sorted order) or a flat folder of unlabelled images. Unreadable images are skipped and "
+    "counted. --save writes the learned heads and thresholds (load them with earlyexit.load)."
+)
+EPILOG = f"""examples:
+  earlyexit run --model timm:resnet50 --weights resnet50.pth --data photos/ --save heads.safetensors
+  earlyexit run --model torchvision:resnet18 --pretrained --data val/ --target-agreement 0.98
+  earlyexit run --model timm:resnet18 --num-classes 10 --weights mine.pth --data imgs/ --json
+
+exit codes:
+{exit_codes_text()}"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="MODEL", help="timm:NAME or torchvision:NAME")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", metavar="PATH", help="local state_dict/checkpoint (.pth, .pt, .bin, .safetensors)")
+    source.add_argument(
+        "--pretrained", action="store_true", help="the library's pretrained weights (needs a network)"
+    )
+    parser.add_argument("--data", required=True, metavar="DIR", help="folder of images (ImageFolder or flat)")
+    parser.add_argument(
+        "--num-classes", type=positive_int, default=1000, metavar="N", help="classes of the model (default 1000)"
+    )
+    parser.add_argument(
+        "--eval-fraction",
+        type=_unit_interval,
+        default=0.2,
+        metavar="F",
+        help="share of the images held out for evaluation (default 0.2)",
+    )
+    parser.add_argument("--save", metavar="PATH", help="write the learned heads + thresholds here (.safetensors)")
+    parser.add_argument("--out", default="earlyexit-run", metavar="DIR", help="report directory (default earlyexit-run/)")
+    add_serving_arguments(parser)
+    add_output_arguments(parser, progress=True)
+
+
+def _build(args: argparse.Namespace):
+    from .common import resolve_model_name
+
+    if not args.pretrained:
+        return build_model(args.model, num_classes=args.num_classes, weights=args.weights)
+    source, name = resolve_model_name(args.model)
+    try:
+        if source == "timm":
+            import timm
+
+            model = timm.create_model(name, pretrained=True, num_classes=args.num_classes)
+        else:
+            import torchvision
+
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+            model = torchvision.models.get_model(name, weights=weights)
+    except Exception as err:
+        raise CliError(
+            f"could not get pretrained weights for {args.model} ({type(err).__name__}: {err}); "
+            "without a network, download them elsewhere and pass --weights PATH",
+            EXIT_BAD_INPUT,
+        ) from None
+    return model.eval(), f"{source}:{name}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import model_transform, scan_folder, split_stream
+    from ..errors import InputError
+    from ..pipeline import serve_and_evaluate
+    from .common import resolve_model_name
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise CliError(f"data folder not found: {data}", EXIT_MISSING_FILE)
+    model, label = _build(args)
+    source, name = resolve_model_name(label)
+    try:
+        scan = scan_folder(data)
+        traffic, evaluation = split_stream(
+            scan,
+            model_transform(model, source, name),
+            eval_fraction=args.eval_fraction,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    except InputError as err:
+        raise CliError(str(err), EXIT_BAD_INPUT) from None
+    labelled = scan.labels is not None
+    status(
+        f"{len(scan.files)} images in {data} ({'labelled, ' + str(len(scan.classes)) + ' classes' if labelled else 'unlabelled'}): "
+        f"{len(traffic)} traffic, {len(evaluation)} held out",
+        args,
+    )
+    try:
+        result = serve_and_evaluate(
+            model,
+            traffic,
+            evaluation,
+            labelled=labelled,
+            out_dir=Path(args.out),
+            name="run",
+            model_name=label,
+            stream_meta={"data": str(data), "traffic": len(traffic), "evaluation": len(evaluation)},
+            options=options_from_args(args),
+            log=lambda message: status(message, args),
+        )
+    except InputError as err:
+        raise CliError(f"the images do not fit the model: {err}", EXIT_BAD_INPUT) from None
+    skipped = traffic.skipped
+    result.report["skipped_images"] = {"count": skipped.count, "files": skipped.files[:20]}
+    result.paths["json"].write_text(json.dumps(result.report, indent=2, allow_nan=False) + "\n")
+    if skipped.count:
+        status(f"skipped {skipped.count} unreadable image(s), e.g. {skipped.files[0][0]}", args)
+    if args.save:
+        result.learner.eem.save(args.save)
+        status(f"saved heads and thresholds to {args.save} (load with earlyexit.load(model, path))", args)
+    if args.json:
+        emit_json(result.report)
+    else:
+        print_outcome(result)
+        if skipped.count:
+            print(f"skipped: {skipped.count} unreadable image(s)")
+    return EXIT_OK

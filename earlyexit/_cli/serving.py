@@ -1,0 +1,98 @@
+"""Flags and output shared by ``demo`` and ``run`` (both serve a stream while learning)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import parse_exits, positive_int
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """Target agreement, exits, head, gate, seed and evaluation switches."""
+    from ..gates import gate_names
+    from ..heads import head_kinds
+
+    group = parser.add_argument_group("learning and gating")
+    group.add_argument(
+        "--target-agreement",
+        type=_unit_interval,
+        default=0.99,
+        metavar="P",
+        help="agreement with the full model that exiting samples must keep (default 0.99)",
+    )
+    group.add_argument(
+        "--confidence",
+        type=_unit_interval,
+        default=0.95,
+        metavar="P",
+        help="probability that the agreement guarantee holds (default 0.95)",
+    )
+    group.add_argument(
+        "--exits",
+        type=parse_exits,
+        default="auto",
+        metavar="LIST",
+        help="'auto' (default: spread by MACs) or comma-separated module names / candidate indices",
+    )
+    group.add_argument(
+        "--num-exits", type=positive_int, default=4, metavar="N", help="exits 'auto' places (default 4)"
+    )
+    group.add_argument(
+        "--head", choices=head_kinds(), default="linear", help="exit head kind (default linear)"
+    )
+    group.add_argument(
+        "--gate", choices=gate_names(), default="max_softmax", help="gate score (default max_softmax)"
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed for traffic, audits and replay (default 0)")
+    group.add_argument(
+        "--batch-size", type=positive_int, default=32, metavar="N", help="serving batch size (default 32)"
+    )
+    group.add_argument(
+        "--no-latency", action="store_true", help="skip the wall-clock latency/throughput measurement"
+    )
+    group.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the SDN baseline (heads trained offline with labels; labelled data only)",
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    from ..pipeline import PipelineOptions
+
+    return PipelineOptions(
+        target_agreement=args.target_agreement,
+        confidence=args.confidence,
+        exits=args.exits,
+        num_exits=args.num_exits,
+        head=args.head,
+        gate=args.gate,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        latency=not args.no_latency,
+        sdn_baseline=not args.no_baseline,
+        progress=not args.no_progress,
+    )
+
+
+def print_outcome(result: Any) -> None:
+    """The summary table and where the files are (stdout)."""
+    from ..pipeline import summary_table
+
+    print(summary_table(result.report))
+    print()
+    for kind, path in sorted(result.paths.items()):
+        print(f"{kind:>4}: {path}")
+    took = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+    print(f"time: {took}")

@@ -1,0 +1,197 @@
+"""Streams of images from a folder, through the model's own preprocessing (for ``earlyexit run``).
+
+A folder is read as a labelled ImageFolder when its images sit in one sub-folder per class, and as
+an unlabelled stream when they sit directly in it. Unreadable files are skipped and counted, never
+fatal: production traffic has broken uploads too.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
+
+
+@dataclass
+class SkipLog:
+    """Files that could not be read, shared by the splits of one folder."""
+
+    files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+
+@dataclass
+class FolderScan:
+    """What a folder holds: image files, their labels (or ``None``) and the class names."""
+
+    files: list[Path]
+    labels: list[int] | None
+    classes: list[str]
+
+
+def scan_folder(root: str | Path) -> FolderScan:
+    """Find the images under ``root`` (ImageFolder layout or a flat folder).
+
+    Class indices: when every class folder is named by an integer (``"285"``), that integer is the
+    model's class index; otherwise classes are numbered in sorted order, as torchvision's
+    ImageFolder does (right for a model fine-tuned on that folder).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        InputError: no image files were found.
+
+    Example:
+        >>> scan = scan_folder("my_images")  # doctest: +SKIP
+        >>> len(scan.files), scan.classes[:3]  # doctest: +SKIP
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"no such folder: {base}")
+
+    def images_in(folder: Path, recursive: bool) -> list[Path]:
+        pattern = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    top = images_in(base, recursive=False)
+    class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if top or not class_dirs:
+        files = top or images_in(base, recursive=True)
+        if not files:
+            raise InputError(f"{base} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return FolderScan(files, None, [])
+    classes = [d.name for d in class_dirs]
+    numeric = all(name.isdigit() for name in classes)
+    files, labels = [], []
+    for i, folder in enumerate(class_dirs):
+        for path in images_in(folder, recursive=True):
+            files.append(path)
+            labels.append(int(folder.name) if numeric else i)
+    if not files:
+        raise InputError(f"{base} has class folders but no images in them")
+    return FolderScan(files, labels, classes)
+
+
+class ImageStream:
+    """Re-iterable batches ``x`` (or ``(x, y)`` when labelled) of preprocessed images.
+
+    ``len()`` is the number of files (some may turn out unreadable and are skipped, counted in
+    ``skipped``).
+    """
+
+    def __init__(
+        self,
+        files: list[Path],
+        labels: list[int] | None,
+        transform: Callable[[Any], Tensor],
+        *,
+        batch_size: int = 32,
+        skipped: SkipLog | None = None,
+    ) -> None:
+        self.files = files
+        self.labels = labels
+        self.transform = transform
+        self.batch_size = batch_size
+        self.skipped = skipped if skipped is not None else SkipLog()
+        self._seen_bad: set[str] = set()
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, path: Path) -> Tensor | None:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB"))
+        except Exception as err:  # corrupt, truncated, not an image: skip, count once
+            if str(path) not in self._seen_bad:
+                self._seen_bad.add(str(path))
+                self.skipped.files.append((str(path), f"{type(err).__name__}: {err}"))
+            return None
+
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        images: list[Tensor] = []
+        targets: list[int] = []
+        for i, path in enumerate(self.files):
+            image = self._load(path)
+            if image is None:
+                continue
+            images.append(image)
+            if self.labels is not None:
+                targets.append(self.labels[i])
+            if len(images) == self.batch_size:
+                yield self._batch(images, targets)
+                images, targets = [], []
+        if images:
+            yield self._batch(images, targets)
+
+    def _batch(self, images: list[Tensor], targets: list[int]) -> Tensor | tuple[Tensor, Tensor]:
+        x = torch.stack(images)
+        return x if self.labels is None else (x, torch.tensor(targets))
+
+
+def split_stream(
+    scan: FolderScan,
+    transform: Callable[[Any], Tensor],
+    *,
+    eval_fraction: float = 0.2,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> tuple[ImageStream, ImageStream]:
+    """Shuffle the files (seeded) and split them into traffic and held-out evaluation streams."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise InputError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    order = list(range(len(scan.files)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(order) * eval_fraction))
+    if len(order) - n_eval < 1:
+        raise InputError(f"{len(order)} images are too few to split into traffic and evaluation")
+    skipped = SkipLog()
+
+    def part(indices: list[int]) -> ImageStream:
+        files = [scan.files[i] for i in indices]
+        labels = None if scan.labels is None else [scan.labels[i] for i in indices]
+        return ImageStream(files, labels, transform, batch_size=batch_size, skipped=skipped)
+
+    return part(order[n_eval:]), part(order[:n_eval])
+
+
+def model_transform(model: nn.Module, source: str, name: str) -> Callable[[Any], Tensor]:
+    """The model's own eval preprocessing: timm's data config, or torchvision's weights transforms."""
+    if source == "timm":
+        import timm.data
+
+        config = timm.data.resolve_data_config({}, model=model)
+        return timm.data.create_transform(**config)
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name)
+        return weights.DEFAULT.transforms()
+    except (ValueError, AttributeError):  # no published weights: ImageNet's usual recipe
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                T.Resize(256),
+                T.CenterCrop(224),
+                T.ToTensor(),
+                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )

@@ -1,0 +1,221 @@
+"""The main job end to end: wrap, serve a stream while learning, evaluate on held-out traffic.
+
+``earlyexit demo`` (embedded workloads) and ``earlyexit run`` (your model and images) are thin
+command-line layers over :func:`serve_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distill import DistillConfig, OnlineDistiller
+from .evaluation.report import model_meta, tradeoff_report, write_report
+from .evaluation.stream import iterate_batches
+from .wrapping import wrap
+
+
+@dataclass
+class PipelineOptions:
+    """The knobs of one end-to-end run (the CLI's flags)."""
+
+    target_agreement: float = 0.99
+    confidence: float = 0.95
+    exits: str | list[str | int] = "auto"
+    num_exits: int = 4
+    head: str = "linear"
+    gate: str = "max_softmax"
+    batch_size: int = 32
+    seed: int = 0
+    latency: bool = True
+    sdn_baseline: bool = True
+    progress: bool = True
+    distill: dict[str, Any] = field(default_factory=dict)  # extra DistillConfig fields
+
+
+@dataclass
+class PipelineResult:
+    """What a run produced: the report, where it was written, the learner and timings."""
+
+    report: dict[str, Any]
+    paths: dict[str, Path]
+    learner: OnlineDistiller
+    seconds: dict[str, float]
+
+
+def _progress_line(stats: dict[str, Any]) -> str:
+    rates = "/".join(f"{r:.0%}" for r in stats["exit_rates"])
+    agreements = [a for a in stats["audited_agreement"] if a is not None]
+    agreement = f"{min(agreements):.3f}" if agreements else "-"
+    return (
+        f"{stats['phase']}, exits {rates}, audited agreement (worst exit) {agreement}, "
+        f"MAC saving {stats['mac_saving']:.1%}"
+    )
+
+
+def serve_stream(
+    learner: OnlineDistiller,
+    traffic: Any,
+    *,
+    batch_size: int,
+    progress: bool = True,
+    total: int | None = None,
+) -> dict[str, Any]:
+    """Stream ``traffic`` through ``learner.step`` (serving and learning); returns its stats.
+
+    A live progress line on stderr shows samples, exit rates, audited agreement and MAC saving.
+    """
+    from tqdm.auto import tqdm
+
+    size = total if total is not None else (len(traffic) if hasattr(traffic, "__len__") else None)
+    bar = tqdm(
+        total=size, desc="serving + learning", unit="img", file=sys.stderr, disable=not progress
+    )
+    try:
+        for x, _labels in iterate_batches(traffic, batch_size=batch_size):
+            learner.step(x)  # labels, if any, are never shown to the learner
+            bar.update(x.shape[0])
+            bar.set_postfix_str(_progress_line(learner.stats()), refresh=False)
+        learner.sync()
+    finally:
+        bar.close()
+    return learner.stats()
+
+
+def serve_and_evaluate(
+    model: nn.Module,
+    traffic: Any,
+    evaluation: Any,
+    *,
+    labelled: bool,
+    out_dir: str | Path,
+    name: str = "report",
+    model_name: str | None = None,
+    stream_meta: dict[str, Any] | None = None,
+    options: PipelineOptions | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> PipelineResult:
+    """Wrap ``model``, serve ``traffic`` while learning online, then evaluate on ``evaluation``.
+
+    The evaluation split is never learned from. When ``labelled`` and ``options.sdn_baseline``,
+    the SDN baseline trains heads with the traffic's labels (the online learner never sees them).
+    Writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` into ``out_dir``.
+
+    Example:
+        >>> from earlyexit.evaluation.workloads import load_workload
+        >>> w = load_workload("digits")  # doctest: +SKIP
+        >>> res = serve_and_evaluate(w.model, w.traffic, w.evaluation, labelled=True, out_dir="out")  # doctest: +SKIP
+        >>> res.report["mac_saving"]  # doctest: +SKIP
+    """
+    opts = options or PipelineOptions()
+    torch.manual_seed(opts.seed)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    eem = wrap(
+        model,
+        exits=opts.exits,
+        head=opts.head,
+        gate=opts.gate,
+        num_exits=opts.num_exits,
+        input_size=input_size,
+    )
+    seconds["wrap"] = time.perf_counter() - start
+    log(
+        f"wrapped {model_name or type(model).__name__}: {eem.num_exits} exits at "
+        + ", ".join(f"{e.name} ({m / eem.base_macs:.0%} of MACs)" for e, m in zip(eem.exits, eem.backbone_macs, strict=True))
+    )
+    config = DistillConfig(
+        target_agreement=opts.target_agreement,
+        confidence=opts.confidence,
+        seed=opts.seed,
+        **opts.distill,
+    )
+    learner = OnlineDistiller(eem, config)
+    start = time.perf_counter()
+    stats = serve_stream(learner, traffic, batch_size=opts.batch_size, progress=opts.progress)
+    seconds["serve_and_learn"] = time.perf_counter() - start
+    log(f"served {stats['samples']} samples while learning; thresholds {_fmt_thresholds(eem.thresholds)}")
+
+    start = time.perf_counter()
+    report = tradeoff_report(
+        eem,
+        evaluation,
+        train_data=traffic if (labelled and opts.sdn_baseline) else None,
+        latency=opts.latency,
+        batch_size=opts.batch_size,
+        model_name=model_name,
+        stream_meta=stream_meta,
+        progress=opts.progress,
+        notes=[
+            "online heads: trained label-free by self-distillation while serving the traffic split",
+            f"operating point: calibrated online to agreement >= {opts.target_agreement} "
+            f"with confidence {opts.confidence}",
+        ],
+    )
+    seconds["evaluate"] = time.perf_counter() - start
+    report["learner"] = _json_safe(stats)
+    report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    report["model"] = {**model_meta(eem, model_name), **report.get("model", {})}
+    paths = write_report(report, out_dir, name)
+    return PipelineResult(report, paths, learner, seconds)
+
+
+def _fmt_thresholds(thresholds: tuple[float, ...]) -> str:
+    return "[" + ", ".join("closed" if t == float("inf") else f"{t:.3f}" for t in thresholds) + "]"
+
+
+def _json_safe(value: Any) -> Any:
+    """Infinite floats as strings, so reports stay strict JSON."""
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The headline figures of a report as a plain-text table (what ``demo`` prints)."""
+    from ._cli.common import table
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    def ratio(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    rows = []
+    for e in report["exits"]:
+        thr = e["threshold"]
+        rows.append(
+            [
+                e["name"],
+                "closed" if thr in ("inf", float("inf")) else f"{float(thr):.4f}",
+                pct(e["exit_rate"]),
+                pct(e["agreement"]),
+                pct(e["path_mac_fraction"]),
+            ]
+        )
+    rows.append(["full model", "-", pct(report["final"]["exit_rate"]), "100.0%", "100.0%"])
+    per_exit = table(rows, ["exit", "threshold", "exit rate", "agreement", "MACs of path"])
+    overall = [
+        ["agreement with the full model", pct(report["agreement"])],
+        ["accuracy: full model / early exit", f"{pct(report['accuracy_full'])} / {pct(report['accuracy_early'])}"],
+        ["MAC saving", pct(report["mac_saving"])],
+        ["oracle MAC saving", pct(report["oracle_mac_saving"])],
+        ["share of the oracle's saving", pct(report.get("saving_of_oracle"))],
+        ["latency ratio, batch 1 (wrapped / base)", ratio(report["latency_ratio_b1"])],
+        ["throughput ratio, batched (wrapped / base)", ratio(report["throughput_ratio"])],
+    ]
+    return per_exit + "\n\n" + table(overall, ["held-out evaluation", "value"])
