@@ -556,14 +556,15 @@ class OnlineDistiller:
                 trial[e] = False
                 res_e, cost_e = run(trial)
                 gain = (cost_e - cost) / base  # net saving this exit brings (negative: it costs)
-                if gain <= cfg.min_exit_gain and (best is None or cost_e < best[0]):
+                if gain < cfg.min_exit_gain and (best is None or cost_e < best[0]):
                     best = (cost_e, e, res_e)
             if best is None:
                 break
             cost_e, e, res_e = best
             switched[e] = (
-                f"switched off: it saves {(cost_e - cost) / base:+.4f} of the base MACs net "
-                f"(its head costs {self.eem.head_macs[e]} MACs on every sample reaching it)"
+                f"switched off: without it the path costs {cost - cost_e:.0f} MACs/sample less "
+                f"on held-out evidence; it saves {(cost_e - cost) / base:+.4f} of the base model "
+                f"net (its head costs {self.eem.head_macs[e]} MACs on every sample reaching it)"
             )
             enabled[e] = False
             result, cost = res_e, cost_e
@@ -920,7 +921,11 @@ class OnlineDistiller:
                 state.setdefault(int(pid), {})[name] = value.clone()
         groups = []
         for saved, current in zip(extra["param_groups"], opt["param_groups"], strict=True):
-            groups.append({**saved, "params": current["params"]})
+            # JSON turned tuples (AdamW's betas) into lists: give them their type back.
+            restored = {
+                k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()
+            }
+            groups.append({**restored, "params": current["params"]})
         self._optimizer.load_state_dict({"state": state, "param_groups": groups})
         self._audit_rng.set_state(tensors["rng.audit"])
         self._train_rng.set_state(tensors["rng.train"])
