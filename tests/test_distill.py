@@ -88,6 +88,7 @@ def quick(**kwargs) -> DistillConfig:
         recalibrate_every=256,
         lr=2e-2,
         seed=0,
+        train_time_budget=None,  # deterministic: training never depends on wall-clock
     )
     base.update(kwargs)
     return DistillConfig(**base)

@@ -42,6 +42,9 @@ class DistillConfig:
         batch_size: replay minibatch size.
         replay_ratio: replay samples drawn for training per sample stored, i.e. how many times each
             sample is seen on average; training cost grows with traffic, not with batch count.
+        train_time_budget: training and calibration may take at most this share of the
+            wall-clock spent serving (``None``: no cap, and runs are reproducible step for step);
+            keeps learning cheap next to small backbones, generous next to big ones.
         replay_samples: cap on the replay buffer (features at every exit + teacher logits).
         max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
         storage_dtype: dtype of stored features (``"float16"`` halves the memory).
@@ -84,6 +87,7 @@ class DistillConfig:
     hard_label_weight: float = 0.0
     batch_size: int = 64
     replay_ratio: float = 8.0
+    train_time_budget: float | None = 0.15
     replay_samples: int = 20000
     max_memory_bytes: int | None = 256 * 2**20
     storage_dtype: str = "float32"
@@ -141,6 +145,8 @@ class DistillConfig:
             )
         if self.max_memory_bytes is not None:
             positive_int("max_memory_bytes")
+        if self.train_time_budget is not None:
+            positive("train_time_budget")
         for name in ("auto_switch_off", "forget_on_drift", "background"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
