@@ -41,7 +41,8 @@ class DistillConfig:
         hard_label_weight: weight of cross-entropy on the teacher's argmax, mixed with the KL.
         batch_size: replay minibatch size.
         replay_ratio: replay samples drawn for training per sample stored, i.e. how many times each
-            sample is seen on average; training cost grows with traffic, not with batch count.
+            sample is seen on average at most; training cost grows with traffic, not with batch
+            count (``train_time_budget`` usually binds first next to a cheap backbone).
         train_time_budget: training and calibration may take at most this share of the
             wall-clock spent serving (``None``: no cap, and runs are reproducible step for step);
             keeps learning cheap next to small backbones, generous next to big ones.
@@ -86,7 +87,7 @@ class DistillConfig:
     temperature: float = 2.0
     hard_label_weight: float = 0.0
     batch_size: int = 64
-    replay_ratio: float = 8.0
+    replay_ratio: float = 32.0
     train_time_budget: float | None = 0.15
     replay_samples: int = 20000
     max_memory_bytes: int | None = 256 * 2**20

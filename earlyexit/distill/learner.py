@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,8 @@ class _Counters:
     calibrations: int = 0
     last_calibration: int = 0
     drift_alarms: int = 0
+    serve_seconds: float = 0.0  # wall-clock of serving passes (the time budget's reference)
+    learn_seconds: float = 0.0  # wall-clock of training steps and calibrations
     epoch: int = 0  # bumped by a drift alarm: older evidence and candidates are void
 
     def reset_publish(self, num_exits: int) -> None:
@@ -238,12 +241,15 @@ class OnlineDistiller:
                 )  # everything runs to the end anyway
             else:
                 audit = torch.rand(x.shape[0], generator=self._audit_rng) < self.config.audit_rate
+        started = time.perf_counter()
         try:
             result, trace = self.eem.trace(x, audit=audit.to(x.device))
         except BaseException:
             with self._lock:
                 self._audit_rng.set_state(rng_state)  # a failed call leaves no trace
             raise
+        with self._lock:
+            self._counters.serve_seconds += time.perf_counter() - started
         self._learn(x, result, trace, audit.to(x.device))
         return result
 
@@ -279,7 +285,7 @@ class OnlineDistiller:
         """
         self._raise_background_error()
         with self._train_lock:
-            candidate = self._make_candidate()
+            candidate = self._timed(self._make_candidate)
         self._publish(candidate)
         return self.stats()
 
@@ -292,7 +298,7 @@ class OnlineDistiller:
             self._wake.notify_all()
             self._wake.wait_for(
                 lambda: (
-                    self._error is not None or (self._credit < 1.0 and not self._calibration_due)
+                    self._error is not None or (not self._may_train() and not self._calibration_due)
                 ),
                 timeout=timeout,
             )
@@ -406,7 +412,8 @@ class OnlineDistiller:
                 owed = self._credit + n_train * self.config.replay_ratio / self.config.batch_size
                 # A trainer that falls behind skips steps rather than lagging ever further.
                 self._credit = min(owed, _MAX_OWED_STEPS)
-            self._check_drift()
+            if audited_rows.numel():
+                self._check_drift()
             self._after_batch()
 
     def _after_batch(self) -> None:
@@ -423,11 +430,27 @@ class OnlineDistiller:
                 self._calibration_due = True
             self._wake.notify_all()
             return
-        while self._credit >= 1.0:
+        while self._may_train():
             self._credit -= 1.0
             self._train_step()
         if due:
-            self._publish(self._make_candidate())
+            self._publish(self._timed(self._make_candidate))
+
+    def _may_train(self) -> bool:
+        """A step is owed (replay ratio) and affordable (time budget vs serving wall-clock)."""
+        if self._credit < 1.0:
+            return False
+        budget = self.config.train_time_budget
+        c = self._counters
+        return budget is None or c.learn_seconds < budget * c.serve_seconds
+
+    def _timed(self, fn):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            with self._lock:
+                self._counters.learn_seconds += time.perf_counter() - started
 
     # ------------------------------------------------------------------ internals: training
     def _ensure_buffers(self, zs: list[Tensor], teacher: Tensor) -> None:
@@ -461,6 +484,9 @@ class OnlineDistiller:
 
     def _train_step(self) -> None:
         """One AdamW step of every head on a replay minibatch (stored z, never the backbone)."""
+        self._timed(self._train_step_untimed)
+
+    def _train_step_untimed(self) -> None:
         with self._lock:
             replay = self._replay
             if replay is None or len(replay) == 0:
@@ -668,19 +694,19 @@ class OnlineDistiller:
             while True:
                 with self._wake:
                     self._wake.wait_for(
-                        lambda: self._stop.is_set() or self._credit >= 1.0 or self._calibration_due
+                        lambda: self._stop.is_set() or self._may_train() or self._calibration_due
                     )
                     if self._stop.is_set():
                         return
                     calibrate = self._calibration_due
-                    train = self._credit >= 1.0
+                    train = self._may_train()
                     if train:
                         self._credit -= 1.0
                 if train:
                     self._train_step()
                 if calibrate:
                     with self._train_lock:
-                        candidate = self._make_candidate()
+                        candidate = self._timed(self._make_candidate)
                     with self._wake:
                         self._ready = candidate
                         self._calibration_due = False
