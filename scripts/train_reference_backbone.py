@@ -1,0 +1,128 @@
+"""Train the reference backbone of the "digits" workload and record how it was made.
+
+Trains timm ``regnety_002`` (10 classes, 3x64x64 input) on the train split of the digits workload
+with fixed seeds (on harder renders than it serves, see ``DIGITS_TRAIN_DIFFICULTY``),
+measures top-1 accuracy on the evaluation split (fp32 and after the fp16 storage
+round trip), and writes, next to ``earlyexit/evaluation/workloads/__init__.py``:
+
+- ``digits_regnety_002.safetensors``: the weights, fp16;
+- ``digits_regnety_002.json``: recipe, accuracy, file size and sha256, library versions.
+
+Usage (from the repository root)::
+
+    python scripts/train_reference_backbone.py               # the shipped recipe
+    python scripts/train_reference_backbone.py --renders-per-source 4 --out-dir /tmp/bb  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+
+from earlyexit.evaluation.workloads import DIGITS_EVAL_SIZE, DIGITS_TRAFFIC_SIZE
+from earlyexit.evaluation.workloads._digits import (
+    DIGITS_CHECKPOINT,
+    DIGITS_TRAIN_DIFFICULTY,
+    DigitImages,
+    evaluate_accuracy,
+    load_digits_backbone,
+    save_digits_backbone,
+    train_digits_backbone,
+)
+
+
+@torch.inference_mode()
+def accuracy_by_difficulty(model: torch.nn.Module, data: DigitImages) -> dict[str, float]:
+    """Accuracy in difficulty bins: shows that the hard tail is where the errors are."""
+    difficulty = np.array([data.describe(i)["difficulty"] for i in range(len(data))])
+    loader = torch.utils.data.DataLoader(data, batch_size=256)
+    hits = torch.cat([model(x).argmax(-1) == y for x, y in loader]).numpy()
+    edges = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    out = {}
+    for lo, hi in itertools.pairwise(edges):
+        sel = (difficulty >= lo) & (difficulty < hi)
+        if sel.any():
+            out[f"{lo:.1f}-{hi:.1f} (n={int(sel.sum())})"] = round(float(hits[sel].mean()), 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--renders-per-source", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (recorded)")
+    parser.add_argument("--out-dir", type=Path, default=DIGITS_CHECKPOINT.parent)
+    parser.add_argument(
+        "--evaluate",
+        type=Path,
+        metavar="DIR",
+        help="skip training: re-measure the checkpoint + record in DIR (after a change to the"
+        " evaluation stream) and write them to --out-dir",
+    )
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.out_dir / DIGITS_CHECKPOINT.name
+    evaluation = DigitImages("evaluation", size=DIGITS_EVAL_SIZE, seed=0)
+    traffic = DigitImages("traffic", size=DIGITS_TRAFFIC_SIZE, seed=0)
+    acc_fp32: float | None = None
+    if args.evaluate is None:
+        model, recipe = train_digits_backbone(
+            renders_per_source=args.renders_per_source, seed=args.seed
+        )
+        acc_fp32 = evaluate_accuracy(model, evaluation)
+        save_digits_backbone(model, checkpoint)
+    else:
+        source = args.evaluate / DIGITS_CHECKPOINT.name
+        recipe = json.loads(source.with_suffix(".json").read_text())["recipe"]
+        recipe.setdefault("train_difficulty_beta", list(DIGITS_TRAIN_DIFFICULTY))
+        if source.resolve() != checkpoint.resolve():
+            shutil.copyfile(source, checkpoint)
+    stored = load_digits_backbone(checkpoint)  # what users get: fp16 storage, fp32 compute
+    record = {
+        "workload": "digits",
+        "recipe": recipe,
+        "evaluation": {
+            "split": "evaluation",
+            "size": len(evaluation),
+            "seed": 0,
+            "difficulty_beta": list(evaluation.difficulty),
+        },
+        "accuracy": round(evaluate_accuracy(stored, evaluation), 4),
+        "accuracy_fp32_before_storage": None if acc_fp32 is None else round(acc_fp32, 4),
+        "accuracy_traffic": round(evaluate_accuracy(stored, traffic), 4),
+        "accuracy_by_difficulty": accuracy_by_difficulty(stored, evaluation),
+        "checkpoint": {
+            "file": checkpoint.name,
+            "storage": "float16",
+            "bytes": checkpoint.stat().st_size,
+            "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": __import__("timm").__version__,
+            "numpy": np.__version__,
+            "scipy": __import__("scipy").__version__,
+            "scikit-learn": __import__("sklearn").__version__,
+        },
+    }
+    checkpoint.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
