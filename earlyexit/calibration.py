@@ -174,15 +174,18 @@ def _calibrate_one(
     if cuts.numel() > max_candidates:
         pick = torch.linspace(0, cuts.numel() - 1, max_candidates).round().long()
         cuts = cuts[pick.unique()]
-    eps = 1.0 - target
-    best: int | None = None
-    for j in cuts.tolist():
-        count = j + 1
-        passed = binomial_tail_pvalue(int(fails[j]), count, eps) <= delta
-        if passed:
-            best = j
-        elif method == "ltt":
-            break  # fixed sequence: the first failure ends the sequence
+    # One vectorised binomial call for every candidate (calibration reruns often while serving).
+    counts = cuts + 1
+    pvalues = stats.binom.cdf(fails[cuts].numpy(), counts.numpy(), 1.0 - target)
+    passed = torch.from_numpy(pvalues <= delta)
+    if method == "ltt":
+        # Fixed sequence: the first failure ends the sequence.
+        failed = torch.nonzero(~passed).flatten()
+        last = int(failed[0]) if failed.numel() else int(passed.numel())
+        best: int | None = int(cuts[last - 1]) if last > 0 else None
+    else:
+        hits = torch.nonzero(passed).flatten()
+        best = int(cuts[hits[-1]]) if hits.numel() else None
     if best is None:
         j = int(cuts[0])
         agreement = 1.0 - float(fails[j]) / (j + 1)
@@ -207,6 +210,20 @@ def _calibrate_one(
     )
 
 
+def simulate_exits(scores: Tensor, thresholds: tuple[float, ...] | list[float]) -> Tensor:
+    """Where each sample would leave under ``thresholds``: ``[N]`` int64, ``E`` = ran to the end.
+
+    Example:
+        >>> simulate_exits(torch.tensor([[0.9, 0.1], [0.2, 0.95], [0.1, 0.1]]), [0.8, 0.9]).tolist()
+        [0, 1, 2]
+    """
+    n, num_exits = scores.shape
+    where = torch.full((n,), num_exits, dtype=torch.long)
+    for e in range(num_exits - 1, -1, -1):  # backwards: the earliest passing exit wins
+        where[scores[:, e].cpu() >= thresholds[e]] = e
+    return where
+
+
 __all__ = [
     "CalibrationResult",
     "ExitCalibration",
@@ -214,4 +231,5 @@ __all__ = [
     "calibrate_thresholds",
     "clopper_pearson_lower",
     "min_evidence",
+    "simulate_exits",
 ]

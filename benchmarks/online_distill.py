@@ -1,0 +1,226 @@
+"""Online self-distillation end to end: stream a workload's traffic through an OnlineDistiller,
+then measure the learned policy on held-out traffic.
+
+Prints, per workload, at the target agreement (default 0.99 at 95% confidence):
+
+- agreement with the full model on held-out traffic (all samples, and among early exits);
+- accuracy vs labels of the full model and of the early-exit policy (labelled workloads);
+- MAC saving of the policy, the oracle's saving (each sample leaves at the first head whose argmax
+  equals the final one, heads on the way counted) and their ratio;
+- the learning overhead during warm-up: wall-clock of ``learner.step(x)`` vs plain ``model(x)`` on
+  the same batches, timed side by side (alternating order) so machine noise hits both.
+
+Results go to ``benchmarks/results/online_distill_<workload>.json``.
+
+Example:
+    python benchmarks/online_distill.py --workload digits
+    python benchmarks/online_distill.py --workload photos --traffic 2400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import earlyexit as ee
+from earlyexit.distill import DistillConfig, OnlineDistiller
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _batches(dataset, batch_size: int):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for item in loader:
+        if isinstance(item, list | tuple):
+            yield item[0], item[1] if len(item) > 1 else None
+        else:
+            yield item, None
+
+
+def evaluate(eem: ee.EarlyExitModel, dataset, batch_size: int) -> dict:
+    """Serve held-out traffic with the frozen policy; every sample is also run to the end (audit)
+    so agreement, accuracy and the oracle are measured on the same pass."""
+    num_exits = eem.num_exits
+    path = torch.tensor(eem.path_macs(), dtype=torch.float64)
+    oracle_path = torch.tensor(eem.path_macs([0.0] * num_exits), dtype=torch.float64)
+    n = agree = exited = agree_exited = 0
+    correct_full = correct_policy = labelled = 0
+    macs = oracle_macs = 0.0
+    exit_counts = torch.zeros(num_exits + 1, dtype=torch.long)
+    per_exit_agree = torch.zeros(num_exits + 1, dtype=torch.long)
+    for x, y in _batches(dataset, batch_size):
+        res, trace = eem.trace(x, audit=torch.ones(x.shape[0], dtype=torch.bool))
+        full = torch.empty(x.shape[0], dtype=torch.long)  # every row ran to the end (audit)
+        full[trace.final_rows] = trace.final_logits.argmax(dim=-1)
+        answer = res.logits.argmax(dim=-1)
+        same = answer == full
+        early = res.exit_index < num_exits
+        n += x.shape[0]
+        agree += int(same.sum())
+        exited += int(early.sum())
+        agree_exited += int((same & early).sum())
+        exit_counts += torch.bincount(res.exit_index, minlength=num_exits + 1)
+        per_exit_agree += torch.bincount(res.exit_index[same], minlength=num_exits + 1)
+        macs += float(path[res.exit_index].sum())
+        # Oracle: first exit whose head argmax equals the final argmax.
+        oracle = torch.full((x.shape[0],), num_exits, dtype=torch.long)
+        for i in range(num_exits - 1, -1, -1):
+            rec = trace.exits[i]
+            head_pred = torch.empty(x.shape[0], dtype=torch.long)
+            head_pred[rec.rows] = rec.logits.argmax(dim=-1)
+            oracle[head_pred == full] = i
+        oracle_macs += float(oracle_path[oracle].sum())
+        if y is not None:
+            labelled += x.shape[0]
+            correct_full += int((full == y).sum())
+            correct_policy += int((answer == y).sum())
+    base = float(eem.base_macs)
+    saving = 1.0 - macs / (n * base)
+    oracle_saving = 1.0 - oracle_macs / (n * base)
+    return {
+        "samples": n,
+        "agreement": agree / n,
+        "agreement_exited": agree_exited / exited if exited else None,
+        "exit_rate": exited / n,
+        "accuracy_full": correct_full / labelled if labelled else None,
+        "accuracy_early": correct_policy / labelled if labelled else None,
+        "mac_saving": saving,
+        "oracle_mac_saving": oracle_saving,
+        "saving_vs_oracle": saving / oracle_saving if oracle_saving > 0 else None,
+        "per_exit": [
+            {
+                "threshold": eem.thresholds[i] if i < num_exits else None,
+                "exit_rate": int(exit_counts[i]) / n,
+                "agreement": int(per_exit_agree[i]) / int(exit_counts[i])
+                if exit_counts[i]
+                else None,
+            }
+            for i in range(num_exits + 1)
+        ],
+    }
+
+
+def run(name: str, args: argparse.Namespace) -> dict:
+    from earlyexit.evaluation.workloads import load_workload
+
+    t_start = time.perf_counter()
+    w = load_workload(name, traffic_size=args.traffic, eval_size=args.eval, seed=args.seed)
+    model = w.model.eval()
+    eem = ee.wrap(model, head=args.head)
+    config = DistillConfig(target_agreement=args.target, confidence=args.confidence, seed=args.seed)
+    learner = OnlineDistiller(eem, config)
+    step_time = plain_time = 0.0
+    warmup_batches = 0
+    t_stream = time.perf_counter()
+    served = 0
+    for k, (x, _y) in enumerate(_batches(w.traffic, args.batch)):
+        warm = all(t == math.inf for t in eem.thresholds)
+        if warm and warmup_batches < args.timed_batches:
+            # Side by side, alternating which goes first, on the same batch.
+            for first in (0, 1) if k % 2 == 0 else (1, 0):
+                t0 = time.perf_counter()
+                if first == 0:
+                    learner.step(x)
+                    step_time += time.perf_counter() - t0
+                else:
+                    with torch.no_grad():
+                        model(x)
+                    plain_time += time.perf_counter() - t0
+            warmup_batches += 1
+        else:
+            learner.step(x)
+        served += x.shape[0]
+    stream_s = time.perf_counter() - t_stream
+    learner.calibrate()  # publish the last heads trained, calibrated on all evidence
+    stats = learner.stats()
+    t_eval = time.perf_counter()
+    result = evaluate(eem, w.evaluation, args.batch)
+    eval_s = time.perf_counter() - t_eval
+    overhead = step_time / plain_time - 1.0 if plain_time else None
+    report = {
+        "workload": name,
+        "description": w.description,
+        "model_macs": eem.base_macs,
+        "exits": [
+            {"name": e.name, "macs": e.macs, "head_macs": h}
+            for e, h in zip(eem.exits, eem.head_macs, strict=True)
+        ],
+        "target_agreement": args.target,
+        "confidence": args.confidence,
+        "traffic_samples": served,
+        **result,
+        "warmup_overhead": overhead,
+        "warmup_timed_batches": warmup_batches,
+        "warmup_step_s": step_time,
+        "warmup_plain_s": plain_time,
+        "stream_s": stream_s,
+        "eval_s": eval_s,
+        "total_s": time.perf_counter() - t_start,
+        "learner": {k: v for k, v in stats.items() if k != "exits"},
+        "learner_exits": stats["exits"],
+        "config": config.to_dict(),
+        "head": args.head,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return report
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", default="digits", help="digits, photos or all")
+    parser.add_argument(
+        "--traffic", type=int, default=None, help="traffic samples (default: workload's)"
+    )
+    parser.add_argument("--eval", type=int, default=None, help="held-out samples")
+    parser.add_argument("--target", type=float, default=0.99)
+    parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--head", default="linear")
+    parser.add_argument("--timed-batches", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    names = ("digits", "photos") if args.workload == "all" else (args.workload,)
+    rows = []
+    for name in names:
+        report = run(name, args)
+        out = Path(args.out) if args.out else RESULTS / f"online_distill_{name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        rows.append(report)
+        print(f"[{name}] {report['description']}", file=sys.stderr)
+        print(f"  wrote {out}", file=sys.stderr)
+    keys = [
+        ("agreement", "agreement (all)"),
+        ("agreement_exited", "agreement (exited)"),
+        ("exit_rate", "exit rate"),
+        ("accuracy_full", "accuracy full"),
+        ("accuracy_early", "accuracy early-exit"),
+        ("mac_saving", "MAC saving"),
+        ("oracle_mac_saving", "oracle MAC saving"),
+        ("saving_vs_oracle", "saving / oracle"),
+        ("warmup_overhead", "warm-up overhead"),
+        ("total_s", "total seconds"),
+    ]
+    print(f"{'metric':<22}" + "".join(f"{r['workload']:>12}" for r in rows))
+    for key, label in keys:
+        print(f"{label:<22}" + "".join(f"{_fmt(r[key]):>12}" for r in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""A fixed-capacity ring of per-sample rows: bounded memory however long the stream runs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class TensorRing:
+    """Rows of several named tensors, oldest overwritten first; memory is allocated once.
+
+    The ring keeps the most recent ``capacity`` samples, which also gives the evidence a recency
+    window (old traffic ages out when the distribution drifts).
+
+    Example:
+        >>> ring = TensorRing(3, {"z": ((2,), torch.float32)})
+        >>> ring.add(z=torch.arange(8.0).reshape(4, 2))
+        >>> len(ring), ring.view()["z"][:, 0].tolist()
+        (3, [6.0, 2.0, 4.0])
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.capacity = int(capacity)
+        self.fields = dict(fields)
+        self.data = {
+            name: torch.zeros((self.capacity, *shape), dtype=dtype, device=device)
+            for name, (shape, dtype) in self.fields.items()
+        }
+        self.size = 0
+        self.head = 0  # next slot to write
+        self.added = 0  # samples ever added (for stats)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the ring (fixed at construction)."""
+        return sum(t.numel() * t.element_size() for t in self.data.values())
+
+    def add(self, **rows: Tensor) -> None:
+        """Append rows (all fields, same count); beyond capacity the oldest rows are overwritten."""
+        n = next(iter(rows.values())).shape[0]
+        if n == 0 or self.capacity == 0:
+            return
+        if n > self.capacity:  # only the newest rows can survive anyway
+            rows = {k: v[n - self.capacity :] for k, v in rows.items()}
+            n = self.capacity
+        slots = (torch.arange(n) + self.head) % self.capacity
+        slots = slots.to(next(iter(self.data.values())).device)
+        for name, store in self.data.items():
+            store[slots] = rows[name].to(store.dtype)
+        self.head = (self.head + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        self.added += n
+
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """``n`` rows drawn uniformly with replacement (copies, safe to use outside a lock)."""
+        idx = torch.randint(self.size, (n,), generator=generator)
+        idx = idx.to(next(iter(self.data.values())).device)
+        return {name: store[idx] for name, store in self.data.items()}
+
+    def view(self) -> dict[str, Tensor]:
+        """The filled rows (views: copy before releasing a lock)."""
+        return {name: store[: self.size] for name, store in self.data.items()}
+
+    def clear(self) -> None:
+        """Forget every row (memory stays allocated)."""
+        self.size = 0
+        self.head = 0
+
+    def state(self) -> dict[str, Tensor]:
+        """Filled rows in storage order, for checkpoints."""
+        return {name: t.clone() for name, t in self.view().items()}
+
+    def load(self, rows: dict[str, Tensor], head: int, added: int) -> None:
+        """Restore what :meth:`state` returned (with the saved write position)."""
+        size = next(iter(rows.values())).shape[0] if rows else 0
+        if size > self.capacity:
+            raise ValueError(f"{size} saved rows do not fit a ring of {self.capacity}")
+        for name, store in self.data.items():
+            store[:size] = rows[name].to(store.device, store.dtype)
+        self.size = size
+        self.head = head % max(self.capacity, 1)
+        self.added = added

@@ -1,0 +1,166 @@
+"""DistillConfig: every knob of online self-distillation, validated and JSON-serialisable."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+_STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+_METHODS = ("ltt", "clopper_pearson")
+
+
+@dataclass
+class DistillConfig:
+    """How an :class:`~earlyexit.distill.OnlineDistiller` learns and when its gates open.
+
+    Guarantee:
+        target_agreement: required agreement with the full model among the samples that leave at
+            each exit (argmax equal), e.g. 0.99.
+        confidence: probability that the guarantee holds for every exit at once (Learn-then-Test
+            with a Bonferroni split over exits).
+        calibration_method: ``"ltt"`` (fixed-sequence tests) or ``"clopper_pearson"``.
+
+    Evidence:
+        audit_rate: share of early-exiting samples that still run to the end, so agreement is
+            measured on the traffic that actually exits (while every gate is closed, every sample
+            runs to the end and counts as evidence).
+        calibration_fraction: share of sample *contents* held out for calibration: a seeded hash of
+            each image decides once and for all whether it may teach or may calibrate, so repeated
+            requests and later epochs never leak training data into the evidence.
+        evidence_samples: most recent held-out samples kept for calibration (a recency window).
+
+    Learning:
+        lr, weight_decay: AdamW on the heads' trainable part (the backbone is never trained).
+        lr_half_life: samples after which the learning rate halves (``0`` keeps it constant); a
+            slow decay settles the heads without stopping them from following drift.
+        temperature: distillation temperature (KL between softened student and teacher).
+        hard_label_weight: weight of cross-entropy on the teacher's argmax, mixed with the KL.
+        batch_size: replay minibatch size.
+        replay_ratio: replay samples drawn for training per sample stored, i.e. how many times each
+            sample is seen on average at most; training cost grows with traffic, not with batch
+            count (``train_time_budget`` usually binds first next to a cheap backbone).
+        train_time_budget: training and calibration may take at most this share of the
+            wall-clock spent serving (``None``: no cap, and runs are reproducible step for step);
+            keeps learning cheap next to small backbones, generous next to big ones.
+        replay_samples: cap on the replay buffer (features at every exit + teacher logits).
+        max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
+        storage_dtype: dtype of stored features (``"float16"`` halves the memory).
+
+    Schedule:
+        warmup_samples: samples served before the first calibration.
+        recalibrate_every: samples served between recalibrations (heads and thresholds are
+            published together, so a head is never served with thresholds fitted to another).
+
+    Exit selection and drift:
+        auto_switch_off: switch off exits that cost more MACs (their head on every sample reaching
+            them) than they save; re-decided at every calibration.
+        min_exit_gain: share of the base model's MACs an exit must save (net) to stay on; at 0 an
+            exit is switched off when it costs more than it saves.
+        drift_window: audited exits per exit the drift monitor looks back on.
+        drift_alpha: level of the monitor's one-sided binomial test "agreement < target".
+        forget_on_drift: on a drift alarm also drop the replay buffer (heads then learn only from
+            traffic after the shift).
+
+    Runtime:
+        background: train on a background thread while :meth:`step` serves.
+        seed: seeds audit coins, evidence hashing and replay sampling (reproducible runs).
+
+    Example:
+        >>> cfg = DistillConfig(target_agreement=0.99, audit_rate=0.05)
+        >>> DistillConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    target_agreement: float = 0.99
+    confidence: float = 0.95
+    calibration_method: str = "ltt"
+    audit_rate: float = 0.05
+    calibration_fraction: float = 0.4
+    evidence_samples: int = 12000
+    lr: float = 5e-3
+    weight_decay: float = 1e-4
+    lr_half_life: int = 0
+    temperature: float = 2.0
+    hard_label_weight: float = 0.0
+    batch_size: int = 64
+    replay_ratio: float = 32.0
+    train_time_budget: float | None = 0.15
+    replay_samples: int = 20000
+    max_memory_bytes: int | None = 256 * 2**20
+    storage_dtype: str = "float32"
+    warmup_samples: int = 512
+    recalibrate_every: int = 512
+    auto_switch_off: bool = True
+    min_exit_gain: float = 0.0
+    drift_window: int = 400
+    drift_alpha: float = 1e-3
+    forget_on_drift: bool = True
+    background: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def unit_open(name: str) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0.0 < value < 1.0):
+                raise ConfigError(f"{name} must be in (0, 1), got {value!r}")
+
+        def unit_closed(name: str) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+                raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+
+        def positive_int(name: str, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            low = 0 if allow_zero else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        def positive(name: str, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and math.isfinite(value)
+            if not ok or value < 0 or (value == 0 and not allow_zero):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+        for name in ("target_agreement", "confidence", "calibration_fraction", "drift_alpha"):
+            unit_open(name)
+        for name in ("audit_rate", "hard_label_weight", "min_exit_gain"):
+            unit_closed(name)
+        for name in ("evidence_samples", "batch_size", "replay_samples", "drift_window"):
+            positive_int(name)
+        for name in ("warmup_samples", "recalibrate_every", "lr_half_life", "seed"):
+            positive_int(name, allow_zero=name in ("warmup_samples", "lr_half_life", "seed"))
+        for name in ("lr", "temperature", "replay_ratio"):
+            positive(name)
+        positive("weight_decay", allow_zero=True)
+        if self.calibration_method not in _METHODS:
+            raise ConfigError(
+                f"calibration_method must be one of {_METHODS}, got {self.calibration_method!r}"
+            )
+        if self.storage_dtype not in _STORAGE_DTYPES:
+            raise ConfigError(
+                f"storage_dtype must be one of {_STORAGE_DTYPES}, got {self.storage_dtype!r}"
+            )
+        if self.max_memory_bytes is not None:
+            positive_int("max_memory_bytes")
+        if self.train_time_budget is not None:
+            positive("train_time_budget")
+        for name in ("auto_switch_off", "forget_on_drift", "background"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (saved with the learner's state)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
+        """Rebuild from :meth:`to_dict`; unknown keys are an error (a typo must not be ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown DistillConfig fields: {', '.join(unknown)}")
+        return cls(**data)

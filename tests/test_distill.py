@@ -1,0 +1,532 @@
+"""Online self-distillation: learning from served traffic, calibrated gates, drift, persistence.
+
+Most tests use ``Toy``, a tiny classifier whose behaviour is known exactly, so they can check the
+statistics (gates, audit rate, drift) in well under a second per thousand samples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import pytest
+import torch
+from conftest import FAMILIES, batch
+from torch import nn
+
+import earlyexit as ee
+from earlyexit.distill import BackgroundTrainingError, DistillConfig, OnlineDistiller
+from earlyexit.errors import CheckpointError, ConfigError, InputError
+
+
+class LeftHalf(nn.Module):
+    """Zeroes the right half of a map (a parameter-free stage)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(h[:1, :1, :1])
+        mask[..., h.shape[-1] // 2 :] = 0
+        return h * mask
+
+
+class Toy(nn.Module):
+    """Final answer: argmax of the left half's channel means (x10).
+
+    Exit ``stage1`` sees the whole image, exit ``stage2`` only the left half (so its head can
+    agree perfectly); ``mid`` is an expensive conv that computes the identity. With
+    ``expensive_first`` the conv runs before ``stage2``, so leaving at ``stage2`` saves nothing.
+    """
+
+    def __init__(self, width: int = 32, expensive_first: bool = False) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+        self.stage2 = LeftHalf()
+        self.mid = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.Conv2d(width, 3, 1))
+        self.expensive_first = expensive_first
+        with torch.no_grad():
+            for conv in (self.stage1[0], self.mid[0], self.mid[1]):
+                conv.weight.zero_()
+                conv.bias.zero_()
+            for c in range(3):
+                self.stage1[0].weight[c, c] = 1.0
+                self.mid[0].weight[c, c, 1, 1] = 1.0
+                self.mid[1].weight[c, c] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stage1(x)
+        h = self.stage2(self.mid(h)) if self.expensive_first else self.mid(self.stage2(h))
+        return 10 * h[..., : h.shape[-1] // 2].mean(dim=(2, 3))
+
+
+def toy_wrap(**kwargs) -> ee.EarlyExitModel:
+    torch.manual_seed(0)
+    return ee.wrap(Toy(**kwargs).eval(), exits=["stage1", "stage2"], input_size=(3, 8, 8))
+
+
+def stream(n: int, g: torch.Generator, same_halves: float = 1.0, right_scale: float = 1.0):
+    """Left half shows class k; the right half shows k too with probability ``same_halves``,
+    else another class, ``right_scale`` times brighter (a drift makes the whole image lie)."""
+    k = torch.randint(3, (n,), generator=g)
+    other = (k + torch.randint(1, 3, (n,), generator=g)) % 3
+    right = torch.where(torch.rand(n, generator=g) < same_halves, k, other)
+
+    def half(cls: torch.Tensor, scale: float) -> torch.Tensor:
+        base = torch.rand(n, 3, 1, 1, generator=g) * 0.3
+        base[torch.arange(n), cls] += 1.0
+        return (scale * base).expand(n, 3, 8, 4)
+
+    x = torch.cat([half(k, 1.0), half(right, right_scale)], dim=3)
+    return x + 0.05 * torch.randn(n, 3, 8, 8, generator=g)
+
+
+def quick(**kwargs) -> DistillConfig:
+    """A config that opens gates after a few hundred samples (target 0.95 at 90%)."""
+    base = dict(
+        target_agreement=0.95,
+        confidence=0.9,
+        warmup_samples=256,
+        recalibrate_every=256,
+        lr=2e-2,
+        seed=0,
+        train_time_budget=None,  # deterministic: training never depends on wall-clock
+    )
+    base.update(kwargs)
+    return DistillConfig(**base)
+
+
+def run(learner: OnlineDistiller, steps: int, g: torch.Generator, n: int = 64, **stream_kw):
+    for _ in range(steps):
+        learner.step(stream(n, g, **stream_kw))
+
+
+def served_agreement(eem: ee.EarlyExitModel, x: torch.Tensor) -> tuple[float, float]:
+    """(agreement with the full model among early exits, exit rate) on fresh traffic."""
+    res = eem.predict(x)
+    full = eem.base_model(x).argmax(dim=-1)
+    early = res.exit_index < eem.num_exits
+    if not early.any():
+        return math.nan, 0.0
+    agree = (res.logits.argmax(dim=-1) == full)[early].float().mean().item()
+    return agree, early.float().mean().item()
+
+
+def snapshot(learner: OnlineDistiller) -> tuple[dict[str, torch.Tensor], str, tuple, dict]:
+    tensors, extra = learner._state()
+    for key in ("serve_seconds", "learn_seconds"):  # wall-clock: the only non-reproducible state
+        extra["distill"]["counters"].pop(key)
+    heads = {k: v.clone() for k, v in learner.eem.heads.state_dict().items()}
+    return tensors, repr(extra), learner.eem.thresholds, heads
+
+
+def assert_same(a, b) -> None:
+    ta, ea, tha, ha = a
+    tb, eb, thb, hb = b
+    assert ea == eb and tha == thb
+    assert ta.keys() == tb.keys() and ha.keys() == hb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+    for key in ha:
+        assert torch.equal(ha[key], hb[key]), key
+
+
+# ---------------------------------------------------------------------------------------- config
+def test_config_validates_and_round_trips_json():
+    import json
+
+    cfg = DistillConfig(target_agreement=0.98, storage_dtype="float16")
+    assert DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for bad in (
+        dict(target_agreement=1.0),
+        dict(audit_rate=-0.1),
+        dict(batch_size=0),
+        dict(storage_dtype="int8"),
+        dict(calibration_method="bonferroni"),
+        dict(lr=float("nan")),
+        dict(background="yes"),
+    ):
+        with pytest.raises(ConfigError):
+            DistillConfig(**bad)
+    with pytest.raises(ConfigError, match="unknown"):
+        DistillConfig.from_dict({"target_agreement": 0.9, "typo": 1})
+
+
+# ---------------------------------------------------------------------------------------- learning
+def test_warmup_trains_heads_to_agree_with_the_teacher():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick(warmup_samples=10**6))  # learn only, never calibrate
+    g = torch.Generator().manual_seed(0)
+    x = stream(400, torch.Generator().manual_seed(99))
+    run(learner, 30, g)
+    assert all(t == math.inf for t in eem.thresholds)  # no calibration: gates stay closed
+    _res, trace = eem.trace(x)
+    full = trace.final_logits.argmax(dim=-1)
+    # Exit 2 sees exactly what decides the answer; exit 1 sees both halves (same class here).
+    for i, record in enumerate(trace.exits):
+        student = learner._student[i].classify(record.z)
+        assert (student.argmax(dim=-1) == full).float().mean() > 0.97, i
+    stats = learner.stats()
+    assert stats["train_steps"] > 0 and stats["loss"] < 1.0
+    assert stats["samples"] == 30 * 64
+
+
+def test_gates_stay_closed_until_evidence_suffices_then_open():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick(warmup_samples=0, recalibrate_every=64))
+    g = torch.Generator().manual_seed(1)
+    run(learner, 1, g)  # 64 samples, ~26 held out: fewer than the 59 a 0.95 gate needs at 90%
+    stats = learner.stats()
+    assert stats["calibrations"] == 1
+    assert all(t == math.inf for t in eem.thresholds)
+    assert "needed" in stats["exits"][0]["reason"]
+    run(learner, 10, g)
+    assert eem.thresholds[0] < math.inf
+    assert learner.stats()["phase"] == "serving"
+
+
+def test_agreement_guarantee_holds_on_held_out_stream():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick())
+    g = torch.Generator().manual_seed(2)
+    run(learner, 40, g, same_halves=0.6)
+    fresh = stream(3000, torch.Generator().manual_seed(123), same_halves=0.6)
+    agree, rate = served_agreement(eem, fresh)
+    assert rate > 0.5  # exits are used ...
+    assert agree >= 0.95  # ... and agree with the full model at the target
+    stats = learner.stats()
+    assert stats["mac_saving"] > 0.3 and stats["expected_mac_saving"] > 0.3
+
+
+def test_audit_fraction_is_respected():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick(audit_rate=0.2))
+    g = torch.Generator().manual_seed(3)
+    run(learner, 15, g)
+    assert any(t < math.inf for t in eem.thresholds)
+    before = learner.stats()["exits"]
+    audited0 = sum(e["audited_total"] for e in before)
+    exits0 = sum(learner._counters.exits[: eem.num_exits])
+    run(learner, 30, g)
+    after = learner.stats()["exits"]
+    audited = sum(e["audited_total"] for e in after) - audited0
+    exited = sum(learner._counters.exits[: eem.num_exits]) - exits0
+    assert exited > 500
+    sd = math.sqrt(exited * 0.2 * 0.8)
+    assert abs(audited - 0.2 * exited) < 4 * sd
+
+
+def test_base_model_bit_identical_and_mode_kept():
+    eem = toy_wrap()
+    model = eem.base_model
+    bn = model.stage1[1]
+    bn.running_mean.fill_(0.0)
+    bn.running_var.fill_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    learner = OnlineDistiller(eem, quick())
+    run(learner, 12, torch.Generator().manual_seed(4))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert [m.training for m in model.modules()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_real_family_learns_without_touching_batchnorm():
+    builder, _size = FAMILIES["timm.resnet-d"]
+    torch.manual_seed(0)
+    model = builder().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    eem = ee.wrap(model, input_size=(3, 32, 32))
+    learner = OnlineDistiller(eem, quick(batch_size=16))
+    for seed in range(3):
+        res = learner.step(batch((3, 32, 32), n=8, seed=seed))
+        assert res.logits.shape == (8, 10)
+    assert learner.stats()["train_steps"] > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not model.training
+
+
+def test_replay_and_evidence_memory_is_bounded():
+    eem = toy_wrap()
+    cap = 8_000
+    learner = OnlineDistiller(
+        eem, quick(replay_samples=5000, evidence_samples=5000, max_memory_bytes=cap)
+    )
+    g = torch.Generator().manual_seed(5)
+    run(learner, 3, g)
+    first = learner.stats()["memory_bytes"]
+    assert 0 < first <= cap
+    run(learner, 40, g)
+    stats = learner.stats()
+    assert stats["memory_bytes"] == first
+    assert stats["replay"] <= learner._replay.capacity < 5000
+    assert learner._replay.added > learner._replay.capacity  # the ring did wrap around
+    assert len(learner._recent) < 100
+
+
+def test_fit_on_a_finite_loader():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick())
+    g = torch.Generator().manual_seed(6)
+    data = [(stream(64, g), torch.zeros(64)) for _ in range(12)]
+    stats = learner.fit(data, epochs=2)
+    assert stats["samples"] == 2 * 12 * 64
+    assert any(t < math.inf for t in eem.thresholds)
+    with pytest.raises(ConfigError):
+        learner.fit(data, epochs=0)
+
+
+# ---------------------------------------------------------------------------------------- drift
+def _drifted(n: int, g: torch.Generator) -> torch.Tensor:
+    """After the shift the right half lies, brightly: the whole-image exit becomes surely wrong."""
+    return stream(n, g, same_halves=0.0, right_scale=3.0)
+
+
+@pytest.mark.slow
+def test_drift_closes_the_lying_gate_and_reopens_on_new_evidence():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick(audit_rate=0.1))
+    g = torch.Generator().manual_seed(7)
+    run(learner, 20, g)  # halves agree: the whole-image exit is right and sure
+    assert eem.thresholds[0] < math.inf
+    assert learner.stats()["exit_rates"][0] > 0.5
+    first_closed = None
+    for i in range(40):
+        learner.step(_drifted(64, g))
+        if first_closed is None and eem.thresholds[0] == math.inf:
+            first_closed = i
+    assert first_closed is not None and first_closed < 15  # closed by itself, soon
+    assert eem.thresholds[1] < math.inf  # the exit that still agrees opened on the new evidence
+    fresh = _drifted(3000, torch.Generator().manual_seed(321))
+    agree, rate = served_agreement(eem, fresh)
+    assert rate > 0.3 and agree >= 0.95
+
+
+def test_drift_monitor_closes_gates_between_calibrations():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick(audit_rate=0.2))
+    g = torch.Generator().manual_seed(17)
+    run(learner, 12, g)
+    assert eem.thresholds[0] < math.inf
+    learner.config.recalibrate_every = 10**9  # only the monitor can react now
+    for _ in range(12):
+        learner.step(_drifted(64, g))
+        if learner.stats()["drift_alarms"]:
+            break
+    stats = learner.stats()
+    assert stats["drift_alarms"] == 1 and stats["phase"].startswith("drift")
+    assert all(t == math.inf for t in eem.thresholds)
+    assert stats["evidence"] == 0  # pre-shift evidence is void
+    run_drifted = [learner.step(_drifted(64, g)) for _ in range(6)]
+    assert all((r.exit_index == eem.num_exits).all() for r in run_drifted)  # closed: all audited
+    learner.calibrate()  # enough post-shift evidence: the still-faithful exit reopens
+    assert eem.thresholds[1] < math.inf
+
+
+# ---------------------------------------------------------------------------------------- switch-off
+def test_an_exit_that_costs_more_than_it_saves_is_switched_off():
+    eem = toy_wrap(expensive_first=True)  # stage2 sits after the expensive conv: saves nothing
+    learner = OnlineDistiller(eem, quick())
+    run(learner, 20, torch.Generator().manual_seed(8), same_halves=0.3)
+    stats = learner.stats()
+    late = stats["exits"][1]
+    assert late["state"] == "switched off" and "costs" in late["reason"]
+    assert eem.thresholds[1] == math.inf
+    assert eem._heads_to_evaluate(eem.thresholds, False)[1] is False  # head no longer runs
+
+    eem2 = toy_wrap(expensive_first=False)  # the same exit before the conv pays for itself
+    learner2 = OnlineDistiller(eem2, quick())
+    run(learner2, 20, torch.Generator().manual_seed(8), same_halves=0.3)
+    assert learner2.stats()["exits"][1]["state"] == "open"
+
+
+# ---------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x.new_full(x.shape, float("nan")),
+        lambda x: torch.where(torch.rand_like(x) < 0.01, float("inf"), x),
+        lambda x: x[:0],
+        lambda x: x[:, :2],
+        lambda x: x[0],
+        lambda x: x.double(),
+        lambda x: (x * 100).long(),
+    ],
+    ids=["nan", "inf", "empty", "channels", "rank", "dtype", "int"],
+)
+def test_step_rejects_bad_input_without_changing_state(make):
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick())
+    g = torch.Generator().manual_seed(9)
+    run(learner, 8, g)
+    before = snapshot(learner)
+    with pytest.raises(InputError):
+        learner.step(make(stream(16, g)))
+    assert_same(before, snapshot(learner))
+
+
+def test_base_model_in_training_mode_is_rejected():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick())
+    eem.base_model.train()
+    try:
+        with pytest.raises(InputError, match="training mode"):
+            learner.step(stream(8, torch.Generator().manual_seed(0)))
+    finally:
+        eem.base_model.eval()
+
+
+# ---------------------------------------------------------------------------------------- background
+def test_background_mode_hammered_by_serving_threads():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick(background=True, recalibrate_every=128))
+    installed: list[tuple[nn.ModuleList, dict[str, torch.Tensor]]] = []
+    publish = learner._publish
+
+    def recording_publish(candidate):
+        installed.append(
+            (candidate.heads, {k: v.clone() for k, v in candidate.heads.state_dict().items()})
+        )
+        publish(candidate)
+
+    learner._publish = recording_publish
+    student_ptrs = {p.data_ptr() for p in learner._student.parameters()}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        g = torch.Generator().manual_seed(11)
+        try:
+            while not stop.is_set():
+                heads = eem.heads
+                assert not ({p.data_ptr() for p in heads.parameters()} & student_ptrs)
+                res = eem.predict(stream(32, g))
+                assert torch.isfinite(res.logits).all()
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        g = torch.Generator().manual_seed(10)
+        for _ in range(40):
+            res = learner.step(stream(64, g))
+            assert res.logits.shape == (64, 3)
+        learner.sync(timeout=60)
+    finally:
+        stop.set()
+        thread.join()
+        learner.close()
+    assert not errors, errors
+    assert learner.stats()["train_steps"] > 0
+    assert len(installed) >= 2 and any(t < math.inf for t in eem.thresholds)
+    # A published head list is never trained again: what was served is what was calibrated.
+    for heads, state in installed:
+        for key, value in heads.state_dict().items():
+            assert torch.equal(value, state[key])
+
+
+def test_background_exception_surfaces_on_next_step():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick(background=True))
+
+    def broken() -> None:
+        raise RuntimeError("disk on fire")
+
+    learner._train_step = broken
+    g = torch.Generator().manual_seed(12)
+    try:
+        with pytest.raises(BackgroundTrainingError, match="disk on fire"):
+            for _ in range(200):
+                learner.step(stream(64, g))
+                learner._thread.join(timeout=0.05)
+    finally:
+        learner.close()
+
+
+# ---------------------------------------------------------------------------------------- persistence
+def test_save_resume_continues_exactly(tmp_path):
+    g_data = torch.Generator().manual_seed(13)
+    batches = [stream(64, g_data, same_halves=0.6) for _ in range(16)]
+
+    straight = OnlineDistiller(toy_wrap(), quick())
+    expected = [straight.step(x) for x in batches]
+
+    first = OnlineDistiller(toy_wrap(), quick())
+    for x in batches[:8]:
+        first.step(x)
+    path = tmp_path / "learner.safetensors"
+    first.save(path)
+    resumed = OnlineDistiller.load(Toy().eval(), path)  # fresh base model, same weights
+    mid_state = snapshot(first)
+    assert_same(mid_state, snapshot(resumed))
+    results = [resumed.step(x) for x in batches[8:]]
+    assert_same(snapshot(straight), snapshot(resumed))
+    for got, want in zip(results, expected[8:], strict=True):  # served answers identical too
+        assert torch.equal(got.exit_index, want.exit_index)
+        assert torch.equal(got.logits, want.logits)
+
+    # The same file is a plain EarlyExitModel checkpoint too.
+    eem = ee.load(Toy().eval(), path)
+    assert eem.thresholds == mid_state[2]
+
+
+def test_resume_onto_an_existing_wrapper(tmp_path):
+    learner = OnlineDistiller(toy_wrap(), quick())
+    run(learner, 8, torch.Generator().manual_seed(14))
+    path = tmp_path / "l.safetensors"
+    learner.save(path)
+    eem = toy_wrap()
+    resumed = OnlineDistiller.load(eem, path)
+    assert resumed.eem is eem and eem.thresholds == learner.eem.thresholds
+    assert_same(snapshot(learner), snapshot(resumed))
+
+
+def test_load_errors_are_clear(tmp_path):
+    learner = OnlineDistiller(toy_wrap(), quick())
+    run(learner, 4, torch.Generator().manual_seed(15))
+    path = tmp_path / "l.safetensors"
+    learner.save(path)
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        OnlineDistiller.load(Toy().eval(), truncated)
+
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError):
+        OnlineDistiller.load(Toy().eval(), foreign)
+
+    plain = tmp_path / "plain.safetensors"
+    learner.eem.save(plain)
+    with pytest.raises(CheckpointError, match="no learner state"):
+        OnlineDistiller.load(Toy().eval(), plain)
+
+    other = Toy().eval()
+    with torch.no_grad():
+        other.mid[0].weight.add_(0.01)
+    with pytest.raises(CheckpointError, match="different"):
+        OnlineDistiller.load(other, path)
+    with pytest.raises(CheckpointError, match="different"):
+        OnlineDistiller.load(ee.wrap(other, exits=["stage1", "stage2"], input_size=(3, 8, 8)), path)
+
+
+def test_interrupted_save_leaves_previous_file_intact(tmp_path, monkeypatch):
+    learner = OnlineDistiller(toy_wrap(), quick())
+    g = torch.Generator().manual_seed(16)
+    run(learner, 4, g)
+    path = tmp_path / "l.safetensors"
+    learner.save(path)
+    good = path.read_bytes()
+    run(learner, 4, g)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        learner.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["l.safetensors"]  # no temp file left
+    OnlineDistiller.load(Toy().eval(), path)
