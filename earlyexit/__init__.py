@@ -25,6 +25,7 @@ from .cascade import (
     RemoteTier,
     RemoteTierError,
 )
+from .distill import DistillConfig, OnlineDistiller
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -59,6 +60,7 @@ __all__ = [
     "ConfigError",
     "DataMap",
     "DifficultyRouter",
+    "DistillConfig",
     "EarlyExitError",
     "EarlyExitModel",
     "EarlyExitTier",
@@ -77,6 +79,7 @@ __all__ = [
     "Link",
     "LocalTier",
     "ModelServer",
+    "OnlineDistiller",
     "PatienceGate",
     "RemoteTier",
     "RemoteTierError",

@@ -130,7 +130,10 @@ def serve_and_evaluate(
     seconds["wrap"] = time.perf_counter() - start
     log(
         f"wrapped {model_name or type(model).__name__}: {eem.num_exits} exits at "
-        + ", ".join(f"{e.name} ({m / eem.base_macs:.0%} of MACs)" for e, m in zip(eem.exits, eem.backbone_macs, strict=True))
+        + ", ".join(
+            f"{e.name} ({m / eem.base_macs:.0%} of MACs)"
+            for e, m in zip(eem.exits, eem.backbone_macs, strict=True)
+        )
     )
     config = DistillConfig(
         target_agreement=opts.target_agreement,
@@ -142,7 +145,9 @@ def serve_and_evaluate(
     start = time.perf_counter()
     stats = serve_stream(learner, traffic, batch_size=opts.batch_size, progress=opts.progress)
     seconds["serve_and_learn"] = time.perf_counter() - start
-    log(f"served {stats['samples']} samples while learning; thresholds {_fmt_thresholds(eem.thresholds)}")
+    log(
+        f"served {stats['samples']} samples while learning; thresholds {_fmt_thresholds(eem.thresholds)}"
+    )
 
     start = time.perf_counter()
     report = tradeoff_report(
@@ -211,7 +216,10 @@ def summary_table(report: dict[str, Any]) -> str:
     per_exit = table(rows, ["exit", "threshold", "exit rate", "agreement", "MACs of path"])
     overall = [
         ["agreement with the full model", pct(report["agreement"])],
-        ["accuracy: full model / early exit", f"{pct(report['accuracy_full'])} / {pct(report['accuracy_early'])}"],
+        [
+            "accuracy: full model / early exit",
+            f"{pct(report['accuracy_full'])} / {pct(report['accuracy_early'])}",
+        ],
         ["MAC saving", pct(report["mac_saving"])],
         ["oracle MAC saving", pct(report["oracle_mac_saving"])],
         ["share of the oracle's saving", pct(report.get("saving_of_oracle"))],

@@ -67,7 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out samples evaluated (default: 800 photos / 2000 digits)",
     )
     parser.add_argument(
-        "--out", default="earlyexit-demo", metavar="DIR", help="output directory (default earlyexit-demo/)"
+        "--out",
+        default="earlyexit-demo",
+        metavar="DIR",
+        help="output directory (default earlyexit-demo/)",
     )
     add_serving_arguments(parser)
     add_output_arguments(parser, progress=True)

@@ -42,15 +42,29 @@ exit codes:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="MODEL", help="timm:NAME or torchvision:NAME")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--weights", metavar="PATH", help="local state_dict/checkpoint (.pth, .pt, .bin, .safetensors)")
-    source.add_argument(
-        "--pretrained", action="store_true", help="the library's pretrained weights (needs a network)"
-    )
-    parser.add_argument("--data", required=True, metavar="DIR", help="folder of images (ImageFolder or flat)")
     parser.add_argument(
-        "--num-classes", type=positive_int, default=1000, metavar="N", help="classes of the model (default 1000)"
+        "--model", required=True, metavar="MODEL", help="timm:NAME or torchvision:NAME"
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="local state_dict/checkpoint (.pth, .pt, .bin, .safetensors)",
+    )
+    source.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="the library's pretrained weights (needs a network)",
+    )
+    parser.add_argument(
+        "--data", required=True, metavar="DIR", help="folder of images (ImageFolder or flat)"
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="classes of the model (default 1000)",
     )
     parser.add_argument(
         "--eval-fraction",
@@ -59,8 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="share of the images held out for evaluation (default 0.2)",
     )
-    parser.add_argument("--save", metavar="PATH", help="write the learned heads + thresholds here (.safetensors)")
-    parser.add_argument("--out", default="earlyexit-run", metavar="DIR", help="report directory (default earlyexit-run/)")
+    parser.add_argument(
+        "--save", metavar="PATH", help="write the learned heads + thresholds here (.safetensors)"
+    )
+    parser.add_argument(
+        "--out",
+        default="earlyexit-run",
+        metavar="DIR",
+        help="report directory (default earlyexit-run/)",
+    )
     add_serving_arguments(parser)
     add_output_arguments(parser, progress=True)
 
@@ -140,7 +161,10 @@ def run(args: argparse.Namespace) -> int:
         status(f"skipped {skipped.count} unreadable image(s), e.g. {skipped.files[0][0]}", args)
     if args.save:
         result.learner.eem.save(args.save)
-        status(f"saved heads and thresholds to {args.save} (load with earlyexit.load(model, path))", args)
+        status(
+            f"saved heads and thresholds to {args.save} (load with earlyexit.load(model, path))",
+            args,
+        )
     if args.json:
         emit_json(result.report)
     else:

@@ -46,20 +46,35 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         help="'auto' (default: spread by MACs) or comma-separated module names / candidate indices",
     )
     group.add_argument(
-        "--num-exits", type=positive_int, default=4, metavar="N", help="exits 'auto' places (default 4)"
+        "--num-exits",
+        type=positive_int,
+        default=4,
+        metavar="N",
+        help="exits 'auto' places (default 4)",
     )
     group.add_argument(
         "--head", choices=head_kinds(), default="linear", help="exit head kind (default linear)"
     )
     group.add_argument(
-        "--gate", choices=gate_names(), default="max_softmax", help="gate score (default max_softmax)"
+        "--gate",
+        choices=gate_names(),
+        default="max_softmax",
+        help="gate score (default max_softmax)",
     )
-    group.add_argument("--seed", type=int, default=0, help="seed for traffic, audits and replay (default 0)")
     group.add_argument(
-        "--batch-size", type=positive_int, default=32, metavar="N", help="serving batch size (default 32)"
+        "--seed", type=int, default=0, help="seed for traffic, audits and replay (default 0)"
     )
     group.add_argument(
-        "--no-latency", action="store_true", help="skip the wall-clock latency/throughput measurement"
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="serving batch size (default 32)",
+    )
+    group.add_argument(
+        "--no-latency",
+        action="store_true",
+        help="skip the wall-clock latency/throughput measurement",
     )
     group.add_argument(
         "--no-baseline",

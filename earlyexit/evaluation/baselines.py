@@ -79,7 +79,7 @@ def train_heads(
     """Train copies of ``heads`` offline on recorded head inputs; the originals are not touched.
 
     Args:
-        heads: the wrapper's heads (``eem.heads``); each is deep-copied, then its ``classify``
+        heads: the wrapper's heads (``eem.heads``); each is deep-copied and re-initialised, then its ``classify``
             part is trained on ``features[i]`` (what ``record_stream(keep_features=True)`` keeps).
         features: per exit ``[N, ...]`` reduced features.
         targets: ``[N]`` int labels for ``objective="labels"`` (cross-entropy), or ``[N, K]`` teacher
@@ -111,8 +111,15 @@ def train_heads(
         if z.shape[0] != n:
             raise ValueError(f"exit {i}: {z.shape[0]} features for {n} targets")
         student = copy.deepcopy(head).cpu().float().train()
+        # A fresh start: the copy must not inherit what the wrapper's heads already learned
+        # (a baseline trained from the online heads' weights would not be a baseline).
+        for module in student.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        params = list(student.parameters())
+        for p in params:
+            p.requires_grad_(True)  # served heads may be frozen copies
         classify = getattr(student, "classify", student)
-        params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
         bar = tqdm(range(epochs), desc=f"head {i}", disable=not progress, file=sys.stderr)
