@@ -174,26 +174,54 @@ def split_stream(
     return part(order[n_eval:]), part(order[:n_eval])
 
 
-def model_transform(model: nn.Module, source: str, name: str) -> Callable[[Any], Tensor]:
-    """The model's own eval preprocessing: timm's data config, or torchvision's weights transforms."""
+def model_transform(
+    model: nn.Module,
+    source: str,
+    name: str,
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    crop_pct: float | None = None,
+) -> Callable[[Any], Tensor]:
+    """The model's own eval preprocessing (timm's data config, or torchvision's weights
+    transforms), with optional overrides for models trained with another recipe.
+
+    Example:
+        >>> t = model_transform(timm.create_model("resnet18"), "timm", "resnet18", input_size=(3, 64, 64))  # doctest: +SKIP
+    """
+    overrides: dict[str, Any] = {}
+    if input_size is not None:
+        overrides["input_size"] = tuple(input_size)
+    if mean is not None:
+        overrides["mean"] = tuple(mean)
+    if std is not None:
+        overrides["std"] = tuple(std)
+    if crop_pct is not None:
+        overrides["crop_pct"] = crop_pct
     if source == "timm":
         import timm.data
 
-        config = timm.data.resolve_data_config({}, model=model)
+        config = timm.data.resolve_data_config(overrides, model=model)
         return timm.data.create_transform(**config)
     import torchvision
+    from torchvision import transforms as T
 
-    try:
-        weights = torchvision.models.get_model_weights(name)
-        return weights.DEFAULT.transforms()
-    except (ValueError, AttributeError):  # no published weights: ImageNet's usual recipe
-        from torchvision import transforms as T
-
-        return T.Compose(
-            [
-                T.Resize(256),
-                T.CenterCrop(224),
-                T.ToTensor(),
-                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-            ]
-        )
+    if not overrides:
+        try:
+            return torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        except (ValueError, AttributeError):  # no published weights: ImageNet's usual recipe
+            pass
+    size = overrides.get("input_size", (3, 224, 224))[1:]
+    pct = overrides.get("crop_pct", 0.875)
+    return T.Compose(
+        [
+            T.Resize(tuple(round(s / pct) for s in size)),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(
+                overrides.get("mean", (0.485, 0.456, 0.406)),
+                overrides.get("std", (0.229, 0.224, 0.225)),
+            ),
+        ]
+    )

@@ -15,6 +15,7 @@ from .common import (
     build_model,
     emit_json,
     exit_codes_text,
+    parse_input_size,
     positive_int,
     status,
 )
@@ -73,6 +74,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="share of the images held out for evaluation (default 0.2)",
     )
+    prep = parser.add_argument_group(
+        "preprocessing overrides",
+        "defaults come from the model (timm data config / torchvision weights)",
+    )
+    prep.add_argument("--input-size", type=parse_input_size, metavar="SIZE", help="H, HxW or CxHxW")
+    prep.add_argument(
+        "--mean", type=_floats, metavar="M,M,M", help="normalisation mean per channel"
+    )
+    prep.add_argument("--std", type=_floats, metavar="S,S,S", help="normalisation std per channel")
+    prep.add_argument(
+        "--crop-pct", type=float, metavar="F", help="centre-crop share (1.0: no crop)"
+    )
     parser.add_argument(
         "--save", metavar="PATH", help="write the learned heads + thresholds here (.safetensors)"
     )
@@ -84,6 +97,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_serving_arguments(parser)
     add_output_arguments(parser, progress=True)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 numbers, got {text!r}")
+    return values * 3 if len(values) == 1 else values
 
 
 def _build(args: argparse.Namespace):
@@ -126,7 +151,15 @@ def run(args: argparse.Namespace) -> int:
         scan = scan_folder(data)
         traffic, evaluation = split_stream(
             scan,
-            model_transform(model, source, name),
+            model_transform(
+                model,
+                source,
+                name,
+                input_size=args.input_size,
+                mean=args.mean,
+                std=args.std,
+                crop_pct=args.crop_pct,
+            ),
             eval_fraction=args.eval_fraction,
             batch_size=args.batch_size,
             seed=args.seed,
@@ -150,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
             model_name=label,
             stream_meta={"data": str(data), "traffic": len(traffic), "evaluation": len(evaluation)},
             options=options_from_args(args),
+            input_size=args.input_size,
             log=lambda message: status(message, args),
         )
     except InputError as err:
