@@ -35,7 +35,7 @@ class PipelineOptions:
     batch_size: int = 32
     seed: int = 0
     latency: bool = True
-    sdn_baseline: bool = True
+    sdn_baseline: bool = False
     progress: bool = True
     distill: dict[str, Any] = field(default_factory=dict)  # extra DistillConfig fields
 

@@ -28,7 +28,7 @@ def test_demo_on_digits_writes_report_plot_and_json(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(
         ["demo", "--workload", "digits", "--traffic-size", "96", "--eval-size", "64", "--out", str(out),
-         "--no-latency", "--no-baseline", "--no-progress", "--json"]
+         "--no-latency", "--no-progress", "--json"]
     )  # fmt: skip
     assert code == 0
     report = json.loads(capsys.readouterr().out)  # stdout is JSON only

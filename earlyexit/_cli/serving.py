@@ -77,9 +77,9 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the wall-clock latency/throughput measurement",
     )
     group.add_argument(
-        "--no-baseline",
+        "--baseline",
         action="store_true",
-        help="skip the SDN baseline (heads trained offline with labels; labelled data only)",
+        help="also train SDN heads offline with the traffic's labels and compare (labelled data; slower)",
     )
 
 
@@ -96,7 +96,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size,
         seed=args.seed,
         latency=not args.no_latency,
-        sdn_baseline=not args.no_baseline,
+        sdn_baseline=args.baseline,
         progress=not args.no_progress,
     )
 
