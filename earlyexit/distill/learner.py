@@ -26,12 +26,13 @@ How it works (one call of :meth:`OnlineDistiller.step`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,20 @@ _HASH_SIDE = 8
 _MAX_OWED_STEPS = 64.0
 #: Served samples the exit rates and MAC saving of :meth:`OnlineDistiller.stats` look back on.
 _STATS_WINDOW = 2048
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run head training on one intra-op thread: its tensors are small, so fanning each op out
+    costs more than it gains (and far more on a shared machine). Serving keeps its threads."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 class BackgroundTrainingError(EarlyExitError, RuntimeError):
@@ -430,9 +445,11 @@ class OnlineDistiller:
                 self._calibration_due = True
             self._wake.notify_all()
             return
-        while self._may_train():
-            self._credit -= 1.0
-            self._train_step()
+        if self._may_train():
+            with _one_thread():
+                while self._may_train():
+                    self._credit -= 1.0
+                    self._train_step()
         if due:
             self._publish(self._timed(self._make_candidate))
 
