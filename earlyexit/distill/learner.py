@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..calibration import (
     CalibrationResult,
+    calibrate_joint,
     calibrate_thresholds,
     clopper_pearson_lower,
     simulate_exits,
@@ -575,14 +576,19 @@ class OnlineDistiller:
         scores, agree = self._score_evidence(heads, data)
 
         def run(enabled: list[bool]) -> tuple[CalibrationResult, float]:
-            res = calibrate_thresholds(
-                scores,
-                agree,
-                cfg.target_agreement,
-                cfg.confidence,
-                method=cfg.calibration_method,
-                enabled=enabled,
-            )
+            if cfg.calibration_mode == "joint":
+                res = calibrate_joint(
+                    scores, agree, cfg.target_agreement, cfg.confidence, enabled=enabled
+                )
+            else:
+                res = calibrate_thresholds(
+                    scores,
+                    agree,
+                    cfg.target_agreement,
+                    cfg.confidence,
+                    method=cfg.calibration_method,
+                    enabled=enabled,
+                )
             return res, self._expected_cost(scores, res.thresholds)
 
         enabled = [True] * num_exits
@@ -663,7 +669,11 @@ class OnlineDistiller:
         """Close every gate when an exit's audited agreement is provably below the target."""
         cfg = self.config
         eps = 1.0 - cfg.target_agreement
-        for e, window in enumerate(self._monitor):
+        windows: list[tuple[int, Iterable[bool]]] = list(enumerate(self._monitor))
+        if cfg.calibration_mode == "joint":  # the guarantee is pooled: so is the alarm
+            windows = [(-1, [ok for window in self._monitor for ok in window])]
+        for e, window in windows:
+            window = list(window)
             n = len(window)
             if n == 0:
                 continue
@@ -691,8 +701,9 @@ class OnlineDistiller:
         self._ready = None
         c.last_calibration = c.samples  # gather a fresh round of evidence before reopening
         c.reset_publish(self.eem.num_exits)
+        where = "early exits (pooled)" if exit_ < 0 else f"exit {exit_}"
         self._phase = (
-            f"drift: exit {exit_} agreed on {n - failures}/{n} audited samples, below "
+            f"drift: {where} agreed on {n - failures}/{n} audited samples, below "
             f"{self.config.target_agreement}; all gates closed until new evidence supports them"
         )
         for report in self._reports:
