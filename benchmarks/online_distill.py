@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 import earlyexit as ee
 from earlyexit.distill import DistillConfig, OnlineDistiller
 

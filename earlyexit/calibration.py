@@ -224,10 +224,117 @@ def simulate_exits(scores: Tensor, thresholds: tuple[float, ...] | list[float]) 
     return where
 
 
+def calibrate_joint(
+    scores: Tensor,
+    agree: Tensor,
+    target: float,
+    confidence: float = 0.95,
+    *,
+    max_candidates: int = 200,
+    enabled: list[bool] | None = None,
+) -> CalibrationResult:
+    """One threshold shared by every enabled exit, so that agreement among *all* samples that leave
+    early (pooled over exits) is ``>= target`` with ``confidence``.
+
+    Learn-then-Test over the one-parameter path "every gate at threshold ``lam``", from the
+    strictest ``lam`` down, stopping at the first test that fails. Pooling the evidence of every
+    exit into one test (no split of the level over exits) needs far less evidence than per-exit
+    calibration: an exit that is right on its surest samples can open before it alone could prove
+    it. The guarantee is on the pooled agreement of early answers (samples that run to the end agree
+    by definition), not on each exit separately. Scores must be on one scale across exits (true of
+    the built-in gates, which depend only on the logits).
+
+    Example:
+        >>> s = torch.rand(2000, 2)
+        >>> a = torch.rand(2000, 2) < 0.5 + 0.5 * s
+        >>> len(calibrate_joint(s, a, target=0.95).thresholds)
+        2
+    """
+    if scores.dim() != 2 or agree.shape != scores.shape:
+        raise ConfigError(
+            f"scores and agree must both be [N, E]; got {tuple(scores.shape)} and {tuple(agree.shape)}"
+        )
+    if not 0.0 < target < 1.0 or not 0.0 < confidence < 1.0:
+        raise ConfigError(f"target and confidence must be in (0, 1), got {target}, {confidence}")
+    n, num_exits = scores.shape
+    enabled = [True] * num_exits if enabled is None else list(enabled)
+    delta = 1.0 - confidence
+    need = min_evidence(target, delta)
+    scores = scores.detach().float().cpu()
+    agree = agree.detach().bool().cpu()
+    closed = (math.inf,) * num_exits
+    on = [e for e in range(num_exits) if enabled[e]]
+
+    def details(thresholds: tuple[float, ...], reason: str) -> list[ExitCalibration]:
+        where = simulate_exits(scores, thresholds)
+        out, reaching = [], torch.ones(n, dtype=torch.bool)
+        for e in range(num_exits):
+            leave = where == e
+            count = int(leave.sum())
+            ok = int((agree[:, e] & leave).sum())
+            why = "switched off" if not enabled[e] else reason
+            out.append(
+                ExitCalibration(
+                    thresholds[e],
+                    int(reaching.sum()),
+                    count,
+                    ok / count if count else math.nan,
+                    clopper_pearson_lower(ok, count, confidence) if count else 0.0,
+                    why,
+                )
+            )
+            reaching &= ~leave
+        return out
+
+    if not on or n < need:
+        reason = f"closed: {n} evidence samples, {need} needed (joint)"
+        return CalibrationResult(closed, details(closed, reason), n)
+    # Each sample's best score over enabled exits decides whether it leaves at a given lam.
+    best = scores[:, on].max(dim=1).values
+    ascending = torch.sort(best).values
+    candidates = torch.unique(best).flip(0)  # strictest first
+    counts = n - torch.searchsorted(ascending, candidates, side="left")  # samples with best >= c
+    usable = candidates[counts >= need]
+    if usable.numel() == 0:
+        return CalibrationResult(closed, details(closed, "closed: scores too tied to test"), n)
+    if usable.numel() > max_candidates:
+        pick = torch.linspace(0, usable.numel() - 1, max_candidates).round().long().unique()
+        usable = usable[pick]
+    thresholds_for = [
+        tuple(float(lam) if enabled[e] else math.inf for e in range(num_exits)) for lam in usable
+    ]
+    exited, failed = [], []
+    for thresholds in thresholds_for:
+        where = simulate_exits(scores, thresholds)
+        leave = where < num_exits
+        right = agree.gather(1, where.clamp(max=num_exits - 1)[:, None]).squeeze(1)
+        exited.append(int(leave.sum()))
+        failed.append(int((leave & ~right).sum()))
+    pvalues = stats.binom.cdf(failed, exited, 1.0 - target)
+    chosen: int | None = None
+    for k, p in enumerate(pvalues):
+        if p > delta:
+            break  # fixed sequence: the first failure ends it
+        chosen = k
+    if chosen is None:
+        agreement = 1.0 - failed[0] / exited[0]
+        reason = f"closed: pooled agreement {agreement:.4f} of the surest {exited[0]} not provably >= {target}"
+        return CalibrationResult(closed, details(closed, reason), n)
+    thresholds = thresholds_for[chosen]
+    count, fails = exited[chosen], failed[chosen]
+    lower = clopper_pearson_lower(count - fails, count, confidence)
+    reason = (
+        f"open (joint): {count}/{n} leave early, pooled agreement {1 - fails / count:.4f} >= "
+        f"{lower:.4f} (bound)"
+    )
+    return CalibrationResult(thresholds, details(thresholds, reason), n)
+
+
 __all__ = [
     "CalibrationResult",
     "ExitCalibration",
     "binomial_tail_pvalue",
+    "calibrate_joint",
     "calibrate_thresholds",
     "clopper_pearson_lower",
     "min_evidence",

@@ -96,3 +96,34 @@ def test_bad_arguments(kwargs):
         calibrate_thresholds(torch.rand(10, 1), torch.ones(10, 1, dtype=torch.bool), **kwargs)
     with pytest.raises(ConfigError, match=r"\[N, E\]"):
         calibrate_thresholds(torch.rand(10), torch.ones(10, dtype=torch.bool), target=0.9)
+
+
+def test_joint_calibration_keeps_pooled_agreement_on_fresh_data():
+    from earlyexit.calibration import calibrate_joint, simulate_exits
+
+    target, misses, opened = 0.95, 0, 0
+    for seed in range(20):
+        scores, agree = _synthetic(3000, 3, seed)
+        res = calibrate_joint(scores, agree, target=target, confidence=0.9)
+        if all(t == math.inf for t in res.thresholds):
+            continue
+        opened += 1
+        assert len(set(res.thresholds)) == 1  # one shared threshold
+        fresh_s, fresh_a = _synthetic(20000, 3, 1000 + seed)
+        where = simulate_exits(fresh_s, res.thresholds)
+        early = where < 3
+        right = fresh_a.gather(1, where.clamp(max=2)[:, None]).squeeze(1)
+        misses += (right & early).sum() / early.sum() < target
+    assert opened >= 18 and misses <= 3  # allowed 10%; 100 seeds gave 6.5% (fixed seeds here)
+
+
+def test_joint_calibration_needs_evidence_and_respects_switched_off_exits():
+    from earlyexit.calibration import calibrate_joint
+
+    scores, agree = _synthetic(30, 2, 0)
+    res = calibrate_joint(scores, agree.fill_(True), target=0.99)
+    assert res.thresholds == (math.inf, math.inf) and "needed" in res.exits[0].reason
+    scores, agree = _synthetic(4000, 2, 1)
+    res = calibrate_joint(scores, agree.fill_(True), target=0.99, enabled=[False, True])
+    assert res.thresholds[0] == math.inf and res.thresholds[1] < math.inf
+    assert res.exits[0].reason == "switched off"

@@ -40,15 +40,16 @@ class Toy(nn.Module):
     def __init__(self, width: int = 32, expensive_first: bool = False) -> None:
         super().__init__()
         self.stage1 = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
-        self.stage2 = LeftHalf()
+        self.stage2 = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), LeftHalf())  # a cheap conv
         self.mid = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.Conv2d(width, 3, 1))
         self.expensive_first = expensive_first
         with torch.no_grad():
-            for conv in (self.stage1[0], self.mid[0], self.mid[1]):
+            for conv in (self.stage1[0], self.stage2[0], self.mid[0], self.mid[1]):
                 conv.weight.zero_()
                 conv.bias.zero_()
             for c in range(3):
                 self.stage1[0].weight[c, c] = 1.0
+                self.stage2[0].weight[c, c, 1, 1] = 1.0
                 self.mid[0].weight[c, c, 1, 1] = 1.0
                 self.mid[1].weight[c, c] = 1.0
 
@@ -179,7 +180,7 @@ def test_gates_stay_closed_until_evidence_suffices_then_open():
     assert all(t == math.inf for t in eem.thresholds)
     assert "needed" in stats["exits"][0]["reason"]
     run(learner, 10, g)
-    assert eem.thresholds[0] < math.inf
+    assert any(t < math.inf for t in eem.thresholds)
     assert learner.stats()["phase"] == "serving"
 
 

@@ -22,7 +22,12 @@ class DistillConfig:
             each exit (argmax equal), e.g. 0.99.
         confidence: probability that the guarantee holds for every exit at once (Learn-then-Test
             with a Bonferroni split over exits).
-        calibration_method: ``"ltt"`` (fixed-sequence tests) or ``"clopper_pearson"``.
+        calibration_method: ``"ltt"`` (fixed-sequence tests) or ``"clopper_pearson"``
+            (per-exit mode only).
+        calibration_mode: ``"joint"``: one threshold for every exit, agreement pooled over all
+            early answers is guaranteed (evidence of every exit counts towards one test, so gates
+            open with far less traffic); ``"per_exit"``: every exit on its own, each guaranteed
+            (level split over exits; needs more evidence).
 
     Evidence:
         audit_rate: share of early-exiting samples that still run to the end, so agreement is
@@ -78,6 +83,7 @@ class DistillConfig:
     target_agreement: float = 0.99
     confidence: float = 0.95
     calibration_method: str = "ltt"
+    calibration_mode: str = "joint"
     audit_rate: float = 0.05
     calibration_fraction: float = 0.4
     evidence_samples: int = 12000
@@ -139,6 +145,10 @@ class DistillConfig:
         if self.calibration_method not in _METHODS:
             raise ConfigError(
                 f"calibration_method must be one of {_METHODS}, got {self.calibration_method!r}"
+            )
+        if self.calibration_mode not in ("joint", "per_exit"):
+            raise ConfigError(
+                f"calibration_mode must be 'joint' or 'per_exit', got {self.calibration_mode!r}"
             )
         if self.storage_dtype not in _STORAGE_DTYPES:
             raise ConfigError(

@@ -26,12 +26,13 @@ How it works (one call of :meth:`OnlineDistiller.step`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from torch import Tensor, nn
 
 from ..calibration import (
     CalibrationResult,
+    calibrate_joint,
     calibrate_thresholds,
     clopper_pearson_lower,
     simulate_exits,
@@ -62,6 +64,20 @@ _HASH_SIDE = 8
 _MAX_OWED_STEPS = 64.0
 #: Served samples the exit rates and MAC saving of :meth:`OnlineDistiller.stats` look back on.
 _STATS_WINDOW = 2048
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run head training on one intra-op thread: its tensors are small, so fanning each op out
+    costs more than it gains (and far more on a shared machine). Serving keeps its threads."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 class BackgroundTrainingError(EarlyExitError, RuntimeError):
@@ -430,9 +446,11 @@ class OnlineDistiller:
                 self._calibration_due = True
             self._wake.notify_all()
             return
-        while self._may_train():
-            self._credit -= 1.0
-            self._train_step()
+        if self._may_train():
+            with _one_thread():
+                while self._may_train():
+                    self._credit -= 1.0
+                    self._train_step()
         if due:
             self._publish(self._timed(self._make_candidate))
 
@@ -558,14 +576,19 @@ class OnlineDistiller:
         scores, agree = self._score_evidence(heads, data)
 
         def run(enabled: list[bool]) -> tuple[CalibrationResult, float]:
-            res = calibrate_thresholds(
-                scores,
-                agree,
-                cfg.target_agreement,
-                cfg.confidence,
-                method=cfg.calibration_method,
-                enabled=enabled,
-            )
+            if cfg.calibration_mode == "joint":
+                res = calibrate_joint(
+                    scores, agree, cfg.target_agreement, cfg.confidence, enabled=enabled
+                )
+            else:
+                res = calibrate_thresholds(
+                    scores,
+                    agree,
+                    cfg.target_agreement,
+                    cfg.confidence,
+                    method=cfg.calibration_method,
+                    enabled=enabled,
+                )
             return res, self._expected_cost(scores, res.thresholds)
 
         enabled = [True] * num_exits
@@ -646,7 +669,11 @@ class OnlineDistiller:
         """Close every gate when an exit's audited agreement is provably below the target."""
         cfg = self.config
         eps = 1.0 - cfg.target_agreement
-        for e, window in enumerate(self._monitor):
+        windows: list[tuple[int, Iterable[bool]]] = list(enumerate(self._monitor))
+        if cfg.calibration_mode == "joint":  # the guarantee is pooled: so is the alarm
+            windows = [(-1, [ok for window in self._monitor for ok in window])]
+        for e, window in windows:
+            window = list(window)
             n = len(window)
             if n == 0:
                 continue
@@ -674,8 +701,9 @@ class OnlineDistiller:
         self._ready = None
         c.last_calibration = c.samples  # gather a fresh round of evidence before reopening
         c.reset_publish(self.eem.num_exits)
+        where = "early exits (pooled)" if exit_ < 0 else f"exit {exit_}"
         self._phase = (
-            f"drift: exit {exit_} agreed on {n - failures}/{n} audited samples, below "
+            f"drift: {where} agreed on {n - failures}/{n} audited samples, below "
             f"{self.config.target_agreement}; all gates closed until new evidence supports them"
         )
         for report in self._reports:
