@@ -52,9 +52,24 @@ def clopper_pearson_lower(successes: int, n: int, confidence: float) -> float:
     return float(stats.beta.ppf(1.0 - confidence, successes, n - successes + 1))
 
 
-def min_evidence(target: float, delta: float) -> int:
-    """Fewest exiting samples that can show ``agreement >= target`` at level ``delta`` (all agreeing)."""
-    return math.ceil(math.log(delta) / math.log(target))
+def min_evidence(target: float, delta: float, failures: int = 0) -> int:
+    """Fewest exiting samples that can show ``agreement >= target`` at level ``delta`` with
+    ``failures`` disagreements among them (``failures=0``: all must agree).
+
+    Example:
+        >>> min_evidence(0.99, 0.05), min_evidence(0.99, 0.05, failures=1)
+        (299, 473)
+    """
+    n = math.ceil(math.log(delta) / math.log(target))
+    while stats.binom.cdf(failures, n, 1.0 - target) > delta:
+        n += 1
+    return n
+
+
+#: The fixed sequence starts at the strictest threshold where this many disagreements could still
+#: pass. Starting where a single disagreement among the surest few hundred samples fails the
+#: first test (and so ends the sequence) made gates flip shut on one unlucky sample.
+TOLERATED_FAILURES = 1
 
 
 @dataclass
@@ -123,7 +138,7 @@ def calibrate_thresholds(
     n, num_exits = scores.shape
     enabled = [True] * num_exits if enabled is None else list(enabled)
     delta = (1.0 - confidence) / (num_exits if per_exit_bonferroni else 1)
-    need = min_evidence(target, delta)
+    need = min_evidence(target, delta, TOLERATED_FAILURES)
     scores = scores.detach().float().cpu()
     agree = agree.detach().bool().cpu()
     remaining = torch.ones(n, dtype=torch.bool)
@@ -259,7 +274,7 @@ def calibrate_joint(
     n, num_exits = scores.shape
     enabled = [True] * num_exits if enabled is None else list(enabled)
     delta = 1.0 - confidence
-    need = min_evidence(target, delta)
+    need = min_evidence(target, delta, TOLERATED_FAILURES)
     scores = scores.detach().float().cpu()
     agree = agree.detach().bool().cpu()
     closed = (math.inf,) * num_exits

@@ -135,11 +135,16 @@ def serve_and_evaluate(
             for e, m in zip(eem.exits, eem.backbone_macs, strict=True)
         )
     )
+    # No wall-clock training budget by default: the same seed gives the same run on a fast or
+    # a busy machine (the budget is for serving in production, where latency matters more).
     config = DistillConfig(
-        target_agreement=opts.target_agreement,
-        confidence=opts.confidence,
-        seed=opts.seed,
-        **opts.distill,
+        **{
+            "target_agreement": opts.target_agreement,
+            "confidence": opts.confidence,
+            "seed": opts.seed,
+            "train_time_budget": None,
+            **opts.distill,
+        }
     )
     learner = OnlineDistiller(eem, config)
     start = time.perf_counter()

@@ -102,7 +102,7 @@ def test_joint_calibration_keeps_pooled_agreement_on_fresh_data():
     from earlyexit.calibration import calibrate_joint, simulate_exits
 
     target, misses, opened = 0.95, 0, 0
-    for seed in range(20):
+    for seed in range(40):
         scores, agree = _synthetic(3000, 3, seed)
         res = calibrate_joint(scores, agree, target=target, confidence=0.9)
         if all(t == math.inf for t in res.thresholds):
@@ -114,7 +114,9 @@ def test_joint_calibration_keeps_pooled_agreement_on_fresh_data():
         early = where < 3
         right = fresh_a.gather(1, where.clamp(max=2)[:, None]).squeeze(1)
         misses += (right & early).sum() / early.sum() < target
-    assert opened >= 18 and misses <= 3  # allowed 10%; 100 seeds gave 6.5% (fixed seeds here)
+    # Allowed: 10% of runs with true agreement below target, plus the noise of measuring it on
+    # 20000 fresh samples (200 seeds gave 12%); 6 of 40 is the same 15% slack as before.
+    assert opened >= 36 and misses <= 6
 
 
 def test_joint_calibration_needs_evidence_and_respects_switched_off_exits():
