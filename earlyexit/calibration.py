@@ -247,6 +247,7 @@ def calibrate_joint(
     *,
     max_candidates: int = 200,
     enabled: list[bool] | None = None,
+    suffix_search: bool = True,
 ) -> CalibrationResult:
     """One threshold shared by every enabled exit, so that agreement among *all* samples that leave
     early (pooled over exits) is ``>= target`` with ``confidence``.
@@ -304,19 +305,47 @@ def calibrate_joint(
     if not on or n < need:
         reason = f"closed: {n} evidence samples, {need} needed (joint)"
         return CalibrationResult(closed, details(closed, reason), n)
-    # Each sample's best score over enabled exits decides whether it leaves at a given lam.
+    # The path over every enabled exit gets half the level; if it cannot open, paths that leave out
+    # the earliest exits (a weak early head's confident mistakes can sink the pooled test) share the
+    # other half. The first path that opens is served: Bonferroni keeps the total error <= delta.
+    subsets = [on[k:] for k in range(len(on))] if suffix_search and len(on) > 1 else [on]
+    levels = (
+        [delta]
+        if len(subsets) == 1
+        else [delta / 2] + [delta / (2 * (len(subsets) - 1))] * (len(subsets) - 1)
+    )
+    first_reason = ""
+    for subset, level in zip(subsets, levels, strict=True):
+        thresholds, reason = _joint_path(scores, agree, subset, target, level, max_candidates)
+        if thresholds is not None:
+            if subset != on:
+                reason += (
+                    f"; exits {on[: len(on) - len(subset)]} left out (they sank the pooled test)"
+                )
+            return CalibrationResult(thresholds, details(thresholds, reason), n)
+        first_reason = first_reason or reason
+    return CalibrationResult(closed, details(closed, first_reason), n)
+
+
+def _joint_path(
+    scores: Tensor, agree: Tensor, on: list[int], target: float, delta: float, max_candidates: int
+) -> tuple[tuple[float, ...] | None, str]:
+    """Fixed-sequence test along "every exit in ``on`` at threshold lam"; (thresholds, reason)."""
+    n, num_exits = scores.shape
+    need = min_evidence(target, delta, TOLERATED_FAILURES)
+    # Each sample's best score over the exits in use decides whether it leaves at a given lam.
     best = scores[:, on].max(dim=1).values
     ascending = torch.sort(best).values
     candidates = torch.unique(best).flip(0)  # strictest first
     counts = n - torch.searchsorted(ascending, candidates, side="left")  # samples with best >= c
     usable = candidates[counts >= need]
     if usable.numel() == 0:
-        return CalibrationResult(closed, details(closed, "closed: scores too tied to test"), n)
+        return None, f"closed: fewer than {need} evidence samples to test (joint)"
     if usable.numel() > max_candidates:
         pick = torch.linspace(0, usable.numel() - 1, max_candidates).round().long().unique()
         usable = usable[pick]
     thresholds_for = [
-        tuple(float(lam) if enabled[e] else math.inf for e in range(num_exits)) for lam in usable
+        tuple(float(lam) if e in on else math.inf for e in range(num_exits)) for lam in usable
     ]
     exited, failed = [], []
     for thresholds in thresholds_for:
@@ -333,16 +362,16 @@ def calibrate_joint(
         chosen = k
     if chosen is None:
         agreement = 1.0 - failed[0] / exited[0]
-        reason = f"closed: pooled agreement {agreement:.4f} of the surest {exited[0]} not provably >= {target}"
-        return CalibrationResult(closed, details(closed, reason), n)
-    thresholds = thresholds_for[chosen]
+        return None, (
+            f"closed: pooled agreement {agreement:.4f} of the surest {exited[0]} not provably >= {target}"
+        )
     count, fails = exited[chosen], failed[chosen]
-    lower = clopper_pearson_lower(count - fails, count, confidence)
+    lower = clopper_pearson_lower(count - fails, count, 1.0 - delta)
     reason = (
         f"open (joint): {count}/{n} leave early, pooled agreement {1 - fails / count:.4f} >= "
         f"{lower:.4f} (bound)"
     )
-    return CalibrationResult(thresholds, details(thresholds, reason), n)
+    return thresholds_for[chosen], reason
 
 
 __all__ = [

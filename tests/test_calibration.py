@@ -108,7 +108,7 @@ def test_joint_calibration_keeps_pooled_agreement_on_fresh_data():
         if all(t == math.inf for t in res.thresholds):
             continue
         opened += 1
-        assert len(set(res.thresholds)) == 1  # one shared threshold
+        assert len({t for t in res.thresholds if t < math.inf}) == 1  # one shared threshold
         fresh_s, fresh_a = _synthetic(20000, 3, 1000 + seed)
         where = simulate_exits(fresh_s, res.thresholds)
         early = where < 3
@@ -129,3 +129,19 @@ def test_joint_calibration_needs_evidence_and_respects_switched_off_exits():
     res = calibrate_joint(scores, agree.fill_(True), target=0.99, enabled=[False, True])
     assert res.thresholds[0] == math.inf and res.thresholds[1] < math.inf
     assert res.exits[0].reason == "switched off"
+
+
+def test_joint_calibration_leaves_out_an_early_exit_that_sinks_the_pooled_test():
+    from earlyexit.calibration import calibrate_joint
+
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    scores = torch.rand(n, 3, generator=g)
+    agree = torch.ones(n, 3, dtype=torch.bool)
+    agree[:, 0] = torch.rand(n, generator=g) < 0.6  # exit 0 is confidently wrong 40% of the time
+    res = calibrate_joint(scores, agree, target=0.99)
+    assert res.thresholds[0] == math.inf
+    assert res.thresholds[1] == res.thresholds[2] < math.inf
+    assert "left out" in res.exits[1].reason
+    closed_all = calibrate_joint(scores, agree, target=0.99, suffix_search=False)
+    assert closed_all.thresholds == (math.inf,) * 3
