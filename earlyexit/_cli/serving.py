@@ -106,6 +106,12 @@ def print_outcome(result: Any) -> None:
     from ..pipeline import summary_table
 
     print(summary_table(result.report))
+    learner = result.report.get("learner", {})
+    reasons = dict.fromkeys(
+        e["reason"] for e in learner.get("exits", []) if e.get("state") != "open"
+    )
+    for reason in reasons:  # why gates are closed, once per distinct reason
+        print(f"note: {reason}")
     print()
     for kind, path in sorted(result.paths.items()):
         print(f"{kind:>4}: {path}")
