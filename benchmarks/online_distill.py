@@ -113,7 +113,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     w = load_workload(name, traffic_size=args.traffic, eval_size=args.eval, seed=args.seed)
     model = w.model.eval()
-    eem = ee.wrap(model, head=args.head)
+    eem = ee.wrap(model, head=args.head, input_size=w.input_size)
     config = DistillConfig(target_agreement=args.target, confidence=args.confidence, seed=args.seed)
     learner = OnlineDistiller(eem, config)
     step_time = plain_time = 0.0
