@@ -365,8 +365,14 @@ class EarlyExitModel(nn.Module):
             return self._empty_result(x), ExitTrace(
                 [None] * self.num_exits, x.new_zeros(0, dtype=torch.long), None
             )
-        thresholds = self._thresholds
-        heads = tuple(self.heads)  # one consistent set of heads for the whole call
+        # One consistent (heads, thresholds) pair for the whole call. A publisher closes the gates,
+        # swaps the heads, then sets new thresholds (each a new tuple); if the thresholds did not
+        # change while the heads were read, the heads belong to them (or the gates were closed).
+        while True:
+            thresholds = self._thresholds
+            heads = tuple(self.heads)
+            if self._thresholds is thresholds:
+                break
         run = _Run(
             batch,
             x.device,
