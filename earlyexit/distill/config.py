@@ -94,7 +94,7 @@ class DistillConfig:
     hard_label_weight: float = 0.0
     batch_size: int = 64
     replay_ratio: float = 32.0
-    train_time_budget: float | None = 0.15
+    train_time_budget: float | None = 0.1
     replay_samples: int = 20000
     max_memory_bytes: int | None = 256 * 2**20
     storage_dtype: str = "float32"
