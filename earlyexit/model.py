@@ -95,6 +95,41 @@ class ExitTrace:
     final_logits: Tensor | None
 
 
+def heads_evaluated(open_gates: Sequence[bool], needs_history: bool) -> tuple[bool, ...]:
+    """Which heads serving runs: those whose gate is open, and with a gate that looks back at
+    earlier heads (``needs_history``) every head up to the last open gate.
+
+    Example:
+        >>> heads_evaluated([False, True, False], needs_history=True)
+        (True, True, False)
+    """
+    gates = list(open_gates)
+    if needs_history:
+        return tuple(any(gates[i:]) for i in range(len(gates)))
+    return tuple(gates)
+
+
+def exit_path_macs(
+    backbone_macs: Sequence[int],
+    head_macs: Sequence[int],
+    base_macs: int,
+    evaluated: Sequence[bool],
+) -> tuple[int, ...]:
+    """Per-sample MACs of leaving at each exit (last entry: running to the end) when the heads in
+    ``evaluated`` run on the way.
+
+    Example:
+        >>> exit_path_macs([10, 20], [1, 1], 30, [True, False])
+        (11, 21, 31)
+    """
+    costs, spent = [], 0
+    for backbone, head, runs in zip(backbone_macs, head_macs, evaluated, strict=True):
+        spent += head if runs else 0
+        costs.append(int(backbone) + spent)
+    costs.append(int(base_macs) + spent)
+    return tuple(costs)
+
+
 class _StopForward(Exception):
     """Raised by an exit hook when every sample of the batch has left: ends the forward pass."""
 
@@ -292,16 +327,9 @@ class EarlyExitModel(nn.Module):
         Entry ``i < num_exits`` is a sample leaving at exit ``i``; the last entry a sample that runs
         to the end. Heads that are skipped (closed gate, no later gate needing them) cost nothing.
         """
-        evaluate = self._heads_to_evaluate(
-            self._thresholds if thresholds is None else tuple(thresholds), False
-        )
-        costs = []
-        spent = 0
-        for i in range(self.num_exits):
-            spent += self.head_macs[i] if evaluate[i] else 0
-            costs.append(self.backbone_macs[i] + spent)
-        costs.append(self.base_macs + spent)
-        return tuple(costs)
+        chosen = self._thresholds if thresholds is None else tuple(thresholds)
+        evaluated = heads_evaluated([t != math.inf for t in chosen], self.gate.needs_history)
+        return exit_path_macs(self.backbone_macs, self.head_macs, self.base_macs, evaluated)
 
     # ------------------------------------------------------------------ serving
     def forward(self, x: Tensor) -> Tensor:
@@ -341,11 +369,7 @@ class EarlyExitModel(nn.Module):
     def _heads_to_evaluate(self, thresholds: tuple[float, ...], capture: bool) -> tuple[bool, ...]:
         if capture:
             return (True,) * self.num_exits
-        open_gates = [t != math.inf for t in thresholds]
-        if self.gate.needs_history:
-            # A head must run if its own gate is open or a later gate looks back at it.
-            return tuple(any(open_gates[i:]) for i in range(self.num_exits))
-        return tuple(open_gates)
+        return heads_evaluated([t != math.inf for t in thresholds], self.gate.needs_history)
 
     def _serve(
         self, x: Tensor, *, capture: bool, audit: Tensor | None

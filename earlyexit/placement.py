@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .calibration import calibrate_thresholds
 from .errors import ConfigError
+from .model import heads_evaluated
 
 
 @dataclass(frozen=True)
@@ -362,9 +363,7 @@ def assignments(num_stages: int, num_sites: int) -> list[tuple[int, ...]]:
 def heads_paid(num_samples: int, enabled: Sequence[bool], needs_history: bool = False) -> Tensor:
     """``[N, E]`` heads a sample pays for under ``enabled`` gates: the open ones, or with a
     history gate every head up to the last open one."""
-    mask = list(enabled)
-    if needs_history:
-        mask = [any(mask[i:]) for i in range(len(mask))]
+    mask = heads_evaluated(enabled, needs_history)
     return torch.tensor(mask, dtype=torch.bool).expand(num_samples, len(mask)).clone()
 
 

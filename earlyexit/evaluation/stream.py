@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gates import Gate, GateContext
+from ..model import exit_path_macs, heads_evaluated
 
 __all__ = [
     "PolicyPoint",
@@ -149,20 +150,13 @@ class StreamRecord:
         """
         e = self.num_exits
         if thresholds is None:
-            evaluate = [True] * e
+            evaluated: tuple[bool, ...] = (True,) * e
         else:
             if len(thresholds) != e:
                 raise ValueError(f"expected {e} thresholds, got {len(thresholds)}")
             open_gates = [float(t) != math.inf for t in thresholds]
-            # A closed exit's head still runs if the gate looks back at it from a later open exit.
-            history = [any(open_gates[i:]) for i in range(e)]
-            evaluate = history if self.needs_history else open_gates
-        costs, spent = [], 0
-        for i in range(e):
-            spent += self.head_macs[i] if evaluate[i] else 0
-            costs.append(self.backbone_macs[i] + spent)
-        costs.append(self.base_macs + spent)
-        return tuple(costs)
+            evaluated = heads_evaluated(open_gates, self.needs_history)
+        return exit_path_macs(self.backbone_macs, self.head_macs, self.base_macs, evaluated)
 
     def subset(self, index: Tensor | slice) -> StreamRecord:
         """The record of some samples only (e.g. a calibration / evaluation split)."""
