@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .distill import DistillConfig, OnlineDistiller
-from .evaluation.report import model_meta, tradeoff_report, write_report
+from .evaluation.report import tradeoff_report, write_report
 from .evaluation.stream import iterate_batches
 from .wrapping import wrap
 
@@ -173,7 +173,6 @@ def serve_and_evaluate(
     seconds["evaluate"] = time.perf_counter() - start
     report["learner"] = _json_safe(stats)
     report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
-    report["model"] = {**model_meta(eem, model_name), **report.get("model", {})}
     paths = write_report(report, out_dir, name)
     return PipelineResult(report, paths, learner, seconds)
 

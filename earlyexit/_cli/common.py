@@ -287,9 +287,10 @@ def load_weights(model: Any, path: str) -> None:
 
 
 def build_model(
-    spec: str, *, num_classes: int = 1000, weights: str | None = None
+    spec: str, *, num_classes: int = 1000, weights: str | None = None, pretrained: bool = False
 ) -> tuple[Any, str]:
-    """Build ``spec`` with random weights (or ``weights``), in eval mode; returns ``(model, label)``.
+    """Build ``spec`` with random weights, a local ``weights`` file, or the library's
+    ``pretrained`` weights (needs a network), in eval mode; returns ``(model, "source:name")``.
 
     Example:
         >>> model, label = build_model("timm:resnet18", num_classes=10)  # doctest: +SKIP
@@ -297,14 +298,25 @@ def build_model(
     source, name = resolve_model_name(spec)
     if weights is not None and not Path(weights).is_file():
         raise CliError(f"weights file not found: {weights}", EXIT_MISSING_FILE)
-    if source == "timm":
-        import timm
+    try:
+        if source == "timm":
+            import timm
 
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    else:
-        import torchvision
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+        else:
+            import torchvision
 
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            tv_weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+            extra = {} if pretrained else {"num_classes": num_classes}
+            model = torchvision.models.get_model(name, weights=tv_weights, **extra)
+    except Exception as err:
+        if not pretrained:
+            raise
+        raise CliError(
+            f"could not get pretrained weights for {spec} ({type(err).__name__}: {err}); "
+            "without a network, download them elsewhere and pass --weights PATH",
+            EXIT_BAD_INPUT,
+        ) from None
     if weights is not None:
         load_weights(model, weights)
     return model.eval(), f"{source}:{name}"

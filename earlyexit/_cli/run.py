@@ -111,42 +111,18 @@ def _floats(text: str) -> tuple[float, ...]:
     return values * 3 if len(values) == 1 else values
 
 
-def _build(args: argparse.Namespace):
-    from .common import resolve_model_name
-
-    if not args.pretrained:
-        return build_model(args.model, num_classes=args.num_classes, weights=args.weights)
-    source, name = resolve_model_name(args.model)
-    try:
-        if source == "timm":
-            import timm
-
-            model = timm.create_model(name, pretrained=True, num_classes=args.num_classes)
-        else:
-            import torchvision
-
-            weights = torchvision.models.get_model_weights(name).DEFAULT
-            model = torchvision.models.get_model(name, weights=weights)
-    except Exception as err:
-        raise CliError(
-            f"could not get pretrained weights for {args.model} ({type(err).__name__}: {err}); "
-            "without a network, download them elsewhere and pass --weights PATH",
-            EXIT_BAD_INPUT,
-        ) from None
-    return model.eval(), f"{source}:{name}"
-
-
 def run(args: argparse.Namespace) -> int:
     from ..data import model_transform, scan_folder, split_stream
     from ..errors import InputError
     from ..pipeline import serve_and_evaluate
-    from .common import resolve_model_name
 
     data = Path(args.data)
     if not data.is_dir():
         raise CliError(f"data folder not found: {data}", EXIT_MISSING_FILE)
-    model, label = _build(args)
-    source, name = resolve_model_name(label)
+    model, label = build_model(
+        args.model, num_classes=args.num_classes, weights=args.weights, pretrained=args.pretrained
+    )
+    source, name = label.split(":", 1)
     try:
         scan = scan_folder(data)
         traffic, evaluation = split_stream(
