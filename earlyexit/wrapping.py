@@ -170,7 +170,6 @@ def _check_boundaries(
     batch = len(names) + 1
     x = _probe_input(model, batch, input_size)
     handles = []
-    seen: dict[str, int] = {}
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: object, output: object) -> Tensor:
@@ -178,7 +177,6 @@ def _check_boundaries(
                 raise UnsupportedModelError(
                     f"module {name!r} returns {type(output).__name__}, not a tensor: it cannot be an exit"
                 )
-            seen[name] = output.shape[0]
             return output[1:]
 
         return hook
