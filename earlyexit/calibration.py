@@ -18,9 +18,11 @@ The maths are plain functions of tensors; nothing here touches a model.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from scipy import stats
 from torch import Tensor
@@ -52,6 +54,7 @@ def clopper_pearson_lower(successes: int, n: int, confidence: float) -> float:
     return float(stats.beta.ppf(1.0 - confidence, successes, n - successes + 1))
 
 
+@functools.lru_cache(maxsize=256)
 def min_evidence(target: float, delta: float, failures: int = 0) -> int:
     """Fewest exiting samples that can show ``agreement >= target`` at level ``delta`` with
     ``failures`` disagreements among them (``failures=0``: all must agree).
@@ -61,9 +64,13 @@ def min_evidence(target: float, delta: float, failures: int = 0) -> int:
         (299, 473)
     """
     n = math.ceil(math.log(delta) / math.log(target))
-    while stats.binom.cdf(failures, n, 1.0 - target) > delta:
-        n += 1
-    return n
+    # The tail probability falls as n grows: test a block of n at once (calibration runs often).
+    while True:
+        block = np.arange(n, n + 1024)
+        ok = np.nonzero(stats.binom.cdf(failures, block, 1.0 - target) <= delta)[0]
+        if ok.size:
+            return int(block[ok[0]])
+        n += 1024
 
 
 #: The fixed sequence starts at the strictest threshold where this many disagreements could still
@@ -347,13 +354,14 @@ def _joint_path(
     thresholds_for = [
         tuple(float(lam) if e in on else math.inf for e in range(num_exits)) for lam in usable
     ]
-    exited, failed = [], []
-    for thresholds in thresholds_for:
-        where = simulate_exits(scores, thresholds)
-        leave = where < num_exits
-        right = agree.gather(1, where.clamp(max=num_exits - 1)[:, None]).squeeze(1)
-        exited.append(int(leave.sum()))
-        failed.append(int((leave & ~right).sum()))
+    # Every candidate at once: a sample leaves at the first exit in use whose score reaches lam.
+    sub = scores[:, on]  # [N, U]
+    passes = sub[None, :, :] >= usable[:, None, None]  # [C, N, U]
+    leave = passes.any(dim=2)
+    first = passes.to(torch.uint8).argmax(dim=2)  # first passing exit (0 where none passes)
+    right = agree[:, on].gather(1, first.T).T  # [C, N]
+    exited = leave.sum(dim=1).tolist()
+    failed = (leave & ~right).sum(dim=1).tolist()
     pvalues = stats.binom.cdf(failed, exited, 1.0 - target)
     chosen: int | None = None
     for k, p in enumerate(pvalues):

@@ -321,14 +321,18 @@ class EarlyExitModel(nn.Module):
             checked.append(value)
         self._thresholds = tuple(checked)  # one assignment: concurrent calls see old or new, whole
 
-    def path_macs(self, thresholds: Sequence[float] | None = None) -> tuple[int, ...]:
-        """Per-sample MACs of each path under ``thresholds`` (default: the current ones).
+    def path_macs(
+        self, thresholds: Sequence[float] | None = None, *, gate: Gate | None = None
+    ) -> tuple[int, ...]:
+        """Per-sample MACs of each path under ``thresholds`` (default: the current ones) and
+        ``gate`` (default: the current one; a gate that looks back makes earlier heads run).
 
         Entry ``i < num_exits`` is a sample leaving at exit ``i``; the last entry a sample that runs
         to the end. Heads that are skipped (closed gate, no later gate needing them) cost nothing.
         """
         chosen = self._thresholds if thresholds is None else tuple(thresholds)
-        evaluated = heads_evaluated([t != math.inf for t in chosen], self.gate.needs_history)
+        needs_history = (self.gate if gate is None else gate).needs_history
+        evaluated = heads_evaluated([t != math.inf for t in chosen], needs_history)
         return exit_path_macs(self.backbone_macs, self.head_macs, self.base_macs, evaluated)
 
     # ------------------------------------------------------------------ serving
@@ -366,19 +370,24 @@ class EarlyExitModel(nn.Module):
                 raise InputError(f"audit has {audit.shape[0]} entries for a batch of {x.shape[0]}")
         return self._serve(x, capture=True, audit=audit)
 
-    def _heads_to_evaluate(self, thresholds: tuple[float, ...], capture: bool) -> tuple[bool, ...]:
+    def _heads_to_evaluate(
+        self, thresholds: tuple[float, ...], capture: bool, gate: Gate
+    ) -> tuple[bool, ...]:
         if capture:
             return (True,) * self.num_exits
-        return heads_evaluated([t != math.inf for t in thresholds], self.gate.needs_history)
+        return heads_evaluated([t != math.inf for t in thresholds], gate.needs_history)
 
     def _serve(
-        self, x: Tensor, *, capture: bool, audit: Tensor | None
+        self, x: Tensor, *, capture: bool, audit: Tensor | None, checked: bool = False
     ) -> tuple[ExitResult, ExitTrace]:
+        """``checked``: the caller has already run ``_check_input(x)`` (the NaN scan is a full
+        pass over the input, too costly to pay twice next to a small backbone)."""
         if not self._handles:
             raise RuntimeError(
                 "this EarlyExitModel was removed (eem.remove()); wrap the model again"
             )
-        self._check_input(x)
+        if not checked:
+            self._check_input(x)
         if self.base_model.training:
             raise InputError(
                 "the base model is in training mode: serving would change its BatchNorm statistics "
@@ -392,9 +401,11 @@ class EarlyExitModel(nn.Module):
         # One consistent (heads, thresholds) pair for the whole call. A publisher closes the gates,
         # swaps the heads, then sets new thresholds (each a new tuple); if the thresholds did not
         # change while the heads were read, the heads belong to them (or the gates were closed).
+        # The gate is read inside the same check: a publisher swaps heads, then the gate.
         while True:
             thresholds = self._thresholds
             heads = tuple(self.heads)
+            gate = self.gate
             if self._thresholds is thresholds:
                 break
         run = _Run(
@@ -402,8 +413,8 @@ class EarlyExitModel(nn.Module):
             x.device,
             heads,
             thresholds,
-            self.gate,
-            self._heads_to_evaluate(thresholds, capture),
+            gate,
+            self._heads_to_evaluate(thresholds, capture, gate),
             capture,
             None if audit is None else audit.to(x.device),
         )
@@ -443,7 +454,7 @@ class EarlyExitModel(nn.Module):
             ctx = GateContext(
                 self.num_exits, rows, [h[undecided] if h is not None else None for h in run.history]
             )
-            scores = self.gate.score(logits, ctx).float()
+            scores = run.gate.score(logits, ctx).float()
             answers.append((rows, logits, self.num_exits, scores))
             if self.supervisor is not None:
                 accepted_parts.append((rows, self.supervisor.accept(logits)))

@@ -116,7 +116,8 @@ def snapshot(learner: OnlineDistiller) -> tuple[dict[str, torch.Tensor], str, tu
     for key in ("serve_seconds", "learn_seconds"):  # wall-clock: the only non-reproducible state
         extra["distill"]["counters"].pop(key)
     heads = {k: v.clone() for k, v in learner.eem.heads.state_dict().items()}
-    return tensors, repr(extra), learner.eem.thresholds, heads
+    # The served gate (learned weights included) is part of what must survive a save.
+    return tensors, repr(extra) + repr(learner.eem.gate.config()), learner.eem.thresholds, heads
 
 
 def assert_same(a, b) -> None:
@@ -144,6 +145,8 @@ def test_config_validates_and_round_trips_json():
         dict(calibration_method="bonferroni"),
         dict(lr=float("nan")),
         dict(background="yes"),
+        dict(gate="agreement"),
+        dict(gate_samples=0),
     ):
         with pytest.raises(ConfigError):
             DistillConfig(**bad)
@@ -213,6 +216,58 @@ def test_audit_fraction_is_respected():
     assert exited > 500
     sd = math.sqrt(exited * 0.2 * 0.8)
     assert abs(audited - 0.2 * exited) < 4 * sd
+
+
+def test_audits_are_drawn_among_held_out_contents_only():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick(audit_rate=0.2))
+    g = torch.Generator().manual_seed(3)
+    run(learner, 15, g)
+    assert any(t < math.inf for t in eem.thresholds)
+    for _ in range(10):
+        x = stream(64, g)
+        held_out = learner._split_is_calibration(x)
+        audited_before = list(learner._counters.audited)
+        evidence_before = learner._evidence.added
+        res = learner.step(x)
+        early = res.exit_index < eem.num_exits
+        audited = sum(learner._counters.audited) - sum(audited_before)
+        # Every audited early exit is held out, so it (and every held-out sample that ran to the
+        # end because it was audited) became evidence; nothing else did.
+        assert learner._evidence.added - evidence_before >= audited
+        assert audited <= int((early & held_out).sum())
+
+
+def test_learned_gate_is_fitted_and_served_with_the_heads():
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick())
+    g = torch.Generator().manual_seed(2)
+    run(learner, 40, g, same_halves=0.6)
+    gate = eem.gate
+    assert isinstance(gate, ee.LearnedGate) and gate.fitted and gate.needs_history
+    stats = learner.stats()
+    assert stats["gate"] == repr(gate)
+    assert "learned gate fitted on" in stats["exits"][0]["gate"]
+    # Served confidences are that gate's scores of those heads (log-odds of agreement).
+    x = stream(256, torch.Generator().manual_seed(5), same_halves=0.6)
+    _res, trace = eem.trace(x, audit=torch.ones(256, dtype=torch.bool))  # every head sees all
+    history = []
+    for i, record in enumerate(trace.exits):
+        want = gate.score(record.logits, ee.GateContext(i, record.rows, list(history)))
+        assert torch.allclose(record.scores, want)
+        history.append(record.logits)
+    # And the learned policy still meets the target on fresh traffic.
+    agree, rate = served_agreement(eem, stream(3000, torch.Generator().manual_seed(9), 0.6))
+    assert rate > 0.5 and agree >= 0.95
+
+
+def test_gate_wrap_keeps_the_wrappers_gate():
+    eem = ee.wrap(Toy().eval(), exits=["stage1", "stage2"], input_size=(3, 8, 8), gate="margin")
+    learner = OnlineDistiller(eem, quick(gate="wrap"))
+    run(learner, 20, torch.Generator().manual_seed(2))
+    assert any(t < math.inf for t in eem.thresholds)
+    assert type(eem.gate).__name__ == "MarginGate"
+    assert learner._gate_data is None  # nothing recorded for a gate that is not learned
 
 
 def test_base_model_bit_identical_and_mode_kept():
@@ -309,7 +364,7 @@ def test_drift_monitor_closes_gates_between_calibrations():
     run(learner, 12, g)
     assert eem.thresholds[0] < math.inf
     learner.config.recalibrate_every = 10**9  # only the monitor can react now
-    for _ in range(12):
+    for _ in range(30):
         learner.step(_drifted(64, g))
         if learner.stats()["drift_alarms"]:
             break
@@ -327,12 +382,16 @@ def test_drift_monitor_closes_gates_between_calibrations():
 def test_an_exit_that_costs_more_than_it_saves_is_switched_off():
     eem = toy_wrap(expensive_first=True)  # stage2 sits after the expensive conv: saves nothing
     learner = OnlineDistiller(eem, quick())
-    run(learner, 20, torch.Generator().manual_seed(8), same_halves=0.3)
+    # Long enough that exit 0 alone has the evidence to open (joint tests pool evidence: with too
+    # little, keeping the useless exit open is what lets exit 0 open at all).
+    run(learner, 60, torch.Generator().manual_seed(8), same_halves=0.3)
     stats = learner.stats()
     late = stats["exits"][1]
     assert late["state"] == "switched off" and "costs" in late["reason"]
     assert eem.thresholds[1] == math.inf
-    assert eem._heads_to_evaluate(eem.thresholds, False)[1] is False  # head no longer runs
+    assert (
+        eem._heads_to_evaluate(eem.thresholds, False, eem.gate)[1] is False
+    )  # head no longer runs
 
     eem2 = toy_wrap(expensive_first=False)  # the same exit before the conv pays for itself
     learner2 = OnlineDistiller(eem2, quick())
@@ -479,6 +538,7 @@ def test_resume_onto_an_existing_wrapper(tmp_path):
     eem = toy_wrap()
     resumed = OnlineDistiller.load(eem, path)
     assert resumed.eem is eem and eem.thresholds == learner.eem.thresholds
+    assert eem.gate.config() == learner.eem.gate.config()
     assert_same(snapshot(learner), snapshot(resumed))
 
 

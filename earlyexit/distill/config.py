@@ -32,11 +32,21 @@ class DistillConfig:
     Evidence:
         audit_rate: share of early-exiting samples that still run to the end, so agreement is
             measured on the traffic that actually exits (while every gate is closed, every sample
-            runs to the end and counts as evidence).
+            runs to the end and counts as evidence). Audits are drawn among held-out contents only
+            (see ``calibration_fraction``), so every audited sample becomes evidence.
         calibration_fraction: share of sample *contents* held out for calibration: a seeded hash of
             each image decides once and for all whether it may teach or may calibrate, so repeated
             requests and later epochs never leak training data into the evidence.
         evidence_samples: most recent held-out samples kept for calibration (a recency window).
+
+    Gate:
+        gate: ``"learned"`` (default): the learner fits a :class:`~earlyexit.gates.LearnedGate` at
+            every calibration (a per-exit logistic model of "this head agrees with the full model"
+            from its confidence and the previous head's, fitted on training-side traffic the heads
+            had not yet learned from) and serves it with the heads; its scores are log-odds of
+            agreement, on one scale at every exit, which is what the shared threshold of joint
+            calibration assumes. ``"wrap"``: keep the gate given to :func:`earlyexit.wrap`.
+        gate_samples: most recent training-side samples the learned gate is fitted on.
 
     Learning:
         lr, weight_decay: AdamW on the heads' trainable part (the backbone is never trained).
@@ -84,6 +94,8 @@ class DistillConfig:
     confidence: float = 0.95
     calibration_method: str = "ltt"
     calibration_mode: str = "joint"
+    gate: str = "learned"
+    gate_samples: int = 8192
     audit_rate: float = 0.05
     calibration_fraction: float = 0.4
     evidence_samples: int = 12000
@@ -135,7 +147,13 @@ class DistillConfig:
             unit_open(name)
         for name in ("audit_rate", "hard_label_weight", "min_exit_gain"):
             unit_closed(name)
-        for name in ("evidence_samples", "batch_size", "replay_samples", "drift_window"):
+        for name in (
+            "evidence_samples",
+            "batch_size",
+            "replay_samples",
+            "drift_window",
+            "gate_samples",
+        ):
             positive_int(name)
         for name in ("warmup_samples", "recalibrate_every", "lr_half_life", "seed"):
             positive_int(name, allow_zero=name in ("warmup_samples", "lr_half_life", "seed"))
@@ -149,6 +167,11 @@ class DistillConfig:
         if self.calibration_mode not in ("joint", "per_exit"):
             raise ConfigError(
                 f"calibration_mode must be 'joint' or 'per_exit', got {self.calibration_mode!r}"
+            )
+        if self.gate not in ("learned", "wrap"):
+            raise ConfigError(
+                f"gate must be 'learned' (fit a gate while learning) or 'wrap' (keep the gate "
+                f"given to ee.wrap), got {self.gate!r}"
             )
         if self.storage_dtype not in _STORAGE_DTYPES:
             raise ConfigError(

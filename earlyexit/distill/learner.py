@@ -50,7 +50,15 @@ from ..calibration import (
     simulate_exits,
 )
 from ..errors import CheckpointError, ConfigError, EarlyExitError, InputError
-from ..gates import GateContext
+from ..gates import (
+    AGREEMENT_FEATURES,
+    Gate,
+    GateContext,
+    LearnedGate,
+    agreement_features,
+    fit_learned_gate,
+    make_gate,
+)
 from ..io import fingerprint, read_checkpoint, restore, save_early_exit_model
 from ..model import EarlyExitModel, ExitResult, ExitTrace
 from .buffers import TensorRing
@@ -62,6 +70,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _HASH_SIDE = 8
 #: Optimizer steps a lagging background trainer may owe before new traffic stops adding more.
 _MAX_OWED_STEPS = 64.0
+#: Fewest training-side samples the learned gate is fitted on (below: max softmax).
+_MIN_GATE_SAMPLES = 128
 #: Served samples the exit rates and MAC saving of :meth:`OnlineDistiller.stats` look back on.
 _STATS_WINDOW = 2048
 
@@ -111,6 +121,7 @@ class _Candidate:
     """Heads and the thresholds calibrated for exactly those heads, ready to be published."""
 
     heads: nn.ModuleList
+    gate: Gate
     thresholds: tuple[float, ...]
     reports: list[dict[str, Any]]
     expected_mac_saving: float
@@ -200,6 +211,11 @@ class OnlineDistiller:
         )
         self._replay: TensorRing | None = None  # built at the first sample (z shapes known then)
         self._evidence: TensorRing | None = None
+        # Learned gate: per-exit features and agreement of training-side samples, computed by the
+        # student *before* it trains on them (so they show how it does on traffic it has not seen).
+        self._gate_data: TensorRing | None = None
+        self._pending: list[tuple[list[Tensor], Tensor]] = []
+        self._pending_rows = 0
         self._counters = _Counters(
             exits=[0] * (num_exits + 1),
             audited=[0] * num_exits,
@@ -249,24 +265,29 @@ class OnlineDistiller:
         self._validate(x)
         self._install_ready()
         thresholds = self.eem.thresholds
+        calibration_side = self._split_is_calibration(x)
         with self._lock:
             rng_state = self._audit_rng.get_state()
             if all(t == math.inf for t in thresholds):
-                audit = torch.ones(
-                    x.shape[0], dtype=torch.bool
-                )  # everything runs to the end anyway
+                # Everything runs to the end anyway: every sample is evidence or teaches.
+                audit = torch.ones(x.shape[0], dtype=torch.bool)
             else:
-                audit = torch.rand(x.shape[0], generator=self._audit_rng) < self.config.audit_rate
+                # Audit only held-out contents, at the rate that audits ``audit_rate`` of all
+                # traffic: every audited sample is then evidence (auditing a sample whose content
+                # may only teach would pay the full model for nothing the calibration can use).
+                rate = min(1.0, self.config.audit_rate / self.config.calibration_fraction)
+                coin = torch.rand(x.shape[0], generator=self._audit_rng) < rate
+                audit = coin & calibration_side
         started = time.perf_counter()
         try:
-            result, trace = self.eem.trace(x, audit=audit.to(x.device))
+            result, trace = self.eem._serve(x, capture=True, audit=audit.to(x.device), checked=True)
         except BaseException:
             with self._lock:
                 self._audit_rng.set_state(rng_state)  # a failed call leaves no trace
             raise
         with self._lock:
             self._counters.serve_seconds += time.perf_counter() - started
-        self._learn(x, result, trace, audit.to(x.device))
+        self._learn(x, result, trace, audit.to(x.device), calibration_side.to(x.device))
         return result
 
     def fit(self, loader: Iterable[Any], epochs: int = 1) -> dict[str, Any]:
@@ -357,7 +378,14 @@ class OnlineDistiller:
         u = torch.frac(value.abs() * 7919.0)  # the fine digits of a random projection: ~uniform
         return u < self.config.calibration_fraction
 
-    def _learn(self, x: Tensor, result: ExitResult, trace: ExitTrace, audit: Tensor) -> None:
+    def _learn(
+        self,
+        x: Tensor,
+        result: ExitResult,
+        trace: ExitTrace,
+        audit: Tensor,
+        calibration_side: Tensor,
+    ) -> None:
         num_exits = self.eem.num_exits
         batch = x.shape[0]
         exit_index = result.exit_index.cpu()
@@ -410,9 +438,9 @@ class OnlineDistiller:
                 pos[record.rows] = torch.arange(record.rows.numel(), device=record.rows.device)
                 zs.append(record.z[pos[final_rows]].detach())
             self._ensure_buffers(zs, teacher)
-            calibration_side = self._split_is_calibration(x[final_rows]).to(final_rows.device)
-            evidence = audit[final_rows] & calibration_side
-            train = ~calibration_side
+            held_out = calibration_side[final_rows]
+            evidence = audit[final_rows] & held_out
+            train = ~held_out
             assert self._replay is not None and self._evidence is not None
             if self._collect_evidence and bool(evidence.any()):
                 self._evidence.add(
@@ -425,6 +453,14 @@ class OnlineDistiller:
                     **{f"z{i}": z[train] for i, z in enumerate(zs)}, teacher=teacher[train]
                 )
                 c.trained_samples += n_train
+                if self.config.gate == "learned" and self._collect_evidence:
+                    self._pending.append(([z[train] for z in zs], teacher[train].argmax(dim=-1)))
+                    self._pending_rows += n_train
+                    while (
+                        self._pending_rows - self._pending[0][1].shape[0]
+                        >= self.config.gate_samples
+                    ):
+                        self._pending_rows -= self._pending.pop(0)[1].shape[0]
                 owed = self._credit + n_train * self.config.replay_ratio / self.config.batch_size
                 # A trainer that falls behind skips steps rather than lagging ever further.
                 self._credit = min(owed, _MAX_OWED_STEPS)
@@ -446,6 +482,8 @@ class OnlineDistiller:
                 self._calibration_due = True
             self._wake.notify_all()
             return
+        if self._pending:
+            self._timed(self._record_gate_features)
         if self._may_train():
             with _one_thread():
                 while self._may_train():
@@ -478,21 +516,36 @@ class OnlineDistiller:
         dtype = _DTYPES[cfg.storage_dtype]
         itemsize = torch.tensor([], dtype=dtype).element_size()
         z_bytes = sum(z[0].numel() for z in zs) * itemsize
-        replay_row = z_bytes + teacher.shape[1] * 4
-        evidence_row = z_bytes + 8
-        replay_cap, evidence_cap = cfg.replay_samples, cfg.evidence_samples
+        num_exits, width = len(zs), len(AGREEMENT_FEATURES)
+        learned_gate = cfg.gate == "learned"
+        rows = {
+            "replay": (cfg.replay_samples, z_bytes + teacher.shape[1] * 4),
+            "evidence": (cfg.evidence_samples, z_bytes + 8),
+            "gate": (cfg.gate_samples if learned_gate else 0, num_exits * (width * 4 + 1)),
+        }
+        caps = {name: cap for name, (cap, _) in rows.items()}
         if cfg.max_memory_bytes is not None:
-            total = replay_cap * replay_row + evidence_cap * evidence_row
-            if total > cfg.max_memory_bytes:  # shrink both, keeping their proportion
+            total = sum(cap * size for cap, size in rows.values())
+            if total > cfg.max_memory_bytes:  # shrink all, keeping their proportion
                 scale = cfg.max_memory_bytes / total
-                replay_cap = max(1, int(replay_cap * scale))
-                evidence_cap = max(1, int(evidence_cap * scale))
+                caps = {name: max(1, int(cap * scale)) if cap else 0 for name, cap in caps.items()}
         device = teacher.device
         z_fields = {f"z{i}": (tuple(z.shape[1:]), dtype) for i, z in enumerate(zs)}
         self._replay = TensorRing(
-            replay_cap, {**z_fields, "teacher": ((teacher.shape[1],), torch.float32)}, device
+            caps["replay"], {**z_fields, "teacher": ((teacher.shape[1],), torch.float32)}, device
         )
-        self._evidence = TensorRing(evidence_cap, {**z_fields, "teacher": ((), torch.long)}, device)
+        self._evidence = TensorRing(
+            caps["evidence"], {**z_fields, "teacher": ((), torch.long)}, device
+        )
+        if learned_gate:
+            self._gate_data = TensorRing(
+                caps["gate"],
+                {
+                    "features": ((num_exits, width), torch.float32),
+                    "agree": ((num_exits,), torch.bool),
+                },
+                device,
+            )
 
     def _current_lr(self) -> float:
         half_life = self.config.lr_half_life
@@ -532,9 +585,52 @@ class OnlineDistiller:
                 self._counters.train_steps += 1
                 self._last_loss = float(loss.detach()) / max(len(self._student), 1)
 
+    # ------------------------------------------------------------------ internals: the gate
+    def _record_gate_features(self) -> None:
+        """Features and agreement of the samples that arrived since the last training step, as the
+        student sees them now (before it learns from them): the learned gate's training data."""
+        with self._lock:
+            pending, self._pending, self._pending_rows = self._pending, [], 0
+        if not pending:
+            return
+        with self._train_lock, torch.no_grad():
+            feats, agrees = [], []
+            for zs, teacher in pending:
+                history: list[Tensor] = []
+                per_exit_f, per_exit_a = [], []
+                for i, head in enumerate(self._student):
+                    logits = head.classify(zs[i].float())
+                    per_exit_f.append(agreement_features(logits, history))
+                    per_exit_a.append(logits.argmax(dim=-1) == teacher)
+                    history.append(logits)
+                feats.append(torch.stack(per_exit_f, dim=1))
+                agrees.append(torch.stack(per_exit_a, dim=1))
+        feat, agree = torch.cat(feats), torch.cat(agrees)
+        with self._lock:
+            if self._gate_data is not None:  # built with the other buffers
+                self._gate_data.add(features=feat, agree=agree)
+
+    def _fit_gate(self) -> tuple[Gate, str]:
+        """The gate to calibrate and serve with the next heads, and a word on how it was chosen."""
+        if self.config.gate == "wrap":
+            return self.eem.gate, "the gate given to ee.wrap"
+        with self._lock:
+            data = (
+                {k: v.clone() for k, v in self._gate_data.view().items()}
+                if self._gate_data is not None
+                else None
+            )
+        if data is None or data["agree"].shape[0] < _MIN_GATE_SAMPLES:
+            have = 0 if data is None else data["agree"].shape[0]
+            return LearnedGate(), (
+                f"learned gate not fitted yet ({have}/{_MIN_GATE_SAMPLES} samples): max softmax"
+            )
+        gate = fit_learned_gate(data["features"], data["agree"], min_samples=_MIN_GATE_SAMPLES)
+        return gate, f"learned gate fitted on {data['agree'].shape[0]} training-side samples"
+
     # ------------------------------------------------------------------ internals: calibration
     def _score_evidence(
-        self, heads: nn.ModuleList, data: dict[str, Tensor]
+        self, heads: nn.ModuleList, gate: Gate, data: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
         """Gate scores ``[N, E]`` and agreement ``[N, E]`` of ``heads`` on stored evidence."""
         teacher = data["teacher"]
@@ -544,15 +640,15 @@ class OnlineDistiller:
         with torch.no_grad():
             for i, head in enumerate(heads):
                 logits = head.classify(data[f"z{i}"].float())
-                s = self.eem.gate.score(logits, GateContext(i, rows, list(history))).float()
+                s = gate.score(logits, GateContext(i, rows, list(history))).float()
                 history.append(logits)
                 scores.append(s.cpu())
                 agree.append((logits.argmax(dim=-1) == teacher).cpu())
         return torch.stack(scores, dim=1), torch.stack(agree, dim=1)
 
-    def _expected_cost(self, scores: Tensor, thresholds: Sequence[float]) -> float:
+    def _expected_cost(self, scores: Tensor, thresholds: Sequence[float], gate: Gate) -> float:
         where = simulate_exits(scores, list(thresholds))
-        path = torch.tensor(self.eem.path_macs(tuple(thresholds)), dtype=torch.float64)
+        path = torch.tensor(self.eem.path_macs(tuple(thresholds), gate=gate), dtype=torch.float64)
         return float(path[where].mean()) if where.numel() else float(path[-1])
 
     def _make_candidate(self) -> _Candidate:
@@ -568,12 +664,14 @@ class OnlineDistiller:
                 if self._evidence is not None and len(self._evidence)
                 else None
             )
+        gate, gate_note = self._fit_gate()
         if data is None:
             reports = [
-                {"state": "closed", "reason": "no held-out evidence yet"} for _ in range(num_exits)
+                {"state": "closed", "reason": "no held-out evidence yet", "gate": gate_note}
+                for _ in range(num_exits)
             ]
-            return _Candidate(heads, (math.inf,) * num_exits, reports, 0.0, 0, epoch)
-        scores, agree = self._score_evidence(heads, data)
+            return _Candidate(heads, gate, (math.inf,) * num_exits, reports, 0.0, 0, epoch)
+        scores, agree = self._score_evidence(heads, gate, data)
 
         def run(enabled: list[bool]) -> tuple[CalibrationResult, float]:
             if cfg.calibration_mode == "joint":
@@ -589,7 +687,7 @@ class OnlineDistiller:
                     method=cfg.calibration_method,
                     enabled=enabled,
                 )
-            return res, self._expected_cost(scores, res.thresholds)
+            return res, self._expected_cost(scores, res.thresholds, gate)
 
         enabled = [True] * num_exits
         result, cost = run(enabled)
@@ -629,12 +727,15 @@ class OnlineDistiller:
                 "evidence_agreement": detail.agreement,
                 "evidence_lower_bound": detail.lower_bound,
                 "expected_exit_rate": float((where == e).sum()) / n,
+                "gate": gate_note,
             }
             if e in switched:
                 report["state"] = "switched off"
             reports.append(report)
         saving = 1.0 - cost / base
-        return _Candidate(heads, result.thresholds, reports, saving, int(scores.shape[0]), epoch)
+        return _Candidate(
+            heads, gate, result.thresholds, reports, saving, int(scores.shape[0]), epoch
+        )
 
     def _publish(self, candidate: _Candidate) -> None:
         """Serve ``candidate``: its heads and its thresholds, never one without the other."""
@@ -648,6 +749,7 @@ class OnlineDistiller:
             # call sees old heads + old thresholds, closed gates, or new heads + new thresholds.
             eem.set_thresholds([math.inf] * eem.num_exits)
             eem.heads = candidate.heads
+            eem.gate = candidate.gate  # after the heads: serving reads heads, then the gate
             eem.set_thresholds(candidate.thresholds)
             self._reports = candidate.reports
             self._expected_saving = candidate.expected_mac_saving
@@ -696,6 +798,8 @@ class OnlineDistiller:
         if self.config.forget_on_drift and self._replay is not None:
             self._replay.clear()
             self._credit = 0.0
+            if self._gate_data is not None:  # how confidence maps to agreement may have moved too
+                self._gate_data.clear()
         for window in self._monitor:
             window.clear()
         self._ready = None
@@ -730,6 +834,8 @@ class OnlineDistiller:
                     train = self._may_train()
                     if train:
                         self._credit -= 1.0
+                if self._pending:
+                    self._timed(self._record_gate_features)
                 if train:
                     self._train_step()
                 if calibrate:
@@ -808,7 +914,8 @@ class OnlineDistiller:
                         **self._reports[e],
                     }
                 )
-            memory = sum(r.nbytes for r in (self._replay, self._evidence) if r is not None)
+            rings = (self._replay, self._evidence, self._gate_data)
+            memory = sum(r.nbytes for r in rings if r is not None)
             return {
                 "samples": c.samples,
                 "phase": self._phase,
@@ -817,6 +924,7 @@ class OnlineDistiller:
                 "audited_agreement": [a["agreement"] for a in agreement],
                 "audited_lower_bound": [a["lower_bound"] for a in agreement],
                 "thresholds": thresholds,
+                "gate": repr(eem.gate),
                 "mac_saving": 1.0 - recent_macs / (recent * base) if self._recent_samples else 0.0,
                 "mac_saving_total": 1.0 - c.macs / (c.samples * base) if c.samples else 0.0,
                 "expected_mac_saving": self._expected_saving,
@@ -897,6 +1005,7 @@ class OnlineDistiller:
                 eem.heads.load_state_dict(heads, strict=True)
             except RuntimeError as err:
                 raise CheckpointError(f"{str(path)!r} heads do not fit this model: {err}") from err
+            eem.gate = make_gate(config["gate"])
             eem.set_thresholds(tensors["thresholds"].tolist())
         elif isinstance(model, nn.Module):
             eem = restore(model, tensors, config, path=str(path))
@@ -930,7 +1039,12 @@ class OnlineDistiller:
         tensors["rng.audit"] = self._audit_rng.get_state()
         tensors["rng.train"] = self._train_rng.get_state()
         rings: dict[str, Any] = {}
-        for name, ring in (("replay", self._replay), ("evidence", self._evidence)):
+        rings_to_save = (
+            ("replay", self._replay),
+            ("evidence", self._evidence),
+            ("gate_data", self._gate_data),
+        )
+        for name, ring in rings_to_save:
             if ring is None:
                 continue
             for field_name, value in ring.state().items():
