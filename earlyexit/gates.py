@@ -510,35 +510,40 @@ class LearnedGate(Gate):
 def _fit_logistic(x: Tensor, y: Tensor, l2: float, max_iter: int) -> tuple[Tensor, Tensor]:
     """L2-regularised logistic regression on standardised float64 ``x [N, D]``, ``y [N]``.
 
-    Minimises ``mean(BCE) + l2 / 2 * (|w|^2 + b^2)``; penalising the bias too keeps an exit whose
-    labels are all one class bounded (the objective is strictly convex, so the minimum is unique).
+    Minimises ``mean(BCE) + l2 / 2 * (|w|^2 + b^2)`` by Newton's method (a handful of ``D + 1``
+    square solves: no autograd, no optimizer, so a calibration pays milliseconds); penalising the
+    bias too keeps an exit whose labels are all one class bounded (the objective is strictly
+    convex, so the minimum is unique). Steps are halved whenever the objective would rise.
     """
-    d = x.shape[1]
+    n, d = x.shape
+    design = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], dim=1)
     rate = float(y.mean())
-    start = math.log(max(rate, 1e-3) / max(1.0 - rate, 1e-3))
-    w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
-    b = torch.tensor([start], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w, b],
-        lr=1.0,
-        max_iter=max_iter,
-        max_eval=max_iter * 2,
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
+    theta = torch.zeros(d + 1, dtype=torch.float64)
+    theta[-1] = math.log(max(rate, 1e-3) / max(1.0 - rate, 1e-3))
+    eye = torch.eye(d + 1, dtype=torch.float64)
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        z = x @ w + b
+    def objective(t: Tensor) -> float:
+        z = design @ t
         loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y)
-        loss = loss + 0.5 * l2 * (w.square().sum() + b.square().sum())
-        loss.backward()
-        return loss
+        return float(loss) + 0.5 * l2 * float(t.square().sum())
 
-    opt.step(closure)
-    return w.detach(), b.detach()[0]
+    current = objective(theta)
+    for _ in range(max_iter):
+        p = torch.sigmoid(design @ theta)
+        grad = design.T @ (p - y) / n + l2 * theta
+        hessian = (design * (p * (1.0 - p))[:, None]).T @ design / n + l2 * eye
+        step = torch.linalg.solve(hessian, grad)
+        scale = 1.0
+        while True:
+            candidate = theta - scale * step
+            value = objective(candidate)
+            if value <= current or scale < 1e-6:
+                break
+            scale *= 0.5
+        theta, improvement, current = candidate, current - value, value
+        if improvement < 1e-12 or float(step.abs().max()) * scale < 1e-10:
+            break
+    return theta[:-1], theta[-1]
 
 
 def fit_learned_gate(
@@ -617,7 +622,7 @@ def fit_learned_gate(
 def _fit_all(features: Tensor, agree: Tensor, d: int, l2: float) -> tuple[Tensor, Tensor]:
     """``[E, 7]`` raw-feature weights (float64, zero past column ``d``) and ``[E]`` biases."""
     num_exits = features.shape[1]
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.no_grad():
         # Clone out of any inference-mode tensor, onto the CPU: the problem is tiny.
         x_all = features.detach().to("cpu", torch.float64).clone()
         y_all = agree.detach().to("cpu").clone()
@@ -636,7 +641,7 @@ def _fit_all(features: Tensor, agree: Tensor, d: int, l2: float) -> tuple[Tensor
             std = x.std(dim=0, unbiased=False)
             keep = std > 1e-8 * mean.abs().clamp_min(1.0)
             z = (x[:, keep] - mean[keep]) / std[keep]
-            w, b = _fit_logistic(z, y_all[:, e], l2, max_iter=300)
+            w, b = _fit_logistic(z, y_all[:, e], l2, max_iter=50)
             raw = w / std[keep]
             weights[e, :d][keep] = raw
             bias[e] = b - (raw * mean[keep]).sum()

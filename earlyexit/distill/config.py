@@ -58,9 +58,10 @@ class DistillConfig:
         replay_ratio: replay samples drawn for training per sample stored, i.e. how many times each
             sample is seen on average at most; training cost grows with traffic, not with batch
             count (``train_time_budget`` usually binds first next to a cheap backbone).
-        train_time_budget: training and calibration may take at most this share of the
-            wall-clock spent serving (``None``: no cap, and runs are reproducible step for step);
-            keeps learning cheap next to small backbones, generous next to big ones.
+        train_time_budget: all learning work (per-batch bookkeeping, training steps,
+            calibrations) may take at most this share of the wall-clock spent serving (``None``:
+            no cap, and runs are reproducible step for step); keeps learning cheap next to small
+            backbones, generous next to big ones.
         replay_samples: cap on the replay buffer (features at every exit + teacher logits).
         max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
         storage_dtype: dtype of stored features (``"float16"`` halves the memory).
@@ -106,7 +107,7 @@ class DistillConfig:
     hard_label_weight: float = 0.0
     batch_size: int = 64
     replay_ratio: float = 32.0
-    train_time_budget: float | None = 0.1
+    train_time_budget: float | None = 0.12
     replay_samples: int = 20000
     max_memory_bytes: int | None = 256 * 2**20
     storage_dtype: str = "float32"

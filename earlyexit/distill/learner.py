@@ -70,6 +70,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _HASH_SIDE = 8
 #: Optimizer steps a lagging background trainer may owe before new traffic stops adding more.
 _MAX_OWED_STEPS = 64.0
+#: Training rows held back (learned gate) before the student's view of them is recorded at once.
+_PENDING_FLUSH = 256
 #: Fewest training-side samples the learned gate is fitted on (below: max softmax).
 _MIN_GATE_SAMPLES = 128
 #: Served samples the exit rates and MAC saving of :meth:`OnlineDistiller.stats` look back on.
@@ -149,7 +151,7 @@ class _Counters:
     last_calibration: int = 0
     drift_alarms: int = 0
     serve_seconds: float = 0.0  # wall-clock of serving passes (the time budget's reference)
-    learn_seconds: float = 0.0  # wall-clock of training steps and calibrations
+    learn_seconds: float = 0.0  # wall-clock of learning: bookkeeping, training, calibrations
     epoch: int = 0  # bumped by a drift alarm: older evidence and candidates are void
 
     def reset_publish(self, num_exits: int) -> None:
@@ -223,6 +225,7 @@ class OnlineDistiller:
         )
         self._counters.reset_publish(num_exits)
         self._credit = 0.0  # optimizer steps owed to the traffic seen
+        self._step_seconds = 0.0  # running mean of one training step's wall-clock
         # (samples, per-path counts, MACs) of the latest batches: recent exit rates and saving.
         self._recent: deque[tuple[int, list[int], int]] = deque()
         self._recent_samples = 0
@@ -261,6 +264,7 @@ class OnlineDistiller:
             >>> res = learner.step(torch.randn(32, 3, 224, 224))  # doctest: +SKIP
             >>> res.exit_index  # doctest: +SKIP
         """
+        step_started = time.perf_counter()
         self._raise_background_error()
         self._validate(x)
         self._install_ready()
@@ -285,9 +289,15 @@ class OnlineDistiller:
             with self._lock:
                 self._audit_rng.set_state(rng_state)  # a failed call leaves no trace
             raise
-        with self._lock:
-            self._counters.serve_seconds += time.perf_counter() - started
+        served = time.perf_counter() - started
         self._learn(x, result, trace, audit.to(x.device), calibration_side.to(x.device))
+        with self._lock:
+            c = self._counters
+            c.serve_seconds += served
+            # Per-batch bookkeeping (checks, hashing, buffers) is learning work too: it counts
+            # against the same budget as training, so the budget bounds the whole overhead.
+            c.learn_seconds += time.perf_counter() - step_started - served
+        self._after_batch()
         return result
 
     def fit(self, loader: Iterable[Any], epochs: int = 1) -> dict[str, Any]:
@@ -322,6 +332,7 @@ class OnlineDistiller:
         """
         self._raise_background_error()
         with self._train_lock:
+            self._timed(self._flush_pending)
             candidate = self._timed(self._make_candidate)
         self._publish(candidate)
         return self.stats()
@@ -335,7 +346,12 @@ class OnlineDistiller:
             self._wake.notify_all()
             self._wake.wait_for(
                 lambda: (
-                    self._error is not None or (not self._may_train() and not self._calibration_due)
+                    self._error is not None
+                    or (
+                        not self._may_train()
+                        and not self._calibration_due
+                        and not self._flush_due(False)
+                    )
                 ),
                 timeout=timeout,
             )
@@ -410,7 +426,6 @@ class OnlineDistiller:
             while self._recent_samples - self._recent[0][0] >= _STATS_WINDOW:
                 self._recent_samples -= self._recent.popleft()[0]
             if final_rows.numel() == 0 or trace.final_logits is None:
-                self._after_batch()
                 return
             teacher = trace.final_logits.detach()
             position = torch.full((batch,), -1, dtype=torch.long, device=final_rows.device)
@@ -432,7 +447,6 @@ class OnlineDistiller:
             zs = []
             for record in trace.exits:
                 if record is None:  # cannot happen with trace(); guard for custom models
-                    self._after_batch()
                     return
                 pos = torch.full((batch,), -1, dtype=torch.long, device=record.rows.device)
                 pos[record.rows] = torch.arange(record.rows.numel(), device=record.rows.device)
@@ -447,43 +461,50 @@ class OnlineDistiller:
                     **{f"z{i}": z[evidence] for i, z in enumerate(zs)},
                     teacher=teacher[evidence].argmax(dim=-1),
                 )
-            n_train = int(train.sum())
-            if n_train:
-                self._replay.add(
-                    **{f"z{i}": z[train] for i, z in enumerate(zs)}, teacher=teacher[train]
-                )
-                c.trained_samples += n_train
+            if bool(train.any()):
+                rows = ([z[train] for z in zs], teacher[train])
                 if self.config.gate == "learned" and self._collect_evidence:
-                    self._pending.append(([z[train] for z in zs], teacher[train].argmax(dim=-1)))
-                    self._pending_rows += n_train
-                    while (
-                        self._pending_rows - self._pending[0][1].shape[0]
-                        >= self.config.gate_samples
-                    ):
-                        self._pending_rows -= self._pending.pop(0)[1].shape[0]
-                owed = self._credit + n_train * self.config.replay_ratio / self.config.batch_size
-                # A trainer that falls behind skips steps rather than lagging ever further.
-                self._credit = min(owed, _MAX_OWED_STEPS)
+                    # Held back from replay until the student's view of them is recorded.
+                    self._pending.append(rows)
+                    self._pending_rows += rows[1].shape[0]
+                else:
+                    self._add_to_replay(*rows)
             if audited_rows.numel():
                 self._check_drift()
-            self._after_batch()
+
+    def _add_to_replay(self, zs: list[Tensor], teacher: Tensor) -> None:
+        """Store training rows and owe the optimizer steps they pay for (call under _lock)."""
+        assert self._replay is not None
+        n = teacher.shape[0]
+        self._replay.add(**{f"z{i}": z for i, z in enumerate(zs)}, teacher=teacher)
+        self._counters.trained_samples += n
+        owed = self._credit + n * self.config.replay_ratio / self.config.batch_size
+        # A trainer that falls behind skips steps rather than lagging ever further.
+        self._credit = min(owed, _MAX_OWED_STEPS)
+
+    def _flush_due(self, calibrating: bool) -> bool:
+        # Early on every row matters to heads that know nothing yet: flush every batch, then in
+        # blocks that grow with what replay already holds.
+        block = min(_PENDING_FLUSH, self._counters.trained_samples // 2)
+        return bool(self._pending) and (calibrating or self._pending_rows >= block)
 
     def _after_batch(self) -> None:
         """Schedule training and calibration (inline, or hand them to the background thread)."""
-        c = self._counters
-        cfg = self.config
-        due = c.samples >= cfg.warmup_samples and (
-            c.samples - c.last_calibration >= cfg.recalibrate_every
-        )
-        if due:
-            c.last_calibration = c.samples
-        if self._thread is not None:
+        with self._wake:  # the lock behind _wake guards the counters and the schedule
+            c = self._counters
+            cfg = self.config
+            due = c.samples >= cfg.warmup_samples and (
+                c.samples - c.last_calibration >= cfg.recalibrate_every
+            )
             if due:
-                self._calibration_due = True
-            self._wake.notify_all()
-            return
-        if self._pending:
-            self._timed(self._record_gate_features)
+                c.last_calibration = c.samples
+            if self._thread is not None:
+                if due:
+                    self._calibration_due = True
+                self._wake.notify_all()
+                return
+        if self._flush_due(due):
+            self._timed(self._flush_pending)
         if self._may_train():
             with _one_thread():
                 while self._may_train():
@@ -498,7 +519,8 @@ class OnlineDistiller:
             return False
         budget = self.config.train_time_budget
         c = self._counters
-        return budget is None or c.learn_seconds < budget * c.serve_seconds
+        # Only a step that fits in what is left: the budget is not overshot by a step per batch.
+        return budget is None or c.learn_seconds + self._step_seconds <= budget * c.serve_seconds
 
     def _timed(self, fn):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
@@ -555,7 +577,13 @@ class OnlineDistiller:
 
     def _train_step(self) -> None:
         """One AdamW step of every head on a replay minibatch (stored z, never the backbone)."""
+        started = time.perf_counter()
         self._timed(self._train_step_untimed)
+        took = time.perf_counter() - started
+        with self._lock:  # a running mean of what a step costs, for the budget check
+            self._step_seconds = (
+                took if self._step_seconds == 0.0 else 0.9 * self._step_seconds + 0.1 * took
+            )
 
     def _train_step_untimed(self) -> None:
         with self._lock:
@@ -586,29 +614,29 @@ class OnlineDistiller:
                 self._last_loss = float(loss.detach()) / max(len(self._student), 1)
 
     # ------------------------------------------------------------------ internals: the gate
-    def _record_gate_features(self) -> None:
-        """Features and agreement of the samples that arrived since the last training step, as the
-        student sees them now (before it learns from them): the learned gate's training data."""
+    def _flush_pending(self) -> None:
+        """Record how the student sees the training rows held back since the last flush (it has
+        never trained on them: the learned gate's training data), then let them into replay.
+        Done in blocks of a few hundred rows: one pass per block, not a dozen tiny ones."""
         with self._lock:
             pending, self._pending, self._pending_rows = self._pending, [], 0
         if not pending:
             return
+        zs = [torch.cat([chunk[0][i] for chunk in pending]) for i in range(len(pending[0][0]))]
+        teacher = torch.cat([chunk[1] for chunk in pending])
+        target = teacher.argmax(dim=-1)
         with self._train_lock, torch.no_grad():
+            history: list[Tensor] = []
             feats, agrees = [], []
-            for zs, teacher in pending:
-                history: list[Tensor] = []
-                per_exit_f, per_exit_a = [], []
-                for i, head in enumerate(self._student):
-                    logits = head.classify(zs[i].float())
-                    per_exit_f.append(agreement_features(logits, history))
-                    per_exit_a.append(logits.argmax(dim=-1) == teacher)
-                    history.append(logits)
-                feats.append(torch.stack(per_exit_f, dim=1))
-                agrees.append(torch.stack(per_exit_a, dim=1))
-        feat, agree = torch.cat(feats), torch.cat(agrees)
+            for i, head in enumerate(self._student):
+                logits = head.classify(zs[i].float())
+                feats.append(agreement_features(logits, history))
+                agrees.append(logits.argmax(dim=-1) == target)
+                history.append(logits)
         with self._lock:
             if self._gate_data is not None:  # built with the other buffers
-                self._gate_data.add(features=feat, agree=agree)
+                self._gate_data.add(features=torch.stack(feats, 1), agree=torch.stack(agrees, 1))
+            self._add_to_replay(zs, teacher)
 
     def _fit_gate(self) -> tuple[Gate, str]:
         """The gate to calibrate and serve with the next heads, and a word on how it was chosen."""
@@ -826,7 +854,12 @@ class OnlineDistiller:
             while True:
                 with self._wake:
                     self._wake.wait_for(
-                        lambda: self._stop.is_set() or self._may_train() or self._calibration_due
+                        lambda: (
+                            self._stop.is_set()
+                            or self._may_train()
+                            or self._calibration_due
+                            or self._flush_due(False)
+                        )
                     )
                     if self._stop.is_set():
                         return
@@ -834,8 +867,8 @@ class OnlineDistiller:
                     train = self._may_train()
                     if train:
                         self._credit -= 1.0
-                if self._pending:
-                    self._timed(self._record_gate_features)
+                if self._flush_due(calibrate):
+                    self._timed(self._flush_pending)
                 if train:
                     self._train_step()
                 if calibrate:
@@ -1059,6 +1092,10 @@ class OnlineDistiller:
             }
         for e, window in enumerate(self._monitor):
             tensors[f"monitor.{e}"] = torch.tensor(list(window), dtype=torch.bool)
+        if self._pending:
+            for i in range(len(self._pending[0][0])):
+                tensors[f"pending.z{i}"] = torch.cat([chunk[0][i] for chunk in self._pending])
+            tensors["pending.teacher"] = torch.cat([chunk[1] for chunk in self._pending])
         c = self._counters
         extra = {
             "distill": {
@@ -1108,6 +1145,10 @@ class OnlineDistiller:
             setattr(self, f"_{name}", ring)
         for e, window in enumerate(self._monitor):
             window.extend(tensors[f"monitor.{e}"].tolist())
+        if "pending.teacher" in tensors:
+            zs = [tensors[f"pending.z{i}"] for i in range(len(self._monitor))]
+            self._pending = [(zs, tensors["pending.teacher"])]
+            self._pending_rows = int(tensors["pending.teacher"].shape[0])
         self._counters = _Counters(**extra["counters"])
         self._credit = float(extra["credit"])
         self._reports = list(extra["reports"])
