@@ -15,6 +15,7 @@ Results go to ``benchmarks/results/online_distill_<workload>.json``.
 
 Example:
     python benchmarks/online_distill.py --workload digits
+    python benchmarks/online_distill.py --workload digits --seed 0 1 2   # + mean/min/max summary
     python benchmarks/online_distill.py --workload photos --traffic 2400
 """
 
@@ -108,11 +109,11 @@ def evaluate(eem: ee.EarlyExitModel, dataset, batch_size: int) -> dict:
     }
 
 
-def run(name: str, args: argparse.Namespace) -> dict:
+def run(name: str, args: argparse.Namespace, seed: int) -> dict:
     from earlyexit.evaluation.workloads import load_workload
 
     t_start = time.perf_counter()
-    w = load_workload(name, traffic_size=args.traffic, eval_size=args.eval, seed=args.seed)
+    w = load_workload(name, traffic_size=args.traffic, eval_size=args.eval, seed=seed)
     model = w.model.eval()
     eem = ee.wrap(model, head=args.head, input_size=w.input_size)
     overrides = _parse_overrides(args.set)
@@ -120,7 +121,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         **{
             "target_agreement": args.target,
             "confidence": args.confidence,
-            "seed": args.seed,
+            "seed": seed,
             **overrides,
         }
     )
@@ -218,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         help="warm-up batches timed side by side with plain model(x) (the overhead is an average: "
         "training and calibration are budgeted over time, not per batch)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one or more seeds (workload draw, audits, evidence split, replay); with several, "
+        "one JSON per seed plus a summary (mean, min, max)",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -229,31 +237,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
     names = ("digits", "photos") if args.workload == "all" else (args.workload,)
-    rows = []
+    seeds = list(dict.fromkeys(args.seed))
+    rows, columns = [], []
     for name in names:
-        report = run(name, args)
-        out = Path(args.out) if args.out else RESULTS / f"online_distill_{name}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        rows.append(report)
-        print(f"[{name}] {report['description']}", file=sys.stderr)
-        print(f"  wrote {out}", file=sys.stderr)
-    keys = [
-        ("agreement", "agreement (all)"),
-        ("agreement_exited", "agreement (exited)"),
-        ("exit_rate", "exit rate"),
-        ("accuracy_full", "accuracy full"),
-        ("accuracy_early", "accuracy early-exit"),
-        ("mac_saving", "MAC saving"),
-        ("oracle_mac_saving", "oracle MAC saving"),
-        ("saving_vs_oracle", "saving / oracle"),
-        ("warmup_overhead", "warm-up overhead"),
-        ("total_s", "total seconds"),
-    ]
-    print(f"{'metric':<22}" + "".join(f"{r['workload']:>12}" for r in rows))
-    for key, label in keys:
-        print(f"{label:<22}" + "".join(f"{_fmt(r[key]):>12}" for r in rows))
+        reports = []
+        for seed in seeds:
+            report = run(name, args, seed)
+            suffix = "" if len(seeds) == 1 else f"_seed{seed}"
+            out = Path(args.out) if args.out else RESULTS / f"online_distill_{name}{suffix}.json"
+            if args.out and len(seeds) > 1:
+                out = out.with_name(f"{out.stem}{suffix}{out.suffix}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2))
+            print(f"[{name} seed {seed}] {report['description']}", file=sys.stderr)
+            print(f"  wrote {out}", file=sys.stderr)
+            reports.append(report)
+            rows.append(report)
+            columns.append(name if len(seeds) == 1 else f"{name}:{seed}")
+        if len(seeds) > 1:
+            summary = _summary(name, seeds, reports)
+            out = (
+                RESULTS / f"online_distill_{name}_seeds.json"
+                if not args.out
+                else Path(args.out).with_name(f"{Path(args.out).stem}_seeds.json")
+            )
+            out.write_text(json.dumps(summary, indent=2))
+            print(f"  wrote {out}", file=sys.stderr)
+            rows.append(summary["mean"])
+            columns.append(f"{name}:mean")
+    print(f"{'metric':<22}" + "".join(f"{c:>12}" for c in columns))
+    for key, label in _KEYS:
+        print(f"{label:<22}" + "".join(f"{_fmt(r.get(key)):>12}" for r in rows))
     return 0
+
+
+_KEYS = [
+    ("agreement", "agreement (all)"),
+    ("agreement_exited", "agreement (exited)"),
+    ("exit_rate", "exit rate"),
+    ("accuracy_full", "accuracy full"),
+    ("accuracy_early", "accuracy early-exit"),
+    ("mac_saving", "MAC saving"),
+    ("oracle_mac_saving", "oracle MAC saving"),
+    ("saving_vs_oracle", "saving / oracle"),
+    ("warmup_overhead", "warm-up overhead"),
+    ("total_s", "total seconds"),
+]
+
+
+def _summary(name: str, seeds: list[int], reports: list[dict]) -> dict:
+    """Mean, min and max of every printed metric over seeds (``None`` where a seed had none)."""
+    stats: dict[str, dict] = {"mean": {}, "min": {}, "max": {}}
+    for key, _label in _KEYS:
+        values = [r[key] for r in reports if isinstance(r.get(key), int | float)]
+        if values:
+            stats["mean"][key] = sum(values) / len(values)
+            stats["min"][key] = min(values)
+            stats["max"][key] = max(values)
+    return {"workload": name, "seeds": seeds, **stats}
 
 
 if __name__ == "__main__":

@@ -314,43 +314,44 @@ def agreement_features(logits: Tensor, history: Sequence[Tensor | None] = ()) ->
             f"agreement_features needs logits [R, K] with K >= 1, got shape {tuple(logits.shape)}"
         )
     num_classes = logits.shape[-1]
-    log_probs = logits.float().log_softmax(dim=-1)
-    probs = logits.float().softmax(dim=-1)  # not log_probs.exp(): p1 is max_softmax_score exactly
-    pred = logits.argmax(dim=-1, keepdim=True)
-    top = log_probs.argmax(dim=-1, keepdim=True)
-    p1 = probs.amax(dim=-1)
+    # Serving calls this at every open exit, so it is written in few ops (each costs microseconds
+    # of dispatch next to a small head): one softmax and one log-softmax, one top-2.
+    x = logits.float()
+    log_probs = x.log_softmax(dim=-1)
+    probs = x.softmax(dim=-1)  # not log_probs.exp(): p1 is max_softmax_score exactly
+    pred = x.argmax(dim=-1, keepdim=True)
     if num_classes < 2:
+        p1 = probs[..., 0]
         margin = p1
         norm_neg_entropy = torch.ones_like(p1)
     else:
         top2 = probs.topk(2, dim=-1).values
-        margin = top2[..., 0] - top2[..., 1]
-        plogp = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))
+        p1 = top2[..., 0]
+        margin = p1 - top2[..., 1]
+        plogp = probs * log_probs.clamp_min(-1e30)  # 0 * log 0 -> 0, not nan
         norm_neg_entropy = (1.0 + plogp.sum(dim=-1) / math.log(num_classes)).clamp(0.0, 1.0)
-    log_p1 = log_probs.gather(-1, top).squeeze(-1)
-    log_rest = log_probs.scatter(-1, top, float("-inf")).logsumexp(dim=-1)
+    log_p1 = log_probs.gather(-1, pred).squeeze(-1)
+    log_rest = log_probs.scatter(-1, pred, float("-inf")).logsumexp(dim=-1)
     log_odds = (log_p1 - log_rest).clamp(-_LOG_ODDS_CLAMP, _LOG_ODDS_CLAMP)
 
-    prev_agrees = torch.zeros_like(p1)
-    prev_prob = torch.zeros_like(p1)
-    prob_sum = probs.clone()
-    count = 1
+    zeros = torch.zeros_like(p1)
+    prev_agrees, prev_prob, mean_max_prob = zeros, zeros, p1
     past_list = list(history)
-    for i, past in enumerate(past_list):
-        if past is None:
-            continue
-        if past.shape != logits.shape:
-            raise ConfigError(
-                f"history entry {i} has shape {tuple(past.shape)}, expected the shape of the "
-                f"current logits {tuple(logits.shape)}"
-            )
-        past_probs = past.float().softmax(dim=-1)
-        prob_sum = prob_sum + past_probs
-        count += 1
-        if i == len(past_list) - 1:
-            prev_agrees = (past.argmax(dim=-1, keepdim=True) == pred).squeeze(-1).float()
-            prev_prob = past_probs.gather(-1, pred).squeeze(-1)
-    mean_max_prob = p1 if count == 1 else (prob_sum / count).amax(dim=-1)
+    present = [(i, past) for i, past in enumerate(past_list) if past is not None]
+    if present:
+        prob_sum = probs
+        for i, past in present:
+            if past.shape != logits.shape:
+                raise ConfigError(
+                    f"history entry {i} has shape {tuple(past.shape)}, expected the shape of the "
+                    f"current logits {tuple(logits.shape)}"
+                )
+            past_probs = past.float().softmax(dim=-1)
+            prob_sum = prob_sum + past_probs
+            if i == len(past_list) - 1:
+                prev_agrees = (past.argmax(dim=-1, keepdim=True) == pred).squeeze(-1).float()
+                prev_prob = past_probs.gather(-1, pred).squeeze(-1)
+        mean_max_prob = (prob_sum / (len(present) + 1)).amax(dim=-1)
     return torch.stack(
         [p1, margin, norm_neg_entropy, log_odds, prev_agrees, prev_prob, mean_max_prob], dim=-1
     )

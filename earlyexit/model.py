@@ -180,11 +180,15 @@ class _Run:
         head = self.heads[i]
         z = head.reduce(feature)
         logits = head.classify(z)
+        threshold = self.thresholds[i]
+        if threshold == math.inf and not self.capture:
+            # A closed gate's head runs only as history for a later gate: no score needed.
+            self.history.append(logits)
+            return None
         scores = self.gate.score(logits, GateContext(i, self.rows, self.history)).float()
         self.history.append(logits)
         if self.capture:
             self.records[i] = ExitRecord(self.rows, z, logits, scores)
-        threshold = self.thresholds[i]
         if threshold == math.inf:
             return None
         passed = (scores >= threshold) & ~self.decided

@@ -75,7 +75,7 @@ class DistillConfig:
         auto_switch_off: switch off exits that cost more MACs (their head on every sample reaching
             them) than they save; re-decided at every calibration.
         min_exit_gain: share of the base model's MACs an exit must save (net) to stay on; at 0 an
-            exit is switched off when it costs more than it saves.
+            exit is switched off when it saves nothing net (its gate still costs wall-clock).
         drift_window: audited exits per exit the drift monitor looks back on.
         drift_alpha: level of the monitor's one-sided binomial test "agreement < target".
         forget_on_drift: on a drift alarm also drop the replay buffer (heads then learn only from

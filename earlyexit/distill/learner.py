@@ -731,7 +731,9 @@ class OnlineDistiller:
                 trial[e] = False
                 res_e, cost_e = run(trial)
                 gain = (cost_e - cost) / base  # net saving this exit brings (negative: it costs)
-                if gain < cfg.min_exit_gain and (best is None or cost_e < best[0]):
+                # An exit that brings nothing (gain 0: e.g. nobody leaves there) goes too: its
+                # gate would still cost wall-clock on every sample reaching it.
+                if gain <= cfg.min_exit_gain and (best is None or cost_e < best[0]):
                     best = (cost_e, e, res_e)
             if best is None:
                 break
