@@ -147,6 +147,8 @@ def test_config_validates_and_round_trips_json():
         dict(background="yes"),
         dict(gate="agreement"),
         dict(gate_samples=0),
+        dict(audit_boost=1.5),
+        dict(evidence_target=-1),
     ):
         with pytest.raises(ConfigError):
             DistillConfig(**bad)
@@ -202,7 +204,7 @@ def test_agreement_guarantee_holds_on_held_out_stream():
 
 def test_audit_fraction_is_respected():
     eem = toy_wrap()
-    learner = OnlineDistiller(eem, quick(audit_rate=0.2))
+    learner = OnlineDistiller(eem, quick(audit_rate=0.2, audit_boost=0.0))
     g = torch.Generator().manual_seed(3)
     run(learner, 15, g)
     assert any(t < math.inf for t in eem.thresholds)
@@ -216,6 +218,31 @@ def test_audit_fraction_is_respected():
     assert exited > 500
     sd = math.sqrt(exited * 0.2 * 0.8)
     assert abs(audited - 0.2 * exited) < 4 * sd
+
+
+def test_audit_boost_tapers_to_audit_rate_as_evidence_fills():
+    eem = toy_wrap()
+    cfg = quick(audit_rate=0.05, audit_boost=0.45, evidence_target=600)
+    learner = OnlineDistiller(eem, cfg)
+    g = torch.Generator().manual_seed(3)
+    run(learner, 15, g)
+    assert any(t < math.inf for t in eem.thresholds)
+    have = len(learner._evidence)
+    assert have < 600
+    assert learner._audit_share() == pytest.approx(0.05 + 0.40 * (1 - have / 600))
+    # While evidence is short, early exits really are audited at about the boosted share.
+    audited0, exits0 = sum(learner._counters.audited), sum(learner._counters.exits[:2])
+    run(learner, 5, g)
+    audited = sum(learner._counters.audited) - audited0
+    exited = sum(learner._counters.exits[:2]) - exits0
+    assert audited > 0.15 * exited
+    for _ in range(200):  # until the evidence reaches the target ...
+        if len(learner._evidence) >= 600:
+            break
+        run(learner, 1, g)
+    assert learner._audit_share() == pytest.approx(0.05)  # ... then back to audit_rate
+    off = OnlineDistiller(toy_wrap(), quick(audit_rate=0.05, evidence_target=0))
+    assert off._audit_share() == pytest.approx(0.05)
 
 
 def test_audits_are_drawn_among_held_out_contents_only():

@@ -34,6 +34,11 @@ class DistillConfig:
             measured on the traffic that actually exits (while every gate is closed, every sample
             runs to the end and counts as evidence). Audits are drawn among held-out contents only
             (see ``calibration_fraction``), so every audited sample becomes evidence.
+        audit_boost: share of traffic audited while the held-out evidence is short of
+            ``evidence_target`` (tapering linearly to ``audit_rate`` as it fills): right after gates
+            open the evidence is thin and every sample of it loosens the provable thresholds, so
+            audits pay for themselves then. ``0`` (or ``<= audit_rate``) audits at ``audit_rate``.
+        evidence_target: held-out evidence samples the boost aims for (``0``: no boost).
         calibration_fraction: share of sample *contents* held out for calibration: a seeded hash of
             each image decides once and for all whether it may teach or may calibrate, so repeated
             requests and later epochs never leak training data into the evidence.
@@ -98,6 +103,8 @@ class DistillConfig:
     gate: str = "learned"
     gate_samples: int = 8192
     audit_rate: float = 0.05
+    audit_boost: float = 0.25
+    evidence_target: int = 2000
     calibration_fraction: float = 0.4
     evidence_samples: int = 12000
     lr: float = 5e-3
@@ -146,7 +153,7 @@ class DistillConfig:
 
         for name in ("target_agreement", "confidence", "calibration_fraction", "drift_alpha"):
             unit_open(name)
-        for name in ("audit_rate", "hard_label_weight", "min_exit_gain"):
+        for name in ("audit_rate", "audit_boost", "hard_label_weight", "min_exit_gain"):
             unit_closed(name)
         for name in (
             "evidence_samples",
@@ -156,8 +163,14 @@ class DistillConfig:
             "gate_samples",
         ):
             positive_int(name)
-        for name in ("warmup_samples", "recalibrate_every", "lr_half_life", "seed"):
-            positive_int(name, allow_zero=name in ("warmup_samples", "lr_half_life", "seed"))
+        for name in (
+            "warmup_samples",
+            "recalibrate_every",
+            "lr_half_life",
+            "seed",
+            "evidence_target",
+        ):
+            positive_int(name, allow_zero=name != "recalibrate_every")
         for name in ("lr", "temperature", "replay_ratio"):
             positive(name)
         positive("weight_decay", allow_zero=True)

@@ -43,10 +43,12 @@ from scipy import stats as scipy_stats
 from torch import Tensor, nn
 
 from ..calibration import (
+    TOLERATED_FAILURES,
     CalibrationResult,
     calibrate_joint,
     calibrate_thresholds,
     clopper_pearson_lower,
+    min_evidence,
     simulate_exits,
 )
 from ..errors import CheckpointError, ConfigError, EarlyExitError, InputError
@@ -279,7 +281,7 @@ class OnlineDistiller:
                 # Audit only held-out contents, at the rate that audits ``audit_rate`` of all
                 # traffic: every audited sample is then evidence (auditing a sample whose content
                 # may only teach would pay the full model for nothing the calibration can use).
-                rate = min(1.0, self.config.audit_rate / self.config.calibration_fraction)
+                rate = min(1.0, self._audit_share() / self.config.calibration_fraction)
                 coin = torch.rand(x.shape[0], generator=self._audit_rng) < rate
                 audit = coin & calibration_side
         started = time.perf_counter()
@@ -299,6 +301,18 @@ class OnlineDistiller:
             c.learn_seconds += time.perf_counter() - step_started - served
         self._after_batch()
         return result
+
+    def _audit_share(self) -> float:
+        """Share of traffic audited now: ``audit_rate``, raised towards ``audit_boost`` while the
+        held-out evidence is short of ``evidence_target`` (the bound that decides how far gates
+        may open tightens with every evidence sample; once there is enough, audits cost more than
+        they teach). Call under ``_lock``."""
+        cfg = self.config
+        have, target = 0, cfg.evidence_target
+        if self._evidence is not None:  # a memory cap may hold fewer than the target
+            have, target = len(self._evidence), min(target, self._evidence.capacity)
+        shortfall = max(0.0, 1.0 - have / target) if target else 0.0
+        return cfg.audit_rate + max(0.0, cfg.audit_boost - cfg.audit_rate) * shortfall
 
     def fit(self, loader: Iterable[Any], epochs: int = 1) -> dict[str, Any]:
         """Learn from a finite unlabeled stream (the same machinery as :meth:`step`); returns stats.
@@ -683,22 +697,22 @@ class OnlineDistiller:
         """Copy the student, calibrate the copy on held-out evidence, choose which exits pay."""
         cfg = self.config
         num_exits = self.eem.num_exits
-        heads = copy.deepcopy(self._student)
-        heads.train(self.eem.training)
+        # Too little evidence for even the most lenient test: nothing can open, so skip the work
+        # (warm-up recalibrates several times before the first gate can open).
+        need = min_evidence(cfg.target_agreement, 1.0 - cfg.confidence, TOLERATED_FAILURES)
         with self._lock:
             epoch = self._counters.epoch
-            data = (
-                {k: v.clone() for k, v in self._evidence.view().items()}
-                if self._evidence is not None and len(self._evidence)
-                else None
-            )
+            have = len(self._evidence) if self._evidence is not None else 0
+            if have < need:
+                reason = f"closed: {have} evidence samples, {need} needed"
+                reports = [{"state": "closed", "reason": reason} for _ in range(num_exits)]
+                return _Candidate(
+                    self.eem.heads, self.eem.gate, (math.inf,) * num_exits, reports, 0.0, 0, epoch
+                )
+            data = {k: v.clone() for k, v in self._evidence.view().items()}
+        heads = copy.deepcopy(self._student)
+        heads.train(self.eem.training)
         gate, gate_note = self._fit_gate()
-        if data is None:
-            reports = [
-                {"state": "closed", "reason": "no held-out evidence yet", "gate": gate_note}
-                for _ in range(num_exits)
-            ]
-            return _Candidate(heads, gate, (math.inf,) * num_exits, reports, 0.0, 0, epoch)
         scores, agree = self._score_evidence(heads, gate, data)
 
         def run(enabled: list[bool]) -> tuple[CalibrationResult, float]:
