@@ -6,22 +6,28 @@ How it works (one call of :meth:`OnlineDistiller.step`):
    and every head is evaluated on every sample reaching it, so the pooled input ``z`` of every head
    is known for every sample that ran to the end, next to the full model's logits (the teacher).
    No second backbone pass is ever made for learning.
-2. Which samples count as *evidence* is decided without regard to content: every sample while all
-   gates are closed (warm-up, after a drift alarm), otherwise a random ``audit_rate`` of the
-   samples, which run to the end even when a head answered them (so agreement is measured on the
-   traffic that actually exits, not only on the hard remainder).
+2. Which samples count as *evidence* is decided without regard to what the heads say: every
+   held-out sample while all gates are closed (warm-up, after a drift alarm), otherwise a random
+   audit of held-out samples (``audit_rate`` of traffic, more while evidence is short of
+   ``evidence_target``), which run to the end even when a head answered them (so agreement is
+   measured on the traffic that actually exits, not only on the hard remainder).
 3. A seeded hash of each image's content decides, once and for all, whether that content may teach
    (replay buffer, trains the heads) or calibrate (evidence buffer, held out from training).
 4. Heads are trained on a *shadow copy* (the student) from the replay buffer of stored ``z`` and
-   teacher logits; the backbone is never run, trained, or put in training mode.
-5. On a schedule, the student is copied, the copy's scores on the held-out evidence are recomputed
-   (heads change, so stored scores would be stale), thresholds are chosen by Learn-then-Test
-   (:mod:`earlyexit.calibration`), exits that cost more than they save are switched off, and the
-   copy is published together with its thresholds (heads swapped as one ``ModuleList``: a served
-   call never sees a half-trained head).
+   teacher logits; the backbone is never run, trained, or put in training mode. Before training
+   rows join replay, the student's view of them (confidence, agreement with the teacher) is
+   recorded: the data of the learned gate, taken on traffic the student has not learned from.
+5. On a schedule, the student is copied, a :class:`~earlyexit.gates.LearnedGate` is fitted, the
+   copy's scores on the held-out evidence are recomputed (heads change, so stored scores would be
+   stale), thresholds are chosen by Learn-then-Test (:mod:`earlyexit.calibration`), exits that
+   save nothing are switched off, and the copy is published together with its gate and
+   thresholds (heads swapped as one ``ModuleList``: a served call never sees a half-trained head).
 6. A drift monitor tests the audited agreement of each exit; when it is provably below the target
    every gate closes (all traffic becomes evidence again) and stale evidence is dropped; gates reopen
    when the new evidence supports them.
+
+All learning work (bookkeeping, training, calibration) shares one wall-clock budget,
+``train_time_budget`` of the time spent serving.
 """
 
 from __future__ import annotations
@@ -753,9 +759,13 @@ class OnlineDistiller:
                 break
             cost_e, e, res_e = best
             switched[e] = (
-                f"switched off: without it the path costs {cost - cost_e:.0f} MACs/sample less "
-                f"on held-out evidence; it saves {(cost_e - cost) / base:+.4f} of the base model "
-                f"net (its head costs {self.eem.head_macs[e]} MACs on every sample reaching it)"
+                "switched off: it saves nothing on held-out evidence (no sample would leave "
+                "there), and its gate would still run on every sample reaching it"
+                if cost - cost_e < 0.5
+                else f"switched off: without it the path costs {cost - cost_e:.0f} MACs/sample "
+                f"less on held-out evidence; it saves {(cost_e - cost) / base:+.4f} of the base "
+                f"model net (its head costs {self.eem.head_macs[e]} MACs on every sample "
+                "reaching it)"
             )
             enabled[e] = False
             result, cost = res_e, cost_e
@@ -844,6 +854,7 @@ class OnlineDistiller:
             self._credit = 0.0
             if self._gate_data is not None:  # how confidence maps to agreement may have moved too
                 self._gate_data.clear()
+            self._pending, self._pending_rows = [], 0
         for window in self._monitor:
             window.clear()
         self._ready = None
