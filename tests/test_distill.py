@@ -288,6 +288,21 @@ def test_learned_gate_is_fitted_and_served_with_the_heads():
     assert rate > 0.5 and agree >= 0.95
 
 
+def test_gate_data_is_recorded_before_rows_can_teach():
+    learner = OnlineDistiller(toy_wrap(), quick(warmup_samples=10**6))  # learn only
+    g = torch.Generator().manual_seed(4)
+    for _ in range(30):
+        learner.step(stream(64, g))
+        # Every row in replay had the student's view of it recorded first; rows still pending
+        # (recorded later, in one block) are not in replay, so no training step has seen them.
+        assert learner._gate_data.added == learner._replay.added
+        assert learner._counters.trained_samples == learner._replay.added
+    assert learner._pending_rows > 0  # blocks grow once replay holds a few hundred rows
+    learner.calibrate()  # a calibration records and releases whatever is pending
+    assert learner._pending_rows == 0
+    assert learner._gate_data.added == learner._replay.added
+
+
 def test_gate_wrap_keeps_the_wrappers_gate():
     eem = ee.wrap(Toy().eval(), exits=["stage1", "stage2"], input_size=(3, 8, 8), gate="margin")
     learner = OnlineDistiller(eem, quick(gate="wrap"))
