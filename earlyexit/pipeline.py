@@ -31,7 +31,7 @@ class PipelineOptions:
     exits: str | list[str | int] = "auto"
     num_exits: int = 4
     head: str = "linear"
-    gate: str = "max_softmax"
+    gate: str = "learned"  # any other gate is kept fixed (DistillConfig(gate="wrap"))
     batch_size: int = 32
     seed: int = 0
     latency: bool = True
@@ -143,6 +143,7 @@ def serve_and_evaluate(
             "confidence": opts.confidence,
             "seed": opts.seed,
             "train_time_budget": None,
+            "gate": "learned" if opts.gate == "learned" else "wrap",
             **opts.distill,
         }
     )

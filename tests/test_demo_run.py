@@ -99,3 +99,18 @@ def test_run_errors_have_codes_and_messages(tmp_path, capsys, args, code, messag
     argv = ["run", *RUN_ARGS] + [a.format(tmp=tmp_path) for a in args]
     assert main(argv) == code
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("gate", "kind", "mode"), [("learned", "LearnedGate", "learned"),
+                                                    ("margin", "MarginGate", "wrap")])  # fmt: skip
+def test_pipeline_keeps_a_fixed_gate_and_learns_the_learned_one(tmp_path, gate, kind, mode):
+    from earlyexit.pipeline import PipelineOptions, serve_and_evaluate
+
+    w = load_workload("digits", traffic_size=64, eval_size=32)
+    options = PipelineOptions(gate=gate, latency=False, progress=False)
+    result = serve_and_evaluate(
+        w.model, w.traffic, w.evaluation, labelled=True, out_dir=tmp_path, options=options,
+        input_size=w.input_size, log=lambda message: None,
+    )  # fmt: skip
+    assert type(result.learner.eem.gate).__name__ == kind
+    assert result.learner.config.gate == mode

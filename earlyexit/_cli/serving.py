@@ -58,8 +58,9 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--gate",
         choices=gate_names(),
-        default="max_softmax",
-        help="gate score (default max_softmax)",
+        default="learned",
+        help="gate score: 'learned' (default) lets the learner fit a gate from the agreement it "
+        "sees (log-odds that a head agrees with the full model); any other keeps that fixed rule",
     )
     group.add_argument(
         "--seed", type=int, default=0, help="seed for traffic, audits and replay (default 0)"
