@@ -303,6 +303,16 @@ def test_gate_data_is_recorded_before_rows_can_teach():
     assert learner._gate_data.added == learner._replay.added
 
 
+def test_a_gate_that_cannot_be_fitted_falls_back_instead_of_failing_serving():
+    learner = OnlineDistiller(toy_wrap(), quick())
+    g = torch.Generator().manual_seed(2)
+    run(learner, 10, g)
+    learner._gate_data.data["features"][0, 0, 0] = float("nan")  # a poisoned record
+    gate, note = learner._fit_gate()
+    assert not gate.fitted and "not fitted" in note and "NaN" in note
+    run(learner, 5, g)  # serving and calibration go on
+
+
 def test_gate_wrap_keeps_the_wrappers_gate():
     eem = ee.wrap(Toy().eval(), exits=["stage1", "stage2"], input_size=(3, 8, 8), gate="margin")
     learner = OnlineDistiller(eem, quick(gate="wrap"))

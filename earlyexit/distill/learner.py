@@ -673,7 +673,10 @@ class OnlineDistiller:
             return LearnedGate(), (
                 f"learned gate not fitted yet ({have}/{_MIN_GATE_SAMPLES} samples): max softmax"
             )
-        gate = fit_learned_gate(data["features"], data["agree"], min_samples=_MIN_GATE_SAMPLES)
+        try:
+            gate = fit_learned_gate(data["features"], data["agree"], min_samples=_MIN_GATE_SAMPLES)
+        except ConfigError as err:  # e.g. non-finite features: serve on, with the plain rule
+            return LearnedGate(), f"learned gate not fitted ({err}): max softmax"
         return gate, f"learned gate fitted on {data['agree'].shape[0]} training-side samples"
 
     # ------------------------------------------------------------------ internals: calibration
