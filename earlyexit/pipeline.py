@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._json import json_safe
 from .distill import DistillConfig, OnlineDistiller
 from .evaluation.report import tradeoff_report, write_report
 from .evaluation.stream import iterate_batches
@@ -172,7 +173,7 @@ def serve_and_evaluate(
         ],
     )
     seconds["evaluate"] = time.perf_counter() - start
-    report["learner"] = _json_safe(stats)
+    report["learner"] = json_safe(stats)
     report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     paths = write_report(report, out_dir, name)
     return PipelineResult(report, paths, learner, seconds)
@@ -180,19 +181,6 @@ def serve_and_evaluate(
 
 def _fmt_thresholds(thresholds: tuple[float, ...]) -> str:
     return "[" + ", ".join("closed" if t == float("inf") else f"{t:.3f}" for t in thresholds) + "]"
-
-
-def _json_safe(value: Any) -> Any:
-    """Infinite floats as strings, so reports stay strict JSON."""
-    if isinstance(value, float) and value in (float("inf"), float("-inf")):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def summary_table(report: dict[str, Any]) -> str:

@@ -173,3 +173,21 @@ def test_tradeoff_report_end_to_end(setup, tmp_path):
     assert report["latency_ratio_b1"] > 0 and report["throughput_ratio"] > 0
     assert report["stream"]["samples"] == 48
     write_report(report, tmp_path, "e2e")
+
+
+def test_json_numbers_are_strict():
+    import json
+    import math
+
+    import pytest
+
+    from earlyexit._json import json_float, json_safe
+
+    assert json_float(math.inf) == "inf" and json_float(-math.inf) == "-inf"
+    assert json_float(None) is None and json_float(0.25) == 0.25
+    with pytest.raises(ValueError, match="NaN"):
+        json_float(math.nan)  # a NaN threshold is a bug, not a value to hide
+    nested = {"t": (math.inf, 1.0), "stats": [{"agreement": math.nan}], "n": 3}
+    safe = json_safe(nested)
+    assert safe == {"t": ["inf", 1.0], "stats": [{"agreement": None}], "n": 3}
+    json.dumps(safe, allow_nan=False)  # strict JSON

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._json import json_float
 from .baselines import (
     METHOD_FULL,
     METHOD_OPERATING,
@@ -65,18 +65,6 @@ REQUIRED_KEYS = (
 _EXIT_KEYS = ("threshold", "exit_rate", "agreement")
 #: Agreement levels at which every curve's best saving is tabulated.
 AGREEMENT_TARGETS = (0.99, 0.95)
-
-
-def _jf(v: float | None) -> float | str | None:
-    """JSON float: inf as a string, NaN refused."""
-    if v is None:
-        return None
-    v = float(v)
-    if math.isnan(v):
-        raise ValueError("NaN in a report")
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return v
 
 
 def model_meta(eem: Any, name: str | None = None) -> dict[str, Any]:
@@ -140,7 +128,7 @@ def build_report(
         exits.append(
             {
                 "name": record.exit_names[i] if record.exit_names else str(i),
-                "threshold": _jf(operating_thresholds[i]),
+                "threshold": json_float(operating_thresholds[i]),
                 "exit_rate": op.exit_rates[i],
                 "agreement": op.exit_agreement[i],
                 "path_macs": costs[i],
@@ -173,7 +161,7 @@ def build_report(
         "latency_ratio_b1": None if latency is None else latency.get("latency_ratio_b1"),
         "throughput_ratio": None if latency is None else latency.get("throughput_ratio"),
         "latency": None if latency is None else dict(latency),
-        "thresholds": [_jf(t) for t in operating_thresholds],
+        "thresholds": [json_float(t) for t in operating_thresholds],
         "exits": exits,
         "final": {"exit_rate": op.exit_rates[-1], "path_macs": costs[-1]},
         "methods": summary,

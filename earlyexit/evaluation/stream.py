@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._json import json_float
 from ..gates import Gate, GateContext
 from ..model import exit_path_macs, heads_evaluated
 
@@ -424,16 +425,9 @@ class PolicyPoint:
         """JSON-ready dict (non-finite thresholds as the strings ``"inf"`` / ``"-inf"``)."""
         out = asdict(self)
         if self.thresholds is not None:
-            out["thresholds"] = [_json_float(t) for t in self.thresholds]
-        out["param"] = _json_float(self.param) if self.param is not None else None
+            out["thresholds"] = [json_float(t) for t in self.thresholds]
+        out["param"] = json_float(self.param)
         return out
-
-
-def _json_float(v: float) -> float | str:
-    v = float(v)
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return v
 
 
 def evaluate_exits(
