@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  earlyexit profile timm:resnet50\n"
             "  earlyexit bench timm:resnet50 --batch-sizes 1,32 --json > bench.json\n"
-            "  earlyexit report benchmarks/results/digits_report.json\n\n"
+            "  earlyexit report benchmarks/results/demo_digits.json\n\n"
             "models are named timm:NAME or torchvision:NAME (a bare NAME is looked up in timm,\n"
             "then torchvision); weights are random unless --weights PATH is given.\n\n"
             f"exit codes:\n{exit_codes_text()}"

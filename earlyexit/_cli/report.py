@@ -18,14 +18,14 @@ from .common import (
 NAME = "report"
 HELP = "render a JSON evaluation report as a Markdown table and a PNG of the trade-off curves"
 DESCRIPTION = (
-    "Read RUN.json (written by earlyexit.evaluation.write_report, benchmarks/tradeoff.py or "
+    "Read RUN.json (written by earlyexit.evaluation.write_report, `earlyexit demo` or "
     "`earlyexit run`), write RUN.md and RUN.png beside it (or into --out) and print the Markdown. "
     "The plot shows MACs (fraction of the full model) against agreement with the full model, and "
     "accuracy when the stream was labelled: one line per method, the oracle and the operating "
     "point marked."
 )
 EPILOG = f"""examples:
-  earlyexit report benchmarks/results/digits_report.json
+  earlyexit report benchmarks/results/demo_digits.json
   earlyexit report run.json --out rendered/ --name run1
   earlyexit report run.json --json     # headline figures + written paths, as JSON
 

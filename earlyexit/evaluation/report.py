@@ -181,7 +181,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
         ValueError: not JSON, or a required key missing.
 
     Example:
-        >>> load_report("benchmarks/results/digits_report.json")["mac_saving"]  # doctest: +SKIP
+        >>> load_report("benchmarks/results/demo_digits.json")["mac_saving"]  # doctest: +SKIP
     """
     path = Path(path)
     if not path.is_file():
