@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ._threads import fixed_threads
 from .errors import ConfigError
 
 
@@ -607,14 +608,10 @@ def fit_learned_gate(
             "more samples (or lower min_samples, at the risk of an unreliable fit)"
         )
     d = _NUM_FEATURES if use_history else _NUM_FEATURES - _NUM_HISTORY_FEATURES
-    threads = torch.get_num_threads()
-    try:
-        # One thread: the problem is tiny, and on a busy CPU the intra-op pool's hand-offs made
-        # the fit ~50x slower (3.6 s instead of 0.07 s for N=8192, E=4 on 2 contended cores).
-        torch.set_num_threads(1)
+    # One thread: the problem is tiny, and on a busy CPU the intra-op pool's hand-offs made the
+    # fit ~50x slower (3.6 s instead of 0.07 s for N=8192, E=4 on 2 contended cores).
+    with fixed_threads(1):
         weights, bias = _fit_all(features, agree, d, float(l2))
-    finally:
-        torch.set_num_threads(threads)
     if not (bool(torch.isfinite(weights).all()) and bool(torch.isfinite(bias).all())):
         raise ConfigError("logistic regression diverged (non-finite weights); try a larger l2")
     return LearnedGate(weights.float().tolist(), bias.float().tolist(), use_history=use_history)

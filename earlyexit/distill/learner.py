@@ -32,13 +32,12 @@ All learning work (bookkeeping, training, calibration) shares one wall-clock bud
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from scipy import stats as scipy_stats
 from torch import Tensor, nn
 
+from .._threads import fixed_threads
 from ..calibration import (
     TOLERATED_FAILURES,
     CalibrationResult,
@@ -86,18 +86,15 @@ _MIN_GATE_SAMPLES = 128
 _STATS_WINDOW = 2048
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run head training on one intra-op thread: its tensors are small, so fanning each op out
-    costs more than it gains (and far more on a shared machine). Serving keeps its threads."""
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
+def _classify_all(heads: Sequence[nn.Module], zs: Sequence[Tensor]) -> list[Tensor]:
+    """Every head's logits on its stored input ``z`` (no backbone pass, no autograd)."""
+    with torch.no_grad():
+        return [head.classify(z.float()) for head, z in zip(heads, zs, strict=True)]
+
+
+def _agreement(logits: Sequence[Tensor], target: Tensor) -> Tensor:
+    """``[N, E]`` bool: whether each head's argmax is the full model's answer ``target``."""
+    return torch.stack([out.argmax(dim=-1) == target for out in logits], dim=1)
 
 
 class BackgroundTrainingError(EarlyExitError, RuntimeError):
@@ -290,15 +287,16 @@ class OnlineDistiller:
                 rate = min(1.0, self._audit_share() / self.config.calibration_fraction)
                 coin = torch.rand(x.shape[0], generator=self._audit_rng) < rate
                 audit = coin & calibration_side
+        audit, calibration_side = audit.to(x.device), calibration_side.to(x.device)
         started = time.perf_counter()
         try:
-            result, trace = self.eem._serve(x, capture=True, audit=audit.to(x.device), checked=True)
+            result, trace = self.eem._serve(x, capture=True, audit=audit, checked=True)
         except BaseException:
             with self._lock:
                 self._audit_rng.set_state(rng_state)  # a failed call leaves no trace
             raise
         served = time.perf_counter() - started
-        self._learn(x, result, trace, audit.to(x.device), calibration_side.to(x.device))
+        self._learn(x, result, trace, audit, calibration_side)
         with self._lock:
             c = self._counters
             c.serve_seconds += served
@@ -526,7 +524,9 @@ class OnlineDistiller:
         if self._flush_due(due):
             self._timed(self._flush_pending)
         if self._may_train():
-            with _one_thread():
+            # One intra-op thread: head training is many tiny ops, which the thread pool only
+            # slows down (far more on a shared machine). Serving keeps its threads.
+            with fixed_threads(1):
                 while self._may_train():
                     self._credit -= 1.0
                     self._train_step()
@@ -645,17 +645,15 @@ class OnlineDistiller:
         zs = [torch.cat([chunk[0][i] for chunk in pending]) for i in range(len(pending[0][0]))]
         teacher = torch.cat([chunk[1] for chunk in pending])
         target = teacher.argmax(dim=-1)
-        with self._train_lock, torch.no_grad():
-            history: list[Tensor] = []
-            feats, agrees = [], []
-            for i, head in enumerate(self._student):
-                logits = head.classify(zs[i].float())
-                feats.append(agreement_features(logits, history))
-                agrees.append(logits.argmax(dim=-1) == target)
-                history.append(logits)
+        with self._train_lock:
+            logits = _classify_all(self._student, zs)
+        with torch.no_grad():
+            feats = [agreement_features(out, logits[:i]) for i, out in enumerate(logits)]
         with self._lock:
             if self._gate_data is not None:  # built with the other buffers
-                self._gate_data.add(features=torch.stack(feats, 1), agree=torch.stack(agrees, 1))
+                self._gate_data.add(
+                    features=torch.stack(feats, 1), agree=_agreement(logits, target)
+                )
             self._add_to_replay(zs, teacher)
 
     def _fit_gate(self) -> tuple[Gate, str]:
@@ -685,17 +683,14 @@ class OnlineDistiller:
     ) -> tuple[Tensor, Tensor]:
         """Gate scores ``[N, E]`` and agreement ``[N, E]`` of ``heads`` on stored evidence."""
         teacher = data["teacher"]
-        scores, agree, history = [], [], []
-        n = teacher.shape[0]
-        rows = torch.arange(n, device=teacher.device)
+        rows = torch.arange(teacher.shape[0], device=teacher.device)
+        logits = _classify_all(heads, [data[f"z{i}"] for i in range(len(heads))])
         with torch.no_grad():
-            for i, head in enumerate(heads):
-                logits = head.classify(data[f"z{i}"].float())
-                s = gate.score(logits, GateContext(i, rows, list(history))).float()
-                history.append(logits)
-                scores.append(s.cpu())
-                agree.append((logits.argmax(dim=-1) == teacher).cpu())
-        return torch.stack(scores, dim=1), torch.stack(agree, dim=1)
+            scores = [
+                gate.score(out, GateContext(i, rows, logits[:i])).float().cpu()
+                for i, out in enumerate(logits)
+            ]
+        return torch.stack(scores, dim=1), _agreement(logits, teacher).cpu()
 
     def _expected_cost(self, scores: Tensor, thresholds: Sequence[float], gate: Gate) -> float:
         where = simulate_exits(scores, list(thresholds))

@@ -17,18 +17,18 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._threads import fixed_threads
 from ..gates import Gate, GateContext
 
 __all__ = [
@@ -92,26 +92,6 @@ class TimingStats:
             batch=batch,
             times=tuple(times),
         )
-
-
-@contextlib.contextmanager
-def fixed_threads(threads: int | None) -> Iterator[None]:
-    """Fix ``torch``'s intra-op CPU threads for a measurement, and restore them afterwards.
-
-    Example:
-        >>> with fixed_threads(1):
-        ...     torch.get_num_threads()
-        1
-    """
-    before = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be positive, got {threads}")
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
