@@ -1,4 +1,4 @@
-"""Wall-clock cost of early exit on timm resnet50 and vit_base_patch16_224 (random weights, CPU).
+"""Wall-clock cost of early exit on timm resnet50 and vit_base_patch16_224 (random weights, CPU or GPU).
 
 For each model, the wrapped model is timed against the model itself in one interleaved loop
 (warm-up excluded, CPU threads fixed) at batch 1 and batch 32, with forced exit mixes:
@@ -14,9 +14,14 @@ Timings on a shared machine are noisy: read the ratios (median, and min, the ste
 contention), never absolute seconds across runs. Prints a table and writes
 ``benchmarks/results/latency.json`` (``latency_quick.json`` with ``--quick``).
 
+On a GPU (``--device cuda``) calls are timed with CUDA events, more repetitions are taken (each
+call is milliseconds), cuDNN autotuning is on (as a server with fixed input sizes would run) and
+the results go to ``latency_cuda.json``.
+
 Usage:
-    python benchmarks/latency.py            # ~5 minutes on 2 idle CPU cores (more when shared)
-    python benchmarks/latency.py --quick    # ~1-2 minutes: batch 8 instead of 32, fewer reps
+    python benchmarks/latency.py                  # ~5 minutes on 2 idle CPU cores (more when shared)
+    python benchmarks/latency.py --quick          # ~1-2 minutes: batch 8 instead of 32, fewer reps
+    python benchmarks/latency.py --device cuda    # ~1 minute on one GPU
 """
 
 from __future__ import annotations
@@ -45,13 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (CUDA events time each call on a GPU)"
+    )
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    if (
+        device.type == "cuda"
+    ):  # fixed input sizes, as in serving: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
 
     big = 8 if args.quick else 32
     reps = {1: 5 if args.quick else 10, big: 2}
-    out = args.out or RESULTS / ("latency_quick.json" if args.quick else "latency.json")
+    if device.type == "cuda":  # milliseconds per call: many more repetitions for stable medians
+        reps = {b: 20 * r for b, r in reps.items()}
+    stem = "latency" + ("_quick" if args.quick else "") + ("_cuda" if device.type == "cuda" else "")
+    out = args.out or RESULTS / f"{stem}.json"
     results = {
-        "description": "wrapped / base wall-clock ratios, random weights, CPU, interleaved reps",
+        "description": "wrapped / base wall-clock ratios, random weights, interleaved reps, on "
+        + (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"),
+        "device": str(device),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -63,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for name in args.models.split(","):
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False).eval()
+        model = timm.create_model(name, pretrained=False).eval().to(device)
         print(f"== {name} ==", file=sys.stderr, flush=True)
         mixes = default_mixes(4)
         keep_b1 = [m for m in mixes if m.pure]
@@ -75,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_sizes=[batch],
                 mixes=chosen,
                 reps=reps,
-                warmup=1,
+                warmup=10 if device.type == "cuda" else 1,
                 threads=args.threads,
                 progress=not args.no_progress,
             )

@@ -192,20 +192,33 @@ class _Run:
         if threshold == math.inf:
             return None
         passed = (scores >= threshold) & ~self.decided
-        if not bool(passed.any()):
-            return None
-        self.answers.append((self.rows[passed], logits[passed], i, scores[passed]))
         leaving = passed if self.audit is None else passed & ~self.audit[self.rows]
-        self.decided = self.decided | passed
-        if not bool(leaving.any()):
+        # One host sync per exit (on a GPU each sync stalls the launch queue): both counts at
+        # once, then indices of known size, so no boolean mask below needs another.
+        num_passed, num_leaving = torch.stack((passed.sum(), leaving.sum())).tolist()
+        if num_passed == 0:
             return None
-        keep = ~leaving
-        if not bool(keep.any()):
+        passed_rows = _indices(passed, num_passed)
+        self.answers.append((self.rows[passed_rows], logits[passed_rows], i, scores[passed_rows]))
+        self.decided = self.decided | passed
+        if num_leaving == 0:
+            return None
+        remaining = self.rows.shape[0] - num_leaving
+        if remaining == 0:
             raise _StopForward
+        keep = _indices(~leaving, remaining)
         self.rows = self.rows[keep]
         self.decided = self.decided[keep]
         self.history = [h[keep] if h is not None else None for h in self.history]
         return feature[keep]
+
+
+def _indices(mask: Tensor, count: int) -> Tensor:
+    """Positions of the ``count`` True entries of ``mask``; with the count known, CPU and CUDA
+    find them without another host sync (a boolean-mask index would sync to learn the size)."""
+    if mask.device.type in ("cpu", "cuda"):
+        return torch.nonzero_static(mask, size=count).squeeze(1)
+    return torch.nonzero(mask).squeeze(1)
 
 
 def _all_finite(x: Tensor) -> bool:
@@ -462,13 +475,20 @@ class EarlyExitModel(nn.Module):
         answers = list(run.answers)
         accepted_parts: list[tuple[Tensor, Tensor]] = []
         if final is not None:
-            undecided = ~run.decided
-            rows = run.rows[undecided]
-            logits = final[undecided]
-            ctx = GateContext(
-                self.num_exits, rows, [h[undecided] if h is not None else None for h in run.history]
-            )
-            scores = run.gate.score(logits, ctx).float()
+            rows, logits, history = run.rows, final, run.history
+            if answers:  # some rows answered early but ran on (audits): keep the undecided
+                undecided = torch.nonzero(~run.decided).squeeze(1)
+                rows, logits = rows[undecided], final[undecided]
+                history = [h[undecided] if h is not None else None for h in history]
+            scores = run.gate.score(logits, GateContext(self.num_exits, rows, history)).float()
+            if not answers and self.supervisor is None:
+                # Nobody left early (gates closed, or none confident): the model's own output, as
+                # is, with no scatter into a new tensor.
+                exit_index = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
+                result = ExitResult(
+                    final, exit_index, scores, torch.ones_like(exit_index, dtype=torch.bool)
+                )
+                return result, ExitTrace(run.records, run.rows, final)
             answers.append((rows, logits, self.num_exits, scores))
             if self.supervisor is not None:
                 accepted_parts.append((rows, self.supervisor.accept(logits)))

@@ -380,7 +380,11 @@ def bench_exit_mixes(
             costs = eem.path_macs(thresholds)
             fractions[mix.name] = float(sum(costs[int(p)] for p in plan)) / (b * eem.base_macs)
 
-            def setup(plan: Tensor = plan, thresholds: list[float] = thresholds) -> None:
+            # The plan lives on the model's device: copying it there inside the timed call would
+            # add a host-device transfer (and sync) that real gates do not pay.
+            device_plan = plan.to(param.device)
+
+            def setup(plan: Tensor = device_plan, thresholds: list[float] = thresholds) -> None:
                 gate.plan = plan
                 eem.set_thresholds(thresholds)
 
