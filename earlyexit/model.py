@@ -213,11 +213,19 @@ class _Run:
         return feature[keep]
 
 
+_STATIC_NONZERO: dict[str, bool] = {}  # device type -> whether torch.nonzero_static works there
+
+
 def _indices(mask: Tensor, count: int) -> Tensor:
-    """Positions of the ``count`` True entries of ``mask``; with the count known, CPU and CUDA
-    find them without another host sync (a boolean-mask index would sync to learn the size)."""
-    if mask.device.type in ("cpu", "cuda"):
-        return torch.nonzero_static(mask, size=count).squeeze(1)
+    """Positions of the ``count`` True entries of ``mask``. With the count known, nonzero_static
+    finds them without another host sync (a boolean-mask index would sync to learn the size);
+    where a torch version or backend lacks it, the plain (syncing) nonzero gives the same."""
+    kind = mask.device.type
+    if _STATIC_NONZERO.get(kind, True):
+        try:
+            return torch.nonzero_static(mask, size=count).squeeze(1)
+        except (AttributeError, NotImplementedError, RuntimeError):
+            _STATIC_NONZERO[kind] = False
     return torch.nonzero(mask).squeeze(1)
 
 

@@ -465,3 +465,32 @@ def test_concurrent_calls_on_one_wrapper_do_not_mix_rows(resnet):
         for res in results[i]:
             assert torch.equal(res.exit_index, expected[i].exit_index)
             torch.testing.assert_close(res.logits, expected[i].logits, rtol=1e-5, atol=1e-5)
+
+
+def test_exit_indices_fall_back_where_nonzero_static_is_missing(resnet, monkeypatch):
+    from earlyexit import model as model_module
+
+    eem = ee.wrap(resnet, input_size=(3, 64, 64))
+    x = batch(n=8)
+    eem.set_thresholds([0.5] + [math.inf] * (eem.num_exits - 1))
+    eem.gate = _HalfGate()
+    want = eem.predict(x)
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("no nonzero_static on this backend")
+
+    monkeypatch.setattr(model_module, "_STATIC_NONZERO", {})
+    monkeypatch.setattr(torch, "nonzero_static", missing)
+    got = eem.predict(x)
+    assert model_module._STATIC_NONZERO == {"cpu": False}
+    assert torch.equal(got.exit_index, want.exit_index) and torch.equal(got.logits, want.logits)
+    assert set(got.exit_index.tolist()) == {0, eem.num_exits}  # the batch really split
+
+
+class _HalfGate(Gate):
+    """Even caller rows pass every gate, odd rows none: a batch that splits at the first exit."""
+
+    name = "half"
+
+    def score(self, logits, ctx):
+        return ((ctx.rows % 2) == 0).float()
