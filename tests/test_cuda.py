@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from conftest import FAMILIES, batch
-from test_distill import Toy, quick, served_agreement, stream
+from test_distill import Toy, quick, served_agreement, stream, toy_wrap
 
 import earlyexit as ee
 from earlyexit.distill import OnlineDistiller
@@ -20,12 +20,6 @@ from earlyexit.evaluation.latency import compare_latency
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 CUDA = torch.device("cuda")
-
-
-def cuda_toy() -> ee.EarlyExitModel:
-    torch.manual_seed(0)
-    model = Toy().eval().to(CUDA)
-    return ee.wrap(model, exits=["stage1", "stage2"], input_size=(3, 8, 8))
 
 
 def cuda_stream(n: int, g: torch.Generator, **kw) -> torch.Tensor:
@@ -65,7 +59,7 @@ def test_open_gates_skip_the_rest_of_the_network_on_cuda():
 
 
 def test_online_distillation_learns_and_keeps_its_guarantee_on_cuda():
-    eem = cuda_toy()
+    eem = toy_wrap(CUDA)
     learner = OnlineDistiller(eem, quick())
     g = torch.Generator().manual_seed(1)
     for _ in range(24):
@@ -80,7 +74,7 @@ def test_online_distillation_learns_and_keeps_its_guarantee_on_cuda():
 
 
 def test_bad_input_on_cuda_leaves_the_learner_untouched():
-    learner = OnlineDistiller(cuda_toy(), quick())
+    learner = OnlineDistiller(toy_wrap(CUDA), quick())
     g = torch.Generator().manual_seed(2)
     learner.step(cuda_stream(64, g))
     before = learner.stats()
@@ -95,7 +89,7 @@ def test_bad_input_on_cuda_leaves_the_learner_untouched():
 
 
 def test_background_training_on_cuda():
-    learner = OnlineDistiller(cuda_toy(), quick(background=True, recalibrate_every=128))
+    learner = OnlineDistiller(toy_wrap(CUDA), quick(background=True, recalibrate_every=128))
     g = torch.Generator().manual_seed(3)
     try:
         for _ in range(24):
@@ -108,7 +102,7 @@ def test_background_training_on_cuda():
 
 
 def test_save_on_cuda_load_on_cpu_is_bit_identical(tmp_path):
-    learner = OnlineDistiller(cuda_toy(), quick())
+    learner = OnlineDistiller(toy_wrap(CUDA), quick())
     g = torch.Generator().manual_seed(4)
     for _ in range(12):
         learner.step(cuda_stream(64, g))
@@ -128,7 +122,7 @@ def test_save_on_cuda_load_on_cpu_is_bit_identical(tmp_path):
 
 
 def test_cuda_latency_is_timed_with_events():
-    eem = cuda_toy()
+    eem = toy_wrap(CUDA)
     x = cuda_stream(32, torch.Generator().manual_seed(5))
     stats = compare_latency({"wrapped": eem, "plain": eem.base_model}, x, reps=5, warmup=2)
     assert set(stats) == {"wrapped", "plain"}

@@ -59,9 +59,10 @@ class Toy(nn.Module):
         return 10 * h[..., : h.shape[-1] // 2].mean(dim=(2, 3))
 
 
-def toy_wrap(**kwargs) -> ee.EarlyExitModel:
+def toy_wrap(device: str | torch.device = "cpu", **kwargs) -> ee.EarlyExitModel:
     torch.manual_seed(0)
-    return ee.wrap(Toy(**kwargs).eval(), exits=["stage1", "stage2"], input_size=(3, 8, 8))
+    model = Toy(**kwargs).eval().to(device)
+    return ee.wrap(model, exits=["stage1", "stage2"], input_size=(3, 8, 8))
 
 
 def stream(n: int, g: torch.Generator, same_halves: float = 1.0, right_scale: float = 1.0):

@@ -467,6 +467,15 @@ def test_concurrent_calls_on_one_wrapper_do_not_mix_rows(resnet):
             torch.testing.assert_close(res.logits, expected[i].logits, rtol=1e-5, atol=1e-5)
 
 
+class _HalfGate(Gate):
+    """Even caller rows pass every gate, odd rows none: a batch that splits at the first exit."""
+
+    name = "half"
+
+    def score(self, logits, ctx):
+        return ((ctx.rows % 2) == 0).float()
+
+
 def test_exit_indices_fall_back_where_nonzero_static_is_missing(resnet, monkeypatch):
     from earlyexit import model as model_module
 
@@ -485,12 +494,3 @@ def test_exit_indices_fall_back_where_nonzero_static_is_missing(resnet, monkeypa
     assert model_module._STATIC_NONZERO == {"cpu": False}
     assert torch.equal(got.exit_index, want.exit_index) and torch.equal(got.logits, want.logits)
     assert set(got.exit_index.tolist()) == {0, eem.num_exits}  # the batch really split
-
-
-class _HalfGate(Gate):
-    """Even caller rows pass every gate, odd rows none: a batch that splits at the first exit."""
-
-    name = "half"
-
-    def score(self, logits, ctx):
-        return ((ctx.rows % 2) == 0).float()
