@@ -382,6 +382,51 @@ def _joint_path(
     return thresholds_for[chosen], reason
 
 
+def empirical_joint_thresholds(
+    scores: Tensor,
+    agree: Tensor,
+    target: float,
+    *,
+    enabled: list[bool] | None = None,
+    max_candidates: int = 200,
+) -> tuple[float, ...]:
+    """The most lenient threshold, shared by the enabled exits, at which the pooled agreement of
+    the samples leaving early is ``>= target`` on these very samples: a point estimate with no
+    confidence bound, for comparing exit sets (what each would save), never for serving.
+
+    Example:
+        >>> s = torch.tensor([[0.75, 0.125], [0.5, 0.875], [0.25, 0.375]])
+        >>> a = torch.tensor([[True, True], [False, True], [False, True]])
+        >>> empirical_joint_thresholds(s, a, 0.9)  # any lower, row 1 leaves at exit 0, wrongly
+        (0.75, 0.75)
+    """
+    if scores.dim() != 2 or agree.shape != scores.shape:
+        raise ConfigError(
+            f"scores and agree must both be [N, E]; got {tuple(scores.shape)} and {tuple(agree.shape)}"
+        )
+    n, num_exits = scores.shape
+    enabled = [True] * num_exits if enabled is None else list(enabled)
+    on = [e for e in range(num_exits) if enabled[e]]
+    if not on or n == 0:
+        return (math.inf,) * num_exits
+    sub = scores.detach().float().cpu()[:, on]
+    candidates = torch.unique(sub.max(dim=1).values)  # ascending
+    if candidates.numel() > max_candidates:
+        pick = torch.linspace(0, candidates.numel() - 1, max_candidates).round().long().unique()
+        candidates = candidates[pick]
+    passes = sub[None, :, :] >= candidates[:, None, None]  # [C, N, U]
+    leave = passes.any(dim=2)
+    first = passes.to(torch.uint8).argmax(dim=2)
+    right = agree.detach().bool().cpu()[:, on].gather(1, first.T).T
+    exited = leave.sum(dim=1)
+    failed = (leave & ~right).sum(dim=1)
+    ok = (exited > 0) & (failed <= (1.0 - target) * exited)
+    if not bool(ok.any()):
+        return (math.inf,) * num_exits
+    lam = float(candidates[ok].min())
+    return tuple(lam if e in on else math.inf for e in range(num_exits))
+
+
 __all__ = [
     "CalibrationResult",
     "ExitCalibration",
@@ -389,6 +434,7 @@ __all__ = [
     "calibrate_joint",
     "calibrate_thresholds",
     "clopper_pearson_lower",
+    "empirical_joint_thresholds",
     "min_evidence",
     "simulate_exits",
 ]

@@ -452,6 +452,41 @@ def test_an_exit_that_costs_more_than_it_saves_is_switched_off():
     assert learner2.stats()["exits"][1]["state"] == "open"
 
 
+def test_exits_are_chosen_on_rows_the_threshold_test_never_sees():
+    # Choosing among exit sets on the rows that then test the thresholds would spend the
+    # confidence level once per set: every 4th evidence row chooses, the other rows test, once.
+    eem = toy_wrap(expensive_first=True)
+    learner = OnlineDistiller(eem, quick())
+    run(learner, 30, torch.Generator().manual_seed(8), same_halves=0.3)
+    stats = learner.calibrate()
+    n = stats["evidence"]
+    assert stats["exits"][0]["evidence_reached"] == n - math.ceil(n / 4)
+
+    eem2 = toy_wrap(expensive_first=True)
+    learner2 = OnlineDistiller(eem2, quick(auto_switch_off=False))
+    run(learner2, 30, torch.Generator().manual_seed(8), same_halves=0.3)
+    stats2 = learner2.calibrate()
+    assert stats2["exits"][0]["evidence_reached"] == stats2["evidence"]  # nothing to choose
+    assert all(e["state"] != "switched off" for e in stats2["exits"])
+
+
+def test_empirical_joint_thresholds_pick_the_most_lenient_threshold_meeting_the_target():
+    from earlyexit.calibration import empirical_joint_thresholds
+
+    scores = torch.tensor([[0.75, 0.125], [0.5, 0.875], [0.25, 0.375]])
+    agree = torch.tensor([[True, True], [False, True], [False, True]])
+    assert empirical_joint_thresholds(scores, agree, 0.9) == (0.75, 0.75)
+    assert empirical_joint_thresholds(scores, agree, 0.6) == (0.375, 0.375)  # 2 of 3 right
+    assert empirical_joint_thresholds(scores, agree, 0.9, enabled=[False, True]) == (
+        math.inf,
+        0.125,
+    )
+    never = torch.zeros_like(agree)
+    assert empirical_joint_thresholds(scores, never, 0.5) == (math.inf, math.inf)
+    with pytest.raises(ConfigError, match=r"\[N, E\]"):
+        empirical_joint_thresholds(scores, agree[:, :1], 0.9)
+
+
 # ---------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "make",

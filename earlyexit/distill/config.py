@@ -78,7 +78,8 @@ class DistillConfig:
 
     Exit selection and drift:
         auto_switch_off: switch off exits that cost more MACs (their head on every sample reaching
-            them) than they save; re-decided at every calibration.
+            them) than they save; re-decided at every calibration, on every 4th evidence row, so
+            the thresholds are tested once, on rows that did not choose the exits.
         min_exit_gain: share of the base model's MACs an exit must save (net) to stay on; at 0 an
             exit is switched off when it saves nothing net (its gate still costs wall-clock).
         drift_window: audited exits per exit the drift monitor looks back on.

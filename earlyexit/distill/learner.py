@@ -19,8 +19,9 @@ How it works (one call of :meth:`OnlineDistiller.step`):
    recorded: the data of the learned gate, taken on traffic the student has not learned from.
 5. On a schedule, the student is copied, a :class:`~earlyexit.gates.LearnedGate` is fitted, the
    copy's scores on the held-out evidence are recomputed (heads change, so stored scores would be
-   stale), thresholds are chosen by Learn-then-Test (:mod:`earlyexit.calibration`), exits that
-   save nothing are switched off, and the copy is published together with its gate and
+   stale), exits that save nothing are switched off (decided on a quarter of the evidence),
+   thresholds are chosen by Learn-then-Test (:mod:`earlyexit.calibration`) on the other three
+   quarters, tested once, and the copy is published together with its gate and
    thresholds (heads swapped as one ``ModuleList``: a served call never sees a half-trained head).
 6. A drift monitor tests the audited agreement of each exit; when it is provably below the target
    every gate closes (all traffic becomes evidence again) and stale evidence is dropped; gates reopen
@@ -54,6 +55,7 @@ from ..calibration import (
     calibrate_joint,
     calibrate_thresholds,
     clopper_pearson_lower,
+    empirical_joint_thresholds,
     min_evidence,
     simulate_exits,
 )
@@ -82,6 +84,8 @@ _MAX_OWED_STEPS = 64.0
 _PENDING_FLUSH = 256
 #: Fewest training-side samples the learned gate is fitted on (below: max softmax).
 _MIN_GATE_SAMPLES = 128
+#: Every this-many-th evidence row chooses which exits stay on; the others test the thresholds.
+_SELECT_EVERY = 4
 #: Served samples the exit rates and MAC saving of :meth:`OnlineDistiller.stats` look back on.
 _STATS_WINDOW = 2048
 
@@ -698,7 +702,8 @@ class OnlineDistiller:
         return float(path[where].mean()) if where.numel() else float(path[-1])
 
     def _make_candidate(self) -> _Candidate:
-        """Copy the student, calibrate the copy on held-out evidence, choose which exits pay."""
+        """Copy the student, choose which exits pay on a quarter of the held-out evidence, then
+        calibrate the copy's thresholds on the rest."""
         cfg = self.config
         num_exits = self.eem.num_exits
         # Too little evidence for even the most lenient test: nothing can open, so skip the work
@@ -718,55 +723,18 @@ class OnlineDistiller:
         heads.train(self.eem.training)
         gate, gate_note = self._fit_gate()
         scores, agree = self._score_evidence(heads, gate, data)
-
-        def run(enabled: list[bool]) -> tuple[CalibrationResult, float]:
-            if cfg.calibration_mode == "joint":
-                res = calibrate_joint(
-                    scores, agree, cfg.target_agreement, cfg.confidence, enabled=enabled
-                )
-            else:
-                res = calibrate_thresholds(
-                    scores,
-                    agree,
-                    cfg.target_agreement,
-                    cfg.confidence,
-                    method=cfg.calibration_method,
-                    enabled=enabled,
-                )
-            return res, self._expected_cost(scores, res.thresholds, gate)
-
-        enabled = [True] * num_exits
-        result, cost = run(enabled)
+        # Exits are chosen on every _SELECT_EVERY-th evidence row and the rest tests the thresholds
+        # once: testing several exit sets on the same rows and serving the cheapest would spend
+        # the confidence level once per set. The split depends only on row positions and counts.
+        enabled, switched = [True] * num_exits, {}
+        rows = torch.arange(scores.shape[0])
+        choose = rows % _SELECT_EVERY == 0
+        if cfg.auto_switch_off and int((~choose).sum()) >= need:
+            enabled, switched = self._select_exits(scores[choose], agree[choose], gate)
+            scores, agree = scores[~choose], agree[~choose]
+        result = self._calibrate(scores, agree, enabled)
+        cost = self._expected_cost(scores, result.thresholds, gate)
         base = float(self.eem.base_macs)
-        switched: dict[int, str] = {}
-        # Greedy exit selection: drop the open exit whose removal saves the most MACs, repeat.
-        while cfg.auto_switch_off:
-            best: tuple[float, int, CalibrationResult] | None = None
-            for e in range(num_exits):
-                if not enabled[e] or result.thresholds[e] == math.inf:
-                    continue
-                trial = enabled.copy()
-                trial[e] = False
-                res_e, cost_e = run(trial)
-                gain = (cost_e - cost) / base  # net saving this exit brings (negative: it costs)
-                # An exit that brings nothing (gain 0: e.g. nobody leaves there) goes too: its
-                # gate would still cost wall-clock on every sample reaching it.
-                if gain <= cfg.min_exit_gain and (best is None or cost_e < best[0]):
-                    best = (cost_e, e, res_e)
-            if best is None:
-                break
-            cost_e, e, res_e = best
-            switched[e] = (
-                "switched off: it saves nothing on held-out evidence (no sample would leave "
-                "there), and its gate would still run on every sample reaching it"
-                if cost - cost_e < 0.5
-                else f"switched off: without it the path costs {cost - cost_e:.0f} MACs/sample "
-                f"less on held-out evidence; it saves {(cost_e - cost) / base:+.4f} of the base "
-                f"model net (its head costs {self.eem.head_macs[e]} MACs on every sample "
-                "reaching it)"
-            )
-            enabled[e] = False
-            result, cost = res_e, cost_e
         where = simulate_exits(scores, list(result.thresholds))
         n = max(int(where.numel()), 1)
         reports = []
@@ -788,6 +756,70 @@ class OnlineDistiller:
         return _Candidate(
             heads, gate, result.thresholds, reports, saving, int(scores.shape[0]), epoch
         )
+
+    def _calibrate(self, scores: Tensor, agree: Tensor, enabled: list[bool]) -> CalibrationResult:
+        cfg = self.config
+        if cfg.calibration_mode == "joint":
+            return calibrate_joint(
+                scores, agree, cfg.target_agreement, cfg.confidence, enabled=enabled
+            )
+        return calibrate_thresholds(
+            scores,
+            agree,
+            cfg.target_agreement,
+            cfg.confidence,
+            method=cfg.calibration_method,
+            enabled=enabled,
+        )
+
+    def _select_exits(
+        self, scores: Tensor, agree: Tensor, gate: Gate
+    ) -> tuple[list[bool], dict[int, str]]:
+        """Automatic exit selection: which exits pay for their heads, and why the others do not.
+
+        Greedy on the evidence rows set aside for choosing (never those tested next): put every
+        exit still on at the most lenient shared threshold whose agreement on these rows meets the
+        target, drop the open exit whose removal saves the most MACs (or that saves nothing),
+        repeat. A point estimate suffices here: the guarantee comes from the test that follows.
+        """
+        num_exits = self.eem.num_exits
+        enabled = [True] * num_exits
+        switched: dict[int, str] = {}
+        target = self.config.target_agreement
+
+        def cost_of(trial: list[bool]) -> tuple[tuple[float, ...], float]:
+            thresholds = empirical_joint_thresholds(scores, agree, target, enabled=trial)
+            return thresholds, self._expected_cost(scores, thresholds, gate)
+
+        thresholds, cost = cost_of(enabled)
+        base = float(self.eem.base_macs)
+        while True:
+            best: tuple[float, int, tuple[float, ...]] | None = None
+            for e in range(num_exits):
+                if not enabled[e] or thresholds[e] == math.inf:
+                    continue
+                trial = enabled.copy()
+                trial[e] = False
+                thresholds_e, cost_e = cost_of(trial)
+                gain = (cost_e - cost) / base  # net saving this exit brings (negative: it costs)
+                # An exit that brings nothing (gain 0: e.g. nobody leaves there) goes too: its
+                # gate would still cost wall-clock on every sample reaching it.
+                if gain <= self.config.min_exit_gain and (best is None or cost_e < best[0]):
+                    best = (cost_e, e, thresholds_e)
+            if best is None:
+                return enabled, switched
+            cost_e, e, thresholds_e = best
+            switched[e] = (
+                "switched off: it saves nothing on held-out evidence (no sample would leave "
+                "there), and its gate would still run on every sample reaching it"
+                if cost - cost_e < 0.5
+                else f"switched off: without it the path costs {cost - cost_e:.0f} MACs/sample "
+                f"less on held-out evidence; it saves {(cost_e - cost) / base:+.4f} of the base "
+                f"model net (its head costs {self.eem.head_macs[e]} MACs on every sample "
+                "reaching it)"
+            )
+            enabled[e] = False
+            thresholds, cost = thresholds_e, cost_e
 
     def _publish(self, candidate: _Candidate) -> None:
         """Serve ``candidate``: its heads and its thresholds, never one without the other."""
