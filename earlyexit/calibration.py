@@ -348,20 +348,11 @@ def _joint_path(
     usable = candidates[counts >= need]
     if usable.numel() == 0:
         return None, f"closed: fewer than {need} evidence samples to test (joint)"
-    if usable.numel() > max_candidates:
-        pick = torch.linspace(0, usable.numel() - 1, max_candidates).round().long().unique()
-        usable = usable[pick]
+    usable = _thin(usable, max_candidates)
     thresholds_for = [
         tuple(float(lam) if e in on else math.inf for e in range(num_exits)) for lam in usable
     ]
-    # Every candidate at once: a sample leaves at the first exit in use whose score reaches lam.
-    sub = scores[:, on]  # [N, U]
-    passes = sub[None, :, :] >= usable[:, None, None]  # [C, N, U]
-    leave = passes.any(dim=2)
-    first = passes.to(torch.uint8).argmax(dim=2)  # first passing exit (0 where none passes)
-    right = agree[:, on].gather(1, first.T).T  # [C, N]
-    exited = leave.sum(dim=1).tolist()
-    failed = (leave & ~right).sum(dim=1).tolist()
+    exited, failed = (t.tolist() for t in _pooled_outcomes(scores[:, on], agree[:, on], usable))
     pvalues = stats.binom.cdf(failed, exited, 1.0 - target)
     chosen: int | None = None
     for k, p in enumerate(pvalues):
@@ -380,6 +371,25 @@ def _joint_path(
         f"{lower:.4f} (bound)"
     )
     return thresholds_for[chosen], reason
+
+
+def _thin(candidates: Tensor, max_candidates: int) -> Tensor:
+    """At most ``max_candidates`` thresholds, evenly spread over ``candidates`` (order kept)."""
+    if candidates.numel() <= max_candidates:
+        return candidates
+    pick = torch.linspace(0, candidates.numel() - 1, max_candidates).round().long().unique()
+    return candidates[pick]
+
+
+def _pooled_outcomes(scores: Tensor, agree: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+    """For every shared threshold in ``candidates`` at once, on ``[N, U]`` scores and agreement of
+    the exits in use: ``[C]`` samples leaving early (at the first exit whose score reaches the
+    threshold) and ``[C]`` of them disagreeing with the full model."""
+    passes = scores[None, :, :] >= candidates[:, None, None]  # [C, N, U]
+    leave = passes.any(dim=2)
+    first = passes.to(torch.uint8).argmax(dim=2)  # first passing exit (0 where none passes)
+    right = agree.gather(1, first.T).T  # [C, N]
+    return leave.sum(dim=1), (leave & ~right).sum(dim=1)
 
 
 def empirical_joint_thresholds(
@@ -410,16 +420,8 @@ def empirical_joint_thresholds(
     if not on or n == 0:
         return (math.inf,) * num_exits
     sub = scores.detach().float().cpu()[:, on]
-    candidates = torch.unique(sub.max(dim=1).values)  # ascending
-    if candidates.numel() > max_candidates:
-        pick = torch.linspace(0, candidates.numel() - 1, max_candidates).round().long().unique()
-        candidates = candidates[pick]
-    passes = sub[None, :, :] >= candidates[:, None, None]  # [C, N, U]
-    leave = passes.any(dim=2)
-    first = passes.to(torch.uint8).argmax(dim=2)
-    right = agree.detach().bool().cpu()[:, on].gather(1, first.T).T
-    exited = leave.sum(dim=1)
-    failed = (leave & ~right).sum(dim=1)
+    candidates = _thin(torch.unique(sub.max(dim=1).values), max_candidates)  # ascending
+    exited, failed = _pooled_outcomes(sub, agree.detach().bool().cpu()[:, on], candidates)
     ok = (exited > 0) & (failed <= (1.0 - target) * exited)
     if not bool(ok.any()):
         return (math.inf,) * num_exits
