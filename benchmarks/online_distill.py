@@ -37,80 +37,54 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 import earlyexit as ee
 from earlyexit.distill import DistillConfig, OnlineDistiller
+from earlyexit.evaluation import record_stream, sweep_thresholds
+from earlyexit.evaluation.stream import (
+    StreamRecord,
+    default_grid,
+    evaluate_exits,
+    iterate_batches,
+    oracle_exits,
+    threshold_exits,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _batches(dataset, batch_size: int):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for item in loader:
-        if isinstance(item, list | tuple):
-            yield item[0], item[1] if len(item) > 1 else None
-        else:
-            yield item, None
-
-
-def evaluate(eem: ee.EarlyExitModel, dataset, batch_size: int) -> dict:
-    """Serve held-out traffic with the frozen policy; every sample is also run to the end (audit)
-    so agreement, accuracy and the oracle are measured on the same pass."""
-    num_exits = eem.num_exits
-    path = torch.tensor(eem.path_macs(), dtype=torch.float64)
-    oracle_path = torch.tensor(eem.path_macs([0.0] * num_exits), dtype=torch.float64)
-    n = agree = exited = agree_exited = 0
-    correct_full = correct_policy = labelled = 0
-    macs = oracle_macs = 0.0
-    exit_counts = torch.zeros(num_exits + 1, dtype=torch.long)
-    per_exit_agree = torch.zeros(num_exits + 1, dtype=torch.long)
-    for x, y in _batches(dataset, batch_size):
-        res, trace = eem.trace(x, audit=torch.ones(x.shape[0], dtype=torch.bool))
-        full = torch.empty(x.shape[0], dtype=torch.long)  # every row ran to the end (audit)
-        full[trace.final_rows] = trace.final_logits.argmax(dim=-1)
-        answer = res.logits.argmax(dim=-1)
-        same = answer == full
-        early = res.exit_index < num_exits
-        n += x.shape[0]
-        agree += int(same.sum())
-        exited += int(early.sum())
-        agree_exited += int((same & early).sum())
-        exit_counts += torch.bincount(res.exit_index, minlength=num_exits + 1)
-        per_exit_agree += torch.bincount(res.exit_index[same], minlength=num_exits + 1)
-        macs += float(path[res.exit_index].sum())
-        # Oracle: first exit whose head argmax equals the final argmax.
-        oracle = torch.full((x.shape[0],), num_exits, dtype=torch.long)
-        for i in range(num_exits - 1, -1, -1):
-            rec = trace.exits[i]
-            head_pred = torch.empty(x.shape[0], dtype=torch.long)
-            head_pred[rec.rows] = rec.logits.argmax(dim=-1)
-            oracle[head_pred == full] = i
-        oracle_macs += float(oracle_path[oracle].sum())
-        if y is not None:
-            labelled += x.shape[0]
-            correct_full += int((full == y).sum())
-            correct_policy += int((answer == y).sum())
-    base = float(eem.base_macs)
-    saving = 1.0 - macs / (n * base)
-    oracle_saving = 1.0 - oracle_macs / (n * base)
+def evaluate(eem: ee.EarlyExitModel, dataset, batch_size: int) -> tuple[dict, StreamRecord]:
+    """Serve held-out traffic with the frozen policy, recorded once with every sample also run to
+    the end (audit), so agreement, accuracy, the oracle and the hindsight ceilings all come from
+    the same pass. Returns the figures and the record."""
+    record = record_stream(eem, dataset, batch_size=batch_size)
+    thresholds = record.recorded_thresholds
+    served = evaluate_exits(record, record.served_exit, thresholds=thresholds)
+    oracle = evaluate_exits(record, oracle_exits(record))  # every head on the way paid for
+    exit_rate = 1.0 - served.exit_rates[-1]
+    labels = record.labels
     return {
-        "samples": n,
-        "agreement": agree / n,
-        "agreement_exited": agree_exited / exited if exited else None,
-        "exit_rate": exited / n,
-        "accuracy_full": correct_full / labelled if labelled else None,
-        "accuracy_early": correct_policy / labelled if labelled else None,
-        "mac_saving": saving,
-        "oracle_mac_saving": oracle_saving,
-        "saving_vs_oracle": saving / oracle_saving if oracle_saving > 0 else None,
+        "samples": record.num_samples,
+        "agreement": served.agreement,
+        "agreement_exited": _exited_agreement(served) if exit_rate else None,
+        "exit_rate": exit_rate,
+        "accuracy_full": None
+        if labels is None
+        else int((record.final_pred == labels).sum()) / record.num_samples,
+        "accuracy_early": served.accuracy,
+        "mac_saving": served.mac_saving,
+        "oracle_mac_saving": oracle.mac_saving,
+        "saving_vs_oracle": served.mac_saving / oracle.mac_saving
+        if oracle.mac_saving > 0
+        else None,
         "per_exit": [
             {
-                "threshold": eem.thresholds[i] if i < num_exits else None,
-                "exit_rate": int(exit_counts[i]) / n,
-                "agreement": int(per_exit_agree[i]) / int(exit_counts[i])
-                if exit_counts[i]
-                else None,
+                "threshold": thresholds[i] if i < record.num_exits else None,
+                "exit_rate": rate,
+                "agreement": agreement,
             }
-            for i in range(num_exits + 1)
+            for i, (rate, agreement) in enumerate(
+                zip(served.exit_rates, served.exit_agreement, strict=True)
+            )
         ],
-    }
+    }, record
 
 
 def _exited_agreement(point) -> float:
@@ -122,15 +96,11 @@ def _exited_agreement(point) -> float:
     return sum(r * a for r, a in early) / left if left else 1.0
 
 
-def hindsight(eem: ee.EarlyExitModel, dataset, batch_size: int, target: float) -> dict:
+def hindsight(record: StreamRecord, target: float) -> dict:
     """The best a shared threshold could do on the held-out stream itself, chosen in hindsight
     (no confidence bound, no evidence limit): for the served gate's scores and for the heads'
     max softmax. Separates what the heads allow (this ceiling vs the oracle) from what proving
     the target on finite evidence costs (the calibrated policy vs this ceiling)."""
-    from earlyexit.evaluation import record_stream, sweep_thresholds
-    from earlyexit.evaluation.stream import default_grid
-
-    record = record_stream(eem, dataset, batch_size=batch_size)
     out = {}
     for score, key in (("gate", "served_gate"), ("max_softmax", "max_softmax")):
         points = sweep_thresholds(
@@ -153,7 +123,6 @@ def _best_per_exit(record, target: float, start: dict, rounds: int = 3, levels: 
     """Per-exit thresholds on the served gate's scores, chosen in hindsight on the held-out stream
     by coordinate ascent from the best shared threshold: whether one shared threshold is what
     holds the policy back (it is not, when this ceiling is close to the shared one)."""
-    from earlyexit.evaluation.stream import evaluate_exits, threshold_exits
 
     def point(thresholds):
         return evaluate_exits(record, threshold_exits(record, thresholds), thresholds=thresholds)
@@ -198,7 +167,7 @@ def run(name: str, args: argparse.Namespace, seed: int) -> dict:
     warmup_batches = 0
     t_stream = time.perf_counter()
     served = 0
-    for k, (x, _y) in enumerate(_batches(w.traffic, args.batch)):
+    for k, (x, _y) in enumerate(iterate_batches(w.traffic, batch_size=args.batch)):
         warm = all(t == math.inf for t in eem.thresholds)
         if warm and warmup_batches < args.timed_batches:
             # Side by side, alternating which goes first, on the same batch.
@@ -219,8 +188,8 @@ def run(name: str, args: argparse.Namespace, seed: int) -> dict:
     learner.calibrate()  # publish the last heads trained, calibrated on all evidence
     stats = learner.stats()
     t_eval = time.perf_counter()
-    result = evaluate(eem, w.evaluation, args.batch)
-    ceiling = hindsight(eem, w.evaluation, args.batch, args.target)
+    result, record = evaluate(eem, w.evaluation, args.batch)
+    ceiling = hindsight(record, args.target)
     for key, best in ceiling.items():
         oracle = result["oracle_mac_saving"]
         best["share_of_oracle"] = best["mac_saving"] / oracle if oracle > 0 else None
