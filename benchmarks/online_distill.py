@@ -247,7 +247,7 @@ def _fmt(v) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", default="digits", help="digits, photos or all")
+    parser.add_argument("--workload", default="digits", help="digits, fashion, photos or all")
     parser.add_argument(
         "--traffic", type=int, default=None, help="traffic samples (default: workload's)"
     )
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
-    names = ("digits", "photos") if args.workload == "all" else (args.workload,)
+    names = ("digits", "fashion", "photos") if args.workload == "all" else (args.workload,)
     seeds = list(dict.fromkeys(args.seed))
     rows, columns = [], []
     for name in names:

@@ -72,6 +72,8 @@ def serve_stream(
     """Stream ``traffic`` through ``learner.step`` (serving and learning); returns its stats.
 
     A live progress line on stderr shows samples, exit rates, audited agreement and MAC saving.
+    The stats gain ``first_early_exit_at``: traffic samples served before the batch in which a
+    sample first left early (``None`` if none did), i.e. how long the traffic paid in full.
     """
     from tqdm.auto import tqdm
 
@@ -79,15 +81,22 @@ def serve_stream(
     bar = tqdm(
         total=size, desc="serving + learning", unit="img", file=sys.stderr, disable=not progress
     )
+    served = 0
+    first_early_exit_at: int | None = None
     try:
         for x, _labels in iterate_batches(traffic, batch_size=batch_size):
-            learner.step(x)  # labels, if any, are never shown to the learner
+            result = learner.step(x)  # labels, if any, are never shown to the learner
+            if first_early_exit_at is None and bool(
+                (result.exit_index < learner.eem.num_exits).any()
+            ):
+                first_early_exit_at = served
+            served += x.shape[0]
             bar.update(x.shape[0])
             bar.set_postfix_str(_progress_line(learner.stats()), refresh=False)
         learner.sync()
     finally:
         bar.close()
-    return learner.stats()
+    return {**learner.stats(), "first_early_exit_at": first_early_exit_at}
 
 
 def serve_and_evaluate(
@@ -219,4 +228,14 @@ def summary_table(report: dict[str, Any]) -> str:
         ["latency ratio, batch 1 (wrapped / base)", ratio(report["latency_ratio_b1"])],
         ["throughput ratio, batched (wrapped / base)", ratio(report["throughput_ratio"])],
     ]
+    learner = report.get("learner") or {}
+    if "first_early_exit_at" in learner:
+        first = learner["first_early_exit_at"]
+        served = learner.get("samples")
+        overall.append(
+            [
+                "traffic served before the first early exit",
+                "none left early" if first is None else f"{first} of {served}",
+            ]
+        )
     return per_exit + "\n\n" + table(overall, ["held-out evaluation", "value"])

@@ -227,11 +227,11 @@ def test_backbone_is_accurate_on_a_subset() -> None:
 
 
 def test_available_workloads() -> None:
-    assert available_workloads() == ("photos", "digits")
+    assert available_workloads() == ("fashion", "photos", "digits")
 
 
 def test_unknown_workload_lists_the_available_ones() -> None:
-    with pytest.raises(ValueError, match="available: photos, digits"):
+    with pytest.raises(ValueError, match="available: fashion, photos, digits"):
         load_workload("imagenet")
     with pytest.raises(ValueError, match="traffic_size"):
         load_workload("digits", traffic_size=-1)
@@ -255,7 +255,7 @@ def test_load_digits_workload() -> None:
 
 
 def test_load_photos_workload() -> None:
-    w = load_workload(traffic_size=4, eval_size=3)
+    w = load_workload("photos", traffic_size=4, eval_size=3)
     assert (w.name, w.labelled, w.num_classes, w.input_size) == (
         "photos",
         False,

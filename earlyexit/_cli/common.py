@@ -28,7 +28,11 @@ _CODES = (
     (EXIT_OK, "success"),
     (EXIT_ERROR, "unexpected error (a bug: please report it with --debug output)"),
     (EXIT_USAGE, "usage error: unknown option, malformed value (e.g. --input-size 0)"),
-    (EXIT_MISSING_FILE, "a file given on the command line does not exist"),
+    (
+        EXIT_MISSING_FILE,
+        "a file given on the command line does not exist, or a file shipped with the package is "
+        "missing or corrupt (reinstall)",
+    ),
     (EXIT_UNKNOWN_MODEL, "unknown model name"),
     (
         EXIT_BAD_INPUT,
