@@ -111,7 +111,9 @@ def read_idx(path: str | Path, *, rank: int, shipped: bool = True) -> np.ndarray
     magic, *dims = np.frombuffer(raw[:header], dtype=">u4").tolist()
     if magic != _IDX_MAGIC[rank]:
         raise _shipped_error(
-            path, f"not an idx file of rank {rank} (magic {magic}, expected {_IDX_MAGIC[rank]})", shipped
+            path,
+            f"not an idx file of rank {rank} (magic {magic}, expected {_IDX_MAGIC[rank]})",
+            shipped,
         )
     expected = int(np.prod(dims))
     if len(raw) - header != expected:
@@ -273,7 +275,9 @@ def load_fashion_backbone(path: str | Path | None = None) -> torch.nn.Module:
         )
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise _shipped_error(path, f"does not hold {FASHION_ARCH} weights ({first})", shipped) from None
+        raise _shipped_error(
+            path, f"does not hold {FASHION_ARCH} weights ({first})", shipped
+        ) from None
     return model.eval()
 
 
