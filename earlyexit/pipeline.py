@@ -31,7 +31,7 @@ class PipelineOptions:
     confidence: float = 0.95
     exits: str | list[str | int] = "auto"
     num_exits: int = 4
-    head: str = "linear"
+    head: str = "conv"  # measured best at 0.99 on fashion (3 seeds) and digits; see README
     gate: str = "learned"  # any other gate is kept fixed (DistillConfig(gate="wrap"))
     batch_size: int = 32
     seed: int = 0

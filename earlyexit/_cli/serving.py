@@ -53,7 +53,11 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         help="exits 'auto' places (default 4)",
     )
     group.add_argument(
-        "--head", choices=head_kinds(), default="linear", help="exit head kind (default linear)"
+        "--head",
+        choices=head_kinds(),
+        default="conv",
+        help="exit head kind (default conv: a small conv on a 4x4 pooled grid; it saved the most"
+        " MACs at 0.99 agreement on the fashion and digits workloads, see the README)",
     )
     group.add_argument(
         "--gate",

@@ -391,7 +391,7 @@ def tradeoff_report(
         samples = _take_samples(eval_data, labels, latency_samples, batch_size)
         lat = stream_latency(
             eem, samples, batch=min(latency_batch, samples.shape[0]), threads=threads,
-            reps_b1=min(30, samples.shape[0]), progress=progress,
+            reps_b1=samples.shape[0], progress=progress,
         )  # fmt: skip
     record.features = None  # not part of the report; free the memory early
     return build_report(
