@@ -233,3 +233,23 @@ def test_demo_defaults_to_fashion_and_scores_accuracy(tmp_path, capsys) -> None:
         expected = (w.model(x).argmax(-1) == w.evaluation.labels).float().mean().item()
     assert report["accuracy_full"] == pytest.approx(expected, abs=1e-6)
     assert (out / "demo_fashion.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- samples before the first exit
+
+
+@pytest.mark.parametrize(("thresholds", "expected"), [(None, None), ((-1.0, -1.0), 0)])
+def test_serve_stream_counts_traffic_before_the_first_early_exit(thresholds, expected) -> None:
+    from test_distill import quick, stream, toy_wrap
+
+    from earlyexit.distill import OnlineDistiller
+    from earlyexit.pipeline import serve_stream
+
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick(warmup_samples=10_000, recalibrate_every=10_000))
+    if thresholds is not None:
+        eem.set_thresholds(thresholds)  # every gate open wide: the first batch already exits
+    traffic = stream(96, torch.Generator().manual_seed(0))
+    stats = serve_stream(learner, traffic, batch_size=32, progress=False)
+    assert stats["samples"] == 96
+    assert stats["first_early_exit_at"] == expected
