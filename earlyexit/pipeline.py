@@ -38,6 +38,7 @@ class PipelineOptions:
     latency: bool = True
     sdn_baseline: bool = False
     progress: bool = True
+    threads: int | None = None  # torch CPU threads for the whole run (None: leave as is)
     distill: dict[str, Any] = field(default_factory=dict)  # extra DistillConfig fields
 
 
@@ -126,6 +127,8 @@ def serve_and_evaluate(
         >>> res.report["mac_saving"]  # doctest: +SKIP
     """
     opts = options or PipelineOptions()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -170,6 +173,7 @@ def serve_and_evaluate(
         eem,
         evaluation,
         train_data=traffic if (labelled and opts.sdn_baseline) else None,
+        sdn_target=opts.target_agreement,
         latency=opts.latency,
         batch_size=opts.batch_size,
         model_name=model_name,

@@ -213,15 +213,21 @@ def test_demo_with_a_damaged_shipped_file_exits_3_naming_it(tmp_path, monkeypatc
 def test_demo_refuses_sizes_beyond_the_test_split(tmp_path, capsys) -> None:
     code = main(["demo", "--traffic-size", "9000", "--eval-size", "2000", "--out", str(tmp_path)])
     assert code == 2 and "<= 10000" in capsys.readouterr().err
+    assert main(["demo", "--threads", "0", "--out", str(tmp_path)]) == 2
 
 
 @pytest.mark.slow
 def test_demo_defaults_to_fashion_and_scores_accuracy(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
-    code = main(
-        ["demo", "--traffic-size", "256", "--eval-size", "128", "--out", str(out),
-         "--no-latency", "--no-progress", "--json"]
-    )  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        code = main(
+            ["demo", "--traffic-size", "256", "--eval-size", "128", "--out", str(out),
+             "--no-latency", "--no-progress", "--json", "--threads", "1"]
+        )  # fmt: skip
+        assert torch.get_num_threads() == 1  # --threads pins torch for the run
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["stream"]["workload"] == "fashion"

@@ -77,6 +77,13 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         help="serving batch size (default 32)",
     )
     group.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's, one per core); use 1 when another job "
+        "shares the cores: oversubscribed threads can run many times slower",
+    )
+    group.add_argument(
         "--no-latency",
         action="store_true",
         help="skip the wall-clock latency/throughput measurement",
@@ -103,6 +110,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         latency=not args.no_latency,
         sdn_baseline=args.baseline,
         progress=not args.no_progress,
+        threads=args.threads,
     )
 
 
