@@ -8,8 +8,8 @@ one MAC accounting (earlyexit's: torchvision's convention, heads evaluated on th
    traffic while its heads learn online by self-distillation, never seeing a label, and calibrates
    thresholds online (agreement with the full model >= ``--target`` among early exits, at 95%
    confidence). Read from its report: our calibrated operating point, the SDN baseline (copies of our
-   heads trained offline with the traffic's labels) at its calibrated point (``calibrate_greedy``
-   on the traffic split) and at its best threshold-sweep point with agreement >= ``--target``
+   heads trained offline with the traffic's labels, scored by our gate) at its calibrated point
+   (``calibrate_greedy`` on the traffic split) and at its best threshold-sweep point with agreement >= ``--target``
    (chosen in hindsight on the evaluation split), and the oracle (each sample leaves at the first
    of our heads that agrees with the full model).
 2. **earlyon**: ``earlyon.models.custom_ee`` hooks its exit heads (pool -> MLP) onto a copy of the
@@ -27,12 +27,20 @@ one MAC accounting (earlyexit's: torchvision's convention, heads evaluated on th
    own ``simulate_policy`` for every setting, and against its real batch-1 router, with MACs counted
    while it runs, for the reported rows).
 
+A point meets the target when its agreement with the full model over all held-out samples reaches
+``--target`` (as the report's sweeps count it); ``--agreement-on exited`` counts it among the samples
+that left early instead, the stronger figure our online calibration guarantees.
+
 earlyon is never a dependency of earlyexit: it is imported lazily; without it its rows are skipped
 (``--require-earlyon``: exit 2). Install it next to the pinned torch without touching it:
 ``pip install --no-deps earlyon==0.3.0`` (its requirements, torch, torchvision, click, numpy and
 fvcore, are already there; ``pip check`` stays clean).
 
 Prints a Markdown table per seed and writes ``benchmarks/results/side_by_side_<workload>_seed<k>.json``.
+Runtime, one CPU thread: digits at its default sizes (4000 / 2000) with the full earlyon sweep (672
+settings) about 11 minutes, nine tenths of it earlyon's stage-2 training, which runs the whole
+backbone every epoch; narrow the sweep (``--quick``, ``--eo-*``) for the larger workloads. On a
+machine shared with another job pass ``--threads 1``: oversubscribed threads are far slower.
 
 Example:
     python benchmarks/side_by_side.py --workload digits --traffic-size 1000 --eval-size 500
@@ -55,7 +63,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -253,6 +261,29 @@ def exited_agreement(exit_rates: Sequence[float], exit_agreement: Sequence[float
     return sum(r * (a or 0.0) for r, a in pairs) / left if left else 1.0
 
 
+@dataclass(frozen=True)
+class Goal:
+    """The agreement with the full model a policy must reach on the evaluation split."""
+
+    level: float
+    on: str  # "all": over every sample; "exited": among the samples that left early
+
+    def agreement(self, point: dict[str, Any]) -> float:
+        if self.on == "all":
+            return point["agreement"]
+        if point.get("agreement_exited") is not None:
+            return point["agreement_exited"]
+        return exited_agreement(point["exit_rates"], point["exit_agreement"])
+
+    def met(self, point: dict[str, Any]) -> bool:
+        return self.agreement(point) >= self.level
+
+    def describe(self) -> str:
+        return f"agreement >= {self.level:g} " + (
+            "over all samples" if self.on == "all" else "among early exits"
+        )
+
+
 def figures(
     path: Tensor, preds: Tensor, final: Tensor, labels: Tensor, costs: Sequence[int], base: int
 ) -> dict[str, Any]:
@@ -293,7 +324,7 @@ def row(
     setting: str,
     point: dict[str, Any],
     oracle: float,
-    target: float,
+    goal: Goal,
     *,
     heads_oracle: float | None = None,
     **extra: Any,
@@ -317,7 +348,7 @@ def row(
         "accuracy_full": point.get("accuracy_full"),
         "share_of_oracle": point["mac_saving"] / oracle if oracle > 0 else None,
         "heads_oracle_saving": heads_oracle,
-        "meets_target": point["agreement"] >= target,
+        "meets_target": goal.met({**point, "agreement_exited": agreement_exited}),
         **extra,
     }
 
@@ -381,6 +412,7 @@ def run_ours(w: Any, traffic: Any, evaluation: Any, args: argparse.Namespace, se
         latency=False,
         seed=seed,
         progress=args.progress,
+        **({"head": args.head} if args.head else {}),  # else the pipeline's default, as the demo
     )
     # Its report files are not needed here: the figures go into this benchmark's JSON.
     with tempfile.TemporaryDirectory() as out_dir:
@@ -400,30 +432,31 @@ def run_ours(w: Any, traffic: Any, evaluation: Any, args: argparse.Namespace, se
     return result.report, result.learner.eem, result.seconds
 
 
-def ours_rows(report: dict[str, Any], target: float) -> tuple[list[dict[str, Any]], float]:
+def ours_rows(report: dict[str, Any], goal: Goal) -> tuple[list[dict[str, Any]], float]:
     points, curves = report["points"], report["curves"]
     oracle = report["oracle_mac_saving"]
     thresholds = ", ".join(
         "closed" if t in ("inf", math.inf) else f"{float(t):.3f}" for t in report["thresholds"]
     )
+    head = report["model"].get("head_kind", "?")
     rows = [
         row(
             "ours: online, label-free",
-            f"calibrated online (agreement >= {target:g} among exits, 95% conf.); "
-            f"thresholds [{thresholds}]",
+            f"{head} heads; calibrated online (agreement >= {goal.level:g} among exits, "
+            f"95% conf.); thresholds [{thresholds}]",
             {
                 **points[METHOD_OPERATING],
                 "accuracy_early": report["accuracy_early"],
                 "accuracy_full": report["accuracy_full"],
             },
             oracle,
-            target,
+            goal,
             key="ours",
             heads_oracle=oracle,
             hindsight=False,
         )
     ]
-    best = _best_on_curve(curves.get(METHOD_SWEEP, []), target)
+    best = _best_on_curve(curves.get(METHOD_SWEEP, []), goal)
     if best is not None:
         rows.append(
             row(
@@ -431,7 +464,7 @@ def ours_rows(report: dict[str, Any], target: float) -> tuple[list[dict[str, Any
                 f"shared threshold {float(best['param']):.4g} (hindsight on evaluation)",
                 {**best, "accuracy_full": report["accuracy_full"]},
                 oracle,
-                target,
+                goal,
                 key="ours_best_sweep",
                 heads_oracle=oracle,
                 hindsight=True,
@@ -441,16 +474,17 @@ def ours_rows(report: dict[str, Any], target: float) -> tuple[list[dict[str, Any
         rows.append(
             row(
                 "SDN: heads trained with labels",
-                "copies of our heads, 30 epochs of cross-entropy on the traffic labels (offline); "
+                f"copies of our {head} heads, 30 epochs of cross-entropy on the traffic labels "
+                "(offline); "
                 f"calibrate_greedy at {SDN_CALIBRATION_TARGET:g} on the traffic split",
                 {**points[METHOD_SDN_OPERATING], "accuracy_full": report["accuracy_full"]},
                 oracle,
-                target,
+                goal,
                 key="sdn",
                 hindsight=False,
             )
         )
-    best = _best_on_curve(curves.get(METHOD_SDN, []), target)
+    best = _best_on_curve(curves.get(METHOD_SDN, []), goal)
     rows.append(
         row(
             "SDN: best sweep point",
@@ -458,11 +492,11 @@ def ours_rows(report: dict[str, Any], target: float) -> tuple[list[dict[str, Any
             if best is None
             else f"shared threshold {float(best['param']):.4g} (hindsight on evaluation)",
             {
-                **(best or _most_agreeing(curves.get(METHOD_SDN, []))),
+                **(best or _most_agreeing(curves.get(METHOD_SDN, []), goal)),
                 "accuracy_full": report["accuracy_full"],
             },
             oracle,
-            target,
+            goal,
             key="sdn_best_sweep",
             hindsight=True,
         )
@@ -473,7 +507,7 @@ def ours_rows(report: dict[str, Any], target: float) -> tuple[list[dict[str, Any
             "first head agreeing with the full model; heads on the way counted",
             {**points[METHOD_ORACLE], "accuracy_full": report["accuracy_full"]},
             oracle,
-            target,
+            goal,
             key="oracle",
             heads_oracle=oracle,
             hindsight=True,
@@ -482,13 +516,13 @@ def ours_rows(report: dict[str, Any], target: float) -> tuple[list[dict[str, Any
     return rows, oracle
 
 
-def _best_on_curve(points: Sequence[dict[str, Any]], target: float) -> dict[str, Any] | None:
-    ok = [p for p in points if p["agreement"] >= target]
+def _best_on_curve(points: Sequence[dict[str, Any]], goal: Goal) -> dict[str, Any] | None:
+    ok = [p for p in points if goal.met(p)]
     return max(ok, key=lambda p: p["mac_saving"]) if ok else None
 
 
-def _most_agreeing(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return max(points, key=lambda p: (p["agreement"], p["mac_saving"]))
+def _most_agreeing(points: Sequence[dict[str, Any]], goal: Goal) -> dict[str, Any]:
+    return max(points, key=lambda p: (goal.agreement(p), p["mac_saving"]))
 
 
 # ------------------------------------------------------------------------------------ earlyon run
@@ -691,7 +725,7 @@ def calibrate_snapshot(
                         "path_macs": list(costs),
                         # earlyon's own static estimate (backbone FLOPs only, no heads)
                         "earlyon_estimated_saving": 1.0 - sim.avg_flops_fraction,
-                        "simulation_matches": abs(sim.accuracy - point["accuracy_early"]) < 1e-12,
+                        "simulation_matches": _same_as_simulation(sim, point),
                         "temperature_fallback": [
                             head
                             for head, fit in (calibration.temperature_fits or {}).items()
@@ -704,6 +738,20 @@ def calibrate_snapshot(
                     }
                 )
     return results
+
+
+def _same_as_simulation(sim: Any, point: dict[str, Any]) -> bool:
+    """Whether earlyon's ``simulate_policy`` saw the same exits and answers as our replay."""
+    n_exits = len(point["exit_rates"]) - 1
+    ours = {
+        ("final" if p == n_exits else f"exit_{p}"): rate
+        for p, rate in enumerate(point["exit_rates"])
+        if rate > 0
+    }
+    same_exits = ours.keys() == sim.exit_distribution.keys() and all(
+        math.isclose(rate, sim.exit_distribution[k], abs_tol=1e-9) for k, rate in ours.items()
+    )
+    return same_exits and math.isclose(sim.accuracy, point["accuracy_early"], abs_tol=1e-9)
 
 
 def run_earlyon(
@@ -740,7 +788,7 @@ def run_earlyon(
 
 
 def earlyon_selection(
-    results: Sequence[dict[str, Any]], target: float, oracle: float
+    results: Sequence[dict[str, Any]], goal: Goal, oracle: float
 ) -> list[dict[str, Any]]:
     """The rows earlyon gets: README defaults and best setting, for each calibration target."""
     rows = []
@@ -748,7 +796,7 @@ def earlyon_selection(
         pool = [r for r in results if r["setting"]["targets"] == targets]
         if not pool:
             continue
-        default_drop = EARLYON_DEFAULT_DROP if targets == "labels" else round(1.0 - target, 6)
+        default_drop = EARLYON_DEFAULT_DROP if targets == "labels" else round(1.0 - goal.level, 6)
         default = [
             r
             for r in pool
@@ -763,27 +811,23 @@ def earlyon_selection(
                     EarlyonSetting(**r["setting"]).describe(),
                     r,
                     oracle,
-                    target,
+                    goal,
                     key=f"earlyon_{targets.replace(' ', '_')}_default",
                     heads_oracle=r["heads_oracle_saving"],
                     hindsight=False,
                     earlyon=r,
                 )
             )
-        ok = [r for r in pool if r["agreement"] >= target]
-        best = (
-            max(ok, key=lambda r: r["mac_saving"])
-            if ok
-            else max(pool, key=lambda r: (r["agreement"], r["mac_saving"]))
-        )
+        ok = [r for r in pool if goal.met(r)]
+        best = max(ok, key=lambda r: r["mac_saving"]) if ok else _most_agreeing(pool, goal)
         rows.append(
             row(
                 f"earlyon, calibrated on {label}: best setting",
                 EarlyonSetting(**best["setting"]).describe()
-                + ("" if ok else f"; no setting reaches {target:g}: the most agreeing one"),
+                + ("" if ok else f"; no setting reaches {goal.level:g}: the most agreeing one"),
                 best,
                 oracle,
-                target,
+                goal,
                 key=f"earlyon_{targets.replace(' ', '_')}_best",
                 heads_oracle=best["heads_oracle_saving"],
                 hindsight=True,
@@ -869,7 +913,8 @@ def run(args: argparse.Namespace, seed: int, eo: SimpleNamespace | None) -> dict
     report, eem, ours_seconds = run_ours(w, traffic, evaluation, args, seed)
     seconds["ours"] = time.perf_counter() - start
     names = [e["name"] for e in report["exits"]]
-    rows, oracle = ours_rows(report, args.target)
+    goal = Goal(args.target, args.agreement_on)
+    rows, oracle = ours_rows(report, goal)
     log(f"  ours: exits at {', '.join(names)}; MAC saving {report['mac_saving']:.1%}")
 
     full_tr = full_model_logits(w.model, x_tr).argmax(dim=-1)
@@ -888,7 +933,7 @@ def run(args: argparse.Namespace, seed: int, eo: SimpleNamespace | None) -> dict
         stream = Stream(x_tr, y_tr, x_ev, y_ev, full_traffic=full_tr, full_eval=full_ev)
         eo_run = run_earlyon(eo, w, eem, names, stream, args, seed)
         seconds["earlyon"] = time.perf_counter() - start
-        selected = earlyon_selection(eo_run["results"], args.target, oracle)
+        selected = earlyon_selection(eo_run["results"], goal, oracle)
         start = time.perf_counter()
         for r in selected:
             entry = r.pop("earlyon")
@@ -911,9 +956,7 @@ def run(args: argparse.Namespace, seed: int, eo: SimpleNamespace | None) -> dict
                 for (split, hidden), heads in eo_run["trained"].items()
             },
             "simulation_mismatches": eo_run["simulation_mismatches"],
-            "settings": [
-                {k: v for k, v in r.items() if k not in ("path", "pred")} for r in eo_run["results"]
-            ],
+            "settings": settings_table(eo_run["results"]),
         }
     else:
         log(f"  earlyon is not installed: its rows are skipped ({INSTALL_HINT})")
@@ -923,6 +966,7 @@ def run(args: argparse.Namespace, seed: int, eo: SimpleNamespace | None) -> dict
         "description": w.description,
         "seed": seed,
         "target_agreement": args.target,
+        "target_on": args.agreement_on,
         "traffic_samples": int(x_tr.shape[0]),
         "eval_samples": int(x_ev.shape[0]),
         "base_macs": eem.base_macs,
@@ -948,6 +992,7 @@ def run(args: argparse.Namespace, seed: int, eo: SimpleNamespace | None) -> dict
                 "methods",
             )
         },
+        "ours_model": report["model"],
         "ours_learner": {
             key: report["learner"].get(key)
             for key in ("samples", "phase", "train_steps", "calibrations", "evidence", "loss")
@@ -974,7 +1019,8 @@ def _pct(v: Any, digits: int = 1) -> str:
 def markdown_table(result: dict[str, Any]) -> str:
     lines = [
         f"### {result['workload']}, seed {result['seed']}: {result['traffic_samples']} traffic / "
-        f"{result['eval_samples']} held-out samples, target agreement {result['target_agreement']:g}",
+        f"{result['eval_samples']} held-out samples; target: "
+        + Goal(result["target_agreement"], result["target_on"]).describe(),
         "",
         "| method | setting | MAC saving | agreement with full model (all / among exits) "
         "| accuracy early vs full | share of oracle saving | oracle of its heads |",
@@ -1037,6 +1083,56 @@ def summary_table(stats: dict[str, Any], seeds: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
+SETTING_COLUMNS = (
+    *(f.name for f in fields(EarlyonSetting)),
+    "mac_saving",
+    "agreement",
+    "agreement_exited",
+    "accuracy_early",
+    "exit_rate",
+    "heads_oracle_saving",
+    "earlyon_estimated_saving",
+    "enabled_exits",
+    "thresholds",
+    "temperature_fallback",
+)
+
+
+def settings_table(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every earlyon setting tried, one compact row each (the chosen rows keep full detail)."""
+
+    def cells(r: dict[str, Any]) -> list[Any]:
+        config = r["config"]
+        policy = config["routing_policy"]
+        thresholds = config[
+            "confidence_thresholds" if policy == "confidence" else "entropy_thresholds"
+        ]
+        numbers = [round(r[k], 5) for k in SETTING_COLUMNS[len(r["setting"]) : -3]]
+        return [
+            *r["setting"].values(),
+            *numbers,
+            "".join("1" if on else "0" for on in config["enabled_exits"]),
+            [round(t, 4) for t in thresholds],
+            r["temperature_fallback"],
+        ]
+
+    return {"columns": list(SETTING_COLUMNS), "rows": [cells(r) for r in results]}
+
+
+def dumps(value: Any, indent: int = 0, width: int = 160) -> str:
+    """JSON with ``indent=2``, except that anything fitting in ``width`` stays on one line (so the
+    settings table is one line per setting, not one line per number)."""
+    flat = json.dumps(value, allow_nan=False)
+    if len(flat) + indent <= width or not isinstance(value, dict | list) or not value:
+        return flat
+    pad = " " * (indent + 2)
+    if isinstance(value, dict):
+        items = [f"{pad}{json.dumps(k)}: {dumps(v, indent + 2, width)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    items = [pad + dumps(v, indent + 2, width) for v in value]
+    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Atomic: a reader (or an interrupted run) never sees a half-written file."""
     from earlyexit._json import json_safe
@@ -1046,8 +1142,7 @@ def write_json(path: Path, payload: Any) -> None:
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would otherwise survive the rename
         with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(payload), f, indent=2, allow_nan=False)
-            f.write("\n")
+            f.write(dumps(json_safe(payload)) + "\n")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -1094,6 +1189,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.99,
         help="agreement with the full model to match (default 0.99)",
     )
+    parser.add_argument(
+        "--agreement-on",
+        choices=("all", "exited"),
+        default="all",
+        help="where the target agreement must hold for a point to count (and the best rows to be "
+        "picked): over all held-out samples (default, as the report's sweeps) or among the samples "
+        "that left early (what our online calibration guarantees)",
+    )
+    parser.add_argument(
+        "--head",
+        default=None,
+        help="our exit-head kind (default: the pipeline's, as `earlyexit demo` uses)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument(
         "--out", default=None, metavar="DIR", help=f"JSON folder (default {RESULTS})"
@@ -1116,7 +1224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smaller earlyon sweep: MLP-128, 5/20 epochs, holdout split",
+        help="a smaller earlyon sweep (MLP-128, 5/20 epochs, holdout split) unless set below",
     )
     parser.add_argument(
         "--verify-samples",
@@ -1131,22 +1239,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--eo-hidden",
         type=int,
         nargs="+",
-        default=[128, 512],
-        help="head hidden widths (default 128 512)",
+        default=None,
+        help="head hidden widths (default 128 512; --quick 128)",
     )
     sweep.add_argument(
         "--eo-epochs",
         type=int,
         nargs="+",
-        default=[5, 10, 20],
-        help="stage-2 epochs (default 5 10 20; one run, snapshots)",
+        default=None,
+        help="stage-2 epochs (default 5 10 20; --quick 5 20; one run, snapshots)",
     )
     sweep.add_argument(
         "--eo-splits",
         nargs="+",
         choices=("holdout", "all"),
-        default=["holdout", "all"],
-        help="calibration split (default both)",
+        default=None,
+        help="calibration split (default both; --quick holdout)",
     )
     sweep.add_argument(
         "--eo-policies",
@@ -1187,8 +1295,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     sweep.add_argument("--eo-batch", type=int, default=64, help="stage-2 batch size (default 64)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.eo_hidden, args.eo_epochs, args.eo_splits = [128], [5, 20], ["holdout"]
+    # --quick shrinks only what was not given explicitly.
+    for name, full, quick in (
+        ("eo_hidden", [128, 512], [128]),
+        ("eo_epochs", [5, 10, 20], [5, 20]),
+        ("eo_splits", ["holdout", "all"], ["holdout"]),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     if not 0.0 < args.target < 1.0:
         parser.error("--target must be in (0, 1)")
     return args
@@ -1226,7 +1340,7 @@ def main(argv: list[str] | None = None) -> int:
         from earlyexit._json import json_safe
 
         payload = results[0] if stats is None else {"runs": results, "summary": stats}
-        print(json.dumps(json_safe(payload), indent=2, allow_nan=False))
+        print(dumps(json_safe(payload)))
     elif stats is not None:
         print(summary_table(stats, [r["seed"] for r in results]))
     return 0
