@@ -13,7 +13,6 @@ sample on every call, no global random state touched, cheap enough to render dur
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -23,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ._fp16 import as_fp32, save_fp16_checkpoint
 
 __all__ = [
     "DIGITS_ARCH",
@@ -323,14 +324,7 @@ def build_digits_backbone() -> torch.nn.Module:
 def save_digits_backbone(model: torch.nn.Module, path: str | Path = DIGITS_CHECKPOINT) -> str:
     """Write ``model``'s state dict as fp16 safetensors (halves the file; accuracy is checked by
     the training script). Returns the file's sha256."""
-    from safetensors.torch import save_file
-
-    state = {
-        k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
-        for k, v in model.state_dict().items()
-    }
-    save_file(state, str(path), metadata={"arch": DIGITS_ARCH, "storage": "float16"})
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return save_fp16_checkpoint(model, path, arch=DIGITS_ARCH)
 
 
 def load_digits_backbone(path: str | Path | None = None) -> torch.nn.Module:
@@ -350,7 +344,7 @@ def load_digits_backbone(path: str | Path | None = None) -> torch.nn.Module:
             f"no digits backbone checkpoint at {path}; train one with "
             "`python scripts/train_reference_backbone.py`"
         )
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(path).items()}
+    state = as_fp32(load_file(path))
     model = build_digits_backbone()
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -16,7 +16,6 @@ serving: grey 28x28 -> bilinear upsampling to 64x64 -> 3 equal channels -> ``(x 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import EarlyExitError
+from ._fp16 import as_fp32, save_fp16_checkpoint
 
 __all__ = [
     "FASHION_ARCH",
@@ -236,14 +236,7 @@ def build_fashion_backbone() -> torch.nn.Module:
 
 def save_fashion_backbone(model: torch.nn.Module, path: str | Path = FASHION_CHECKPOINT) -> str:
     """Write ``model``'s state dict as fp16 safetensors; returns the file's sha256."""
-    from safetensors.torch import save_file
-
-    state = {
-        k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
-        for k, v in model.state_dict().items()
-    }
-    save_file(state, str(path), metadata={"arch": FASHION_ARCH, "storage": "float16"})
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return save_fp16_checkpoint(model, path, arch=FASHION_ARCH)
 
 
 def load_fashion_backbone(path: str | Path | None = None) -> torch.nn.Module:
@@ -270,9 +263,7 @@ def load_fashion_backbone(path: str | Path | None = None) -> torch.nn.Module:
         raise _shipped_error(path, f"not a readable safetensors file ({exc})", shipped) from None
     model = build_fashion_backbone()
     try:
-        model.load_state_dict(
-            {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=True
-        )
+        model.load_state_dict(as_fp32(state), strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise _shipped_error(
