@@ -92,10 +92,6 @@ INSTALL_HINT = (
     f"pip install {EARLYON_PIN} (next to a pinned torch: pip install --no-deps {EARLYON_PIN})"
 )
 EXIT_NO_EARLYON = 2
-# The library's SDN baseline is calibrated by tradeoff_report's default sdn_target (the pipeline
-# does not pass its own target through), so its calibrated point is always at this agreement.
-SDN_CALIBRATION_TARGET = 0.99
-
 # earlyon's README defaults: 128-unit MLP heads, stage-2 default of 20 epochs, confidence routing,
 # no temperature scaling, its own threshold grid, a 1% accuracy budget on a held-out split.
 EARLYON_DEFAULT = {
@@ -476,7 +472,7 @@ def ours_rows(report: dict[str, Any], goal: Goal) -> tuple[list[dict[str, Any]],
                 "SDN: heads trained with labels",
                 f"copies of our {head} heads, 30 epochs of cross-entropy on the traffic labels "
                 "(offline); "
-                f"calibrate_greedy at {SDN_CALIBRATION_TARGET:g} on the traffic split",
+                f"calibrate_greedy at {goal.level:g} on the traffic split",
                 {**points[METHOD_SDN_OPERATING], "accuracy_full": report["accuracy_full"]},
                 oracle,
                 goal,
@@ -1320,11 +1316,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # fvcore (earlyon's FLOPs estimate) scripts a function with torch.jit: noise, not a finding.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-    if args.target != SDN_CALIBRATION_TARGET:
-        log(
-            f"note: the pipeline calibrates the SDN baseline at {SDN_CALIBRATION_TARGET:g}, "
-            f"not --target {args.target:g}"
-        )
     out_dir = Path(args.out) if args.out else RESULTS
     results = []
     for seed in dict.fromkeys(args.seed):
