@@ -191,11 +191,17 @@ class _Run:
             self.records[i] = ExitRecord(self.rows, z, logits, scores)
         if threshold == math.inf:
             return None
-        passed = (scores >= threshold) & ~self.decided
-        leaving = passed if self.audit is None else passed & ~self.audit[self.rows]
-        # One host sync per exit (on a GPU each sync stalls the launch queue): both counts at
-        # once, then indices of known size, so no boolean mask below needs another.
-        num_passed, num_leaving = torch.stack((passed.sum(), leaving.sum())).tolist()
+        if self.audit is None:
+            # Serving without audits: a row that passes leaves at once, so no remaining row was
+            # decided before and one count is all there is (fewer small ops at batch 1).
+            passed = leaving = scores >= threshold
+            num_passed = num_leaving = int(passed.sum())
+        else:
+            passed = (scores >= threshold) & ~self.decided
+            leaving = passed & ~self.audit[self.rows]
+            # One host sync per exit (on a GPU each sync stalls the launch queue): both counts at
+            # once, then indices of known size, so no boolean mask below needs another.
+            num_passed, num_leaving = torch.stack((passed.sum(), leaving.sum())).tolist()
         if num_passed == 0:
             return None
         passed_rows = _indices(passed, num_passed)
