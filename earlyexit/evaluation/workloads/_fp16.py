@@ -28,6 +28,26 @@ def save_fp16_checkpoint(model: torch.nn.Module, path: str | Path, *, arch: str)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def checkpoint_record(path: str | Path) -> dict[str, object]:
+    """What a training record says about a checkpoint written by :func:`save_fp16_checkpoint`:
+    file name, storage, size and sha256 (the tests check the shipped file against it).
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> _ = save_fp16_checkpoint(torch.nn.Linear(2, 2), path, arch="linear")
+        >>> sorted(checkpoint_record(path))
+        ['bytes', 'file', 'sha256', 'storage']
+    """
+    path = Path(path)
+    return {
+        "file": path.name,
+        "storage": "float16",
+        "bytes": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+
+
 def as_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The stored state dict with floating tensors back in fp32 (the models compute in fp32).
 
