@@ -51,13 +51,11 @@ from earlyexit.cascade import (  # noqa: E402
     EarlyExitTier,
     EnsembleTier,
     LocalTier,
-    ModelServer,
     RemoteTier,
 )
-from earlyexit.evaluation.macs import count_macs  # noqa: E402
-from earlyexit.evaluation.workloads import load_digits_backbone, load_workload  # noqa: E402
-from earlyexit.gates import gate_names, gate_scores, make_gate  # noqa: E402
-from earlyexit.placement import (  # noqa: E402
+from earlyexit.cascade._loopback import ModelServer  # noqa: E402
+from earlyexit.costs.macs import count_macs  # noqa: E402
+from earlyexit.costs.placement import (  # noqa: E402
     Link,
     Site,
     StageProfile,
@@ -67,6 +65,8 @@ from earlyexit.placement import (  # noqa: E402
     sample_costs,
     simulate_exits,
 )
+from earlyexit.evaluation.workloads import load_digits_backbone, load_workload  # noqa: E402
+from earlyexit.gates import gate_names, gate_scores, make_gate  # noqa: E402
 from earlyexit.supervisors import (  # noqa: E402
     Supervisor,
     accepted_accuracy_curve,

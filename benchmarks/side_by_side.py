@@ -73,6 +73,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from earlyexit.costs.macs import MacCounter, count_macs
 from earlyexit.evaluation.baselines import (
     METHOD_OPERATING,
     METHOD_ORACLE,
@@ -80,7 +81,6 @@ from earlyexit.evaluation.baselines import (
     METHOD_SDN_OPERATING,
     METHOD_SWEEP,
 )
-from earlyexit.evaluation.macs import MacCounter, count_macs
 from earlyexit.evaluation.stream import iterate_batches
 from earlyexit.model import exit_path_macs
 
@@ -400,7 +400,7 @@ def loader(x: Tensor, y: Tensor, *, batch_size: int, shuffle: bool = False, seed
 
 def run_ours(w: Any, traffic: Any, evaluation: Any, args: argparse.Namespace, seed: int):
     """Our pipeline as ``earlyexit demo`` runs it, with the SDN baseline and without latency."""
-    from earlyexit.pipeline import PipelineOptions, serve_and_evaluate
+    from earlyexit.evaluation.pipeline import PipelineOptions, serve_and_evaluate
 
     options = PipelineOptions(
         target_agreement=args.target,

@@ -21,10 +21,10 @@ from .cascade import (
     EarlyExitTier,
     EnsembleTier,
     LocalTier,
-    ModelServer,
     RemoteTier,
     RemoteTierError,
 )
+from .costs.placement import Link, Site, StageProfile, evaluate_placement, optimise_placement
 from .distill import DistillConfig, OnlineDistiller
 from .errors import (
     CheckpointError,
@@ -47,7 +47,6 @@ from .gates import (
 from .heads import ExitHead, HeadSpec, register_head
 from .io import load
 from .model import EarlyExitModel, ExitPoint, ExitRecord, ExitResult, ExitTrace
-from .placement import Link, Site, StageProfile, evaluate_placement, optimise_placement
 from .supervisors import FallbackError, Supervisor, UntrustedPredictionError
 from .wrapping import exit_candidates, wrap
 
@@ -81,7 +80,6 @@ __all__ = [
     "InputError",
     "Link",
     "LocalTier",
-    "ModelServer",
     "OnlineDistiller",
     "PatienceGate",
     "RemoteTier",

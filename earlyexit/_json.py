@@ -41,3 +41,19 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value
+
+
+def from_json_float(value: float | str | None) -> float | None:
+    """The inverse of :func:`json_float`: ``"inf"`` / ``"-inf"`` back to floats, numbers as floats.
+
+    Example:
+        >>> from_json_float("inf"), from_json_float(0.5), from_json_float(None)
+        (inf, 0.5, None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in ("inf", "-inf"):
+            raise ValueError(f"expected a number, 'inf' or '-inf', got {value!r}")
+        return math.inf if value == "inf" else -math.inf
+    return float(value)

@@ -28,6 +28,7 @@ from scipy import stats
 from torch import Tensor
 
 from .errors import ConfigError
+from .routing import simulate_exits
 
 
 def binomial_tail_pvalue(failures: int, n: int, max_failure_rate: float) -> float:
@@ -193,9 +194,7 @@ def _calibrate_one(
         return ExitCalibration(
             math.inf, reached, 0, math.nan, 0.0, "closed: scores too tied to test"
         )
-    if cuts.numel() > max_candidates:
-        pick = torch.linspace(0, cuts.numel() - 1, max_candidates).round().long()
-        cuts = cuts[pick.unique()]
+    cuts = _thin(cuts, max_candidates)
     # One vectorised binomial call for every candidate (calibration reruns often while serving).
     counts = cuts + 1
     pvalues = stats.binom.cdf(fails[cuts].numpy(), counts.numpy(), 1.0 - target)
@@ -230,20 +229,6 @@ def _calibrate_one(
         lower,
         f"open: {count}/{reached} exit, agreement {agreement:.4f} >= {lower:.4f} (bound)",
     )
-
-
-def simulate_exits(scores: Tensor, thresholds: tuple[float, ...] | list[float]) -> Tensor:
-    """Where each sample would leave under ``thresholds``: ``[N]`` int64, ``E`` = ran to the end.
-
-    Example:
-        >>> simulate_exits(torch.tensor([[0.9, 0.1], [0.2, 0.95], [0.1, 0.1]]), [0.8, 0.9]).tolist()
-        [0, 1, 2]
-    """
-    n, num_exits = scores.shape
-    where = torch.full((n,), num_exits, dtype=torch.long)
-    for e in range(num_exits - 1, -1, -1):  # backwards: the earliest passing exit wins
-        where[scores[:, e].cpu() >= thresholds[e]] = e
-    return where
 
 
 def calibrate_joint(

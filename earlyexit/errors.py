@@ -21,3 +21,7 @@ class UnsupportedModelError(EarlyExitError, TypeError):
 
 class CheckpointError(EarlyExitError, ValueError):
     """A checkpoint that is truncated, foreign, or made for another base model."""
+
+
+class RemoteTierError(EarlyExitError, RuntimeError):
+    """A remote cascade tier could not answer (unreachable, timed out, HTTP error, bad reply)."""

@@ -20,10 +20,29 @@ import torch
 from torch import Tensor, nn
 
 from ._backbones import FeatureLayout
-from .errors import ConfigError, InputError
+from .errors import InputError
 from .gates import Gate, GateContext
 from .heads import ExitHead
+from .routing import (
+    check_thresholds,
+    exit_path_macs,
+    gates_open,
+    heads_evaluated,
+    leaves,
+    scatter_answers,
+)
 from .supervisors import Supervisor
+
+# Re-exported: the path arithmetic lives in routing; these names were first defined here.
+__all__ = [
+    "EarlyExitModel",
+    "ExitPoint",
+    "ExitRecord",
+    "ExitResult",
+    "ExitTrace",
+    "exit_path_macs",
+    "heads_evaluated",
+]
 
 
 @dataclass(frozen=True)
@@ -95,41 +114,6 @@ class ExitTrace:
     final_logits: Tensor | None
 
 
-def heads_evaluated(open_gates: Sequence[bool], needs_history: bool) -> tuple[bool, ...]:
-    """Which heads serving runs: those whose gate is open, and with a gate that looks back at
-    earlier heads (``needs_history``) every head up to the last open gate.
-
-    Example:
-        >>> heads_evaluated([False, True, False], needs_history=True)
-        (True, True, False)
-    """
-    gates = list(open_gates)
-    if needs_history:
-        return tuple(any(gates[i:]) for i in range(len(gates)))
-    return tuple(gates)
-
-
-def exit_path_macs(
-    backbone_macs: Sequence[int],
-    head_macs: Sequence[int],
-    base_macs: int,
-    evaluated: Sequence[bool],
-) -> tuple[int, ...]:
-    """Per-sample MACs of leaving at each exit (last entry: running to the end) when the heads in
-    ``evaluated`` run on the way.
-
-    Example:
-        >>> exit_path_macs([10, 20], [1, 1], 30, [True, False])
-        (11, 21, 31)
-    """
-    costs, spent = [], 0
-    for backbone, head, runs in zip(backbone_macs, head_macs, evaluated, strict=True):
-        spent += head if runs else 0
-        costs.append(int(backbone) + spent)
-    costs.append(int(base_macs) + spent)
-    return tuple(costs)
-
-
 class _StopForward(Exception):
     """Raised by an exit hook when every sample of the batch has left: ends the forward pass."""
 
@@ -194,10 +178,10 @@ class _Run:
         if self.audit is None:
             # Serving without audits: a row that passes leaves at once, so no remaining row was
             # decided before and one count is all there is (fewer small ops at batch 1).
-            passed = leaving = scores >= threshold
+            passed = leaving = leaves(scores, threshold)
             num_passed = num_leaving = int(passed.sum())
         else:
-            passed = (scores >= threshold) & ~self.decided
+            passed = leaves(scores, threshold) & ~self.decided
             leaving = passed & ~self.audit[self.rows]
             # One host sync per exit (on a GPU each sync stalls the launch queue): both counts at
             # once, then indices of known size, so no boolean mask below needs another.
@@ -346,21 +330,8 @@ class EarlyExitModel(nn.Module):
         Example:
             >>> eem.set_thresholds([0.95, 0.9, 0.9, float("inf")])  # doctest: +SKIP
         """
-        values = list(thresholds)
-        if len(values) != self.num_exits:
-            raise ConfigError(
-                f"expected {self.num_exits} thresholds (one per exit), got {len(values)}"
-            )
-        checked = []
-        for i, value in enumerate(values):
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"threshold {i} must be a number, got {value!r}") from None
-            if math.isnan(value):
-                raise ConfigError(f"threshold {i} is NaN; use inf to close an exit")
-            checked.append(value)
-        self._thresholds = tuple(checked)  # one assignment: concurrent calls see old or new, whole
+        checked = check_thresholds(thresholds, self.num_exits)
+        self._thresholds = checked  # one assignment: concurrent calls see old or new, whole
 
     def path_macs(
         self, thresholds: Sequence[float] | None = None, *, gate: Gate | None = None
@@ -373,7 +344,7 @@ class EarlyExitModel(nn.Module):
         """
         chosen = self._thresholds if thresholds is None else tuple(thresholds)
         needs_history = (self.gate if gate is None else gate).needs_history
-        evaluated = heads_evaluated([t != math.inf for t in chosen], needs_history)
+        evaluated = heads_evaluated(gates_open(chosen), needs_history)
         return exit_path_macs(self.backbone_macs, self.head_macs, self.base_macs, evaluated)
 
     # ------------------------------------------------------------------ serving
@@ -416,7 +387,7 @@ class EarlyExitModel(nn.Module):
     ) -> tuple[bool, ...]:
         if capture:
             return (True,) * self.num_exits
-        return heads_evaluated([t != math.inf for t in thresholds], gate.needs_history)
+        return heads_evaluated(gates_open(thresholds), gate.needs_history)
 
     def _serve(
         self, x: Tensor, *, capture: bool, audit: Tensor | None, checked: bool = False
@@ -508,14 +479,10 @@ class EarlyExitModel(nn.Module):
                 accepted_parts.append((rows, self.supervisor.accept(logits)))
         dtype = final.dtype if final is not None else answers[0][1].dtype
         device = x.device
-        out_logits = torch.empty(batch, self.num_classes, dtype=dtype, device=device)
-        exit_index = torch.empty(batch, dtype=torch.long, device=device)
-        confidence = torch.empty(batch, dtype=torch.float32, device=device)
+        out_logits, exit_index, confidence = scatter_answers(
+            answers, batch, num_classes=self.num_classes, dtype=dtype, device=device
+        )
         accepted = torch.ones(batch, dtype=torch.bool, device=device)
-        for rows, logits, index, scores in answers:
-            out_logits[rows] = logits.to(dtype)
-            exit_index[rows] = index
-            confidence[rows] = scores
         for rows, verdict in accepted_parts:
             accepted[rows] = verdict
         result = ExitResult(out_logits, exit_index, confidence, accepted)
@@ -588,7 +555,7 @@ class EarlyExitModel(nn.Module):
         """Per-sample MACs of serving a zero batch of ``input_shape`` with the current thresholds
         (heads included). For expected MACs over real traffic use :meth:`path_macs` with exit rates.
         """
-        from .evaluation.macs import MacCounter
+        from .costs.macs import MacCounter
 
         param = next(self.base_model.parameters())
         shape = tuple(input_shape) if input_shape is not None else (1, *self.input_size)

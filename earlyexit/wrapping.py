@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ._backbones import BackboneAdapter, FeatureLayout, find_adapter
+from .costs.macs import MacCounter
 from .errors import ConfigError, UnsupportedModelError
-from .evaluation.macs import MacCounter
 from .gates import Gate, make_gate
 from .heads import HeadFactory, HeadSpec, build_head
 from .model import EarlyExitModel, ExitPoint

@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import earlyexit as ee
+from earlyexit.costs.macs import MacCounter
 from earlyexit.evaluation.breakdown import mac_breakdown
-from earlyexit.evaluation.macs import MacCounter
 
 # Families whose blocks are plain convolutions / matmuls / SDPA, covering CNN, ViT and Swin.
 CHECKED = ["timm.resnet", "timm.vit", "timm.swin", "torchvision.vit", "torchvision.convnext"]

@@ -15,10 +15,10 @@ from earlyexit.cascade import (
     EarlyExitTier,
     EnsembleTier,
     LocalTier,
-    ModelServer,
     RemoteTier,
     RemoteTierError,
 )
+from earlyexit.cascade._loopback import ModelServer
 from earlyexit.errors import ConfigError
 from earlyexit.gates import AgreementGate, Gate, GateContext
 from earlyexit.supervisors import Supervisor, UntrustedPredictionError

@@ -104,7 +104,7 @@ def test_run_errors_have_codes_and_messages(tmp_path, capsys, args, code, messag
 @pytest.mark.parametrize(("gate", "kind", "mode"), [("learned", "LearnedGate", "learned"),
                                                     ("margin", "MarginGate", "wrap")])  # fmt: skip
 def test_pipeline_keeps_a_fixed_gate_and_learns_the_learned_one(tmp_path, gate, kind, mode):
-    from earlyexit.pipeline import PipelineOptions, serve_and_evaluate
+    from earlyexit.evaluation.pipeline import PipelineOptions, serve_and_evaluate
 
     w = load_workload("digits", traffic_size=64, eval_size=32)
     options = PipelineOptions(gate=gate, latency=False, progress=False)

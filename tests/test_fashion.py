@@ -249,7 +249,7 @@ def test_serve_stream_counts_traffic_before_the_first_early_exit(thresholds, exp
     from test_distill import quick, stream, toy_wrap
 
     from earlyexit.distill import OnlineDistiller
-    from earlyexit.pipeline import serve_stream
+    from earlyexit.evaluation.pipeline import serve_stream
 
     eem = toy_wrap()
     learner = OnlineDistiller(eem, quick(warmup_samples=10_000, recalibrate_every=10_000))

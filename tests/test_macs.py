@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from earlyexit.evaluation.macs import MacCounter, MacReport, count_macs, fvcore_macs
+from earlyexit.costs.macs import MacCounter, MacReport, count_macs, fvcore_macs
 
 TV_MODELS = ["resnet50", "vit_b_16", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_large"]
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import earlyexit as ee
-from earlyexit.errors import ConfigError
-from earlyexit.placement import (
+from earlyexit.costs.placement import (
     Link,
     Site,
     StageProfile,
@@ -21,6 +20,7 @@ from earlyexit.placement import (
     sample_costs,
     simulate_exits,
 )
+from earlyexit.errors import ConfigError
 
 # Two exits, three stages of 100/200/300 MACs, heads of 10 and 20 MACs.
 PROFILE = StageProfile(

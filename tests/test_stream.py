@@ -72,7 +72,7 @@ def test_expected_macs_are_exact_on_a_scripted_stream():
     assert exits.tolist() == [0, 1, 2, 0, 2]
     point = evaluate_exits(rec, exits, thresholds=[0.7, 0.9])
     # Path costs with both gates open: exit0 10+1, exit1 30+1+2, end 100+1+2.
-    assert rec.path_costs([0.7, 0.9]) == (11, 33, 103)
+    assert rec.path_macs([0.7, 0.9]) == (11, 33, 103)
     assert point.expected_macs == pytest.approx((11 + 33 + 103 + 11 + 103) / 5)
     assert point.mac_saving == pytest.approx(1 - (11 + 33 + 103 + 11 + 103) / 500)
     # Answers: 1 (agrees), 3 (agrees), 9 (full), 7 (agrees), 6 (full) -> agreement 1.
@@ -81,12 +81,12 @@ def test_expected_macs_are_exact_on_a_scripted_stream():
     assert point.exit_rates == (0.4, 0.2, 0.4)
     assert point.exit_agreement == (1.0, 1.0, 1.0)
     # Closing exit 1 skips its head: the end path no longer pays for it.
-    assert rec.path_costs([0.7, math.inf]) == (11, 31, 101)
+    assert rec.path_macs([0.7, math.inf]) == (11, 31, 101)
     closed = evaluate_policy(rec, "threshold", thresholds=[0.7, math.inf])
     assert closed.expected_macs == pytest.approx((11 + 101 + 101 + 11 + 101) / 5)
     # A gate that looks back (needs_history) keeps earlier heads running.
     rec.needs_history = True
-    assert rec.path_costs([math.inf, 0.5]) == (11, 33, 103)
+    assert rec.path_macs([math.inf, 0.5]) == (11, 33, 103)
 
 
 def test_oracle_and_patience_on_hand_made_data():
@@ -125,10 +125,10 @@ def test_record_matches_what_was_served_and_changes_nothing(served, record):
     with torch.no_grad():
         assert torch.equal(record.final_pred, eem.base_model(x).argmax(-1))
     for i in range(eem.num_exits):
-        assert record.path_costs() == eem.path_macs([-math.inf] * eem.num_exits)
+        assert record.path_macs() == eem.path_macs([-math.inf] * eem.num_exits)
         thresholds = [math.inf] * eem.num_exits
         thresholds[i] = 0.5
-        assert record.path_costs(thresholds) == eem.path_macs(thresholds)
+        assert record.path_macs(thresholds) == eem.path_macs(thresholds)
 
 
 def test_simulation_equals_real_predict(served, record):
@@ -156,7 +156,7 @@ def test_sweep_endpoints_and_monotonicity(record):
     assert first.param == math.inf and first.agreement == 1.0 and first.mac_saving == 0.0
     assert first.exit_rates[-1] == 1.0
     assert last.param == -math.inf and last.exit_rates[0] == 1.0
-    exit0 = record.path_costs([-math.inf] * record.num_exits)[0]
+    exit0 = record.path_macs([-math.inf] * record.num_exits)[0]
     assert last.expected_macs == exit0
     # Lowering the shared threshold only moves samples earlier, so MACs never grow (finite part).
     finite = [p for p in curve if p.param is not None and math.isfinite(p.param)]

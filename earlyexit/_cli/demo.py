@@ -87,8 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation.pipeline import serve_and_evaluate
     from ..evaluation.workloads import ShippedFileError, load_workload
-    from ..pipeline import serve_and_evaluate
 
     status(f"loading the {args.workload} workload ...", args)
     try:

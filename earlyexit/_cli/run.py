@@ -114,7 +114,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def run(args: argparse.Namespace) -> int:
     from ..data import model_transform, scan_folder, split_stream
     from ..errors import InputError
-    from ..pipeline import serve_and_evaluate
+    from ..evaluation.pipeline import serve_and_evaluate
 
     data = Path(args.data)
     if not data.is_dir():

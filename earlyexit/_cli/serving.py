@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
-from .common import parse_exits, positive_int
+from .._json import from_json_float
+from .common import parse_exits, positive_int, table
 
 
 def _unit_interval(text: str) -> float:
@@ -96,7 +98,7 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> Any:
-    from ..pipeline import PipelineOptions
+    from ..evaluation.pipeline import PipelineOptions
 
     return PipelineOptions(
         target_agreement=args.target_agreement,
@@ -116,8 +118,6 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
 def print_outcome(result: Any) -> None:
     """The summary table and where the files are (stdout)."""
-    from ..pipeline import summary_table
-
     print(summary_table(result.report))
     learner = result.report.get("learner", {})
     reasons = dict.fromkeys(
@@ -130,3 +130,51 @@ def print_outcome(result: Any) -> None:
         print(f"{kind:>4}: {path}")
     took = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
     print(f"time: {took}")
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The headline figures of a report as a plain-text table (what ``demo`` prints)."""
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    def ratio(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    rows = []
+    for e in report["exits"]:
+        thr = from_json_float(e["threshold"])
+        rows.append(
+            [
+                e["name"],
+                "closed" if thr == math.inf else f"{thr:.4f}",
+                pct(e["exit_rate"]),
+                pct(e["agreement"]),
+                pct(e["path_mac_fraction"]),
+            ]
+        )
+    rows.append(["full model", "-", pct(report["final"]["exit_rate"]), "100.0%", "100.0%"])
+    per_exit = table(rows, ["exit", "threshold", "exit rate", "agreement", "MACs of path"])
+    overall = [
+        ["agreement with the full model", pct(report["agreement"])],
+        [
+            "accuracy: full model / early exit",
+            f"{pct(report['accuracy_full'])} / {pct(report['accuracy_early'])}",
+        ],
+        ["MAC saving", pct(report["mac_saving"])],
+        ["oracle MAC saving", pct(report["oracle_mac_saving"])],
+        ["share of the oracle's saving", pct(report.get("saving_of_oracle"))],
+        ["latency ratio, batch 1 (wrapped / base)", ratio(report["latency_ratio_b1"])],
+        ["throughput ratio, batched (wrapped / base)", ratio(report["throughput_ratio"])],
+    ]
+    learner = report.get("learner") or {}
+    if "first_early_exit_at" in learner:
+        first = learner["first_early_exit_at"]
+        served = learner.get("samples")
+        overall.append(
+            [
+                "traffic served before the first early exit",
+                "none left early" if first is None else f"{first} of {served}",
+            ]
+        )
+    return per_exit + "\n\n" + table(overall, ["held-out evaluation", "value"])

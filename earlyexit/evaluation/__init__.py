@@ -6,6 +6,7 @@ Example:
     >>> evaluate_policy(rec, "threshold", thresholds=eem.thresholds).mac_saving  # doctest: +SKIP
 """
 
+from ..costs.macs import MacCounter, MacReport, count_macs, fvcore_macs
 from .baselines import best_at_agreement, calibrate_greedy, compare_methods, train_heads
 from .breakdown import ExitCost, MacBreakdown, mac_breakdown
 from .latency import (
@@ -19,7 +20,6 @@ from .latency import (
     fixed_threads,
     stream_latency,
 )
-from .macs import MacCounter, MacReport, count_macs, fvcore_macs
 from .plot import plot_tradeoff
 from .report import (
     REQUIRED_KEYS,

@@ -2,10 +2,10 @@
 
 Two independent ways to fill it, so each checks the other:
 
-* ``method="dispatch"`` re-counts with :class:`~earlyexit.evaluation.macs.MacCounter` (the counter
+* ``method="dispatch"`` re-counts with :class:`~earlyexit.costs.macs.MacCounter` (the counter
   the wrapper itself uses): one forward pass of the base model, reading the running total when
   each exit module finishes, plus each head on that exit's feature.
-* ``method="fvcore"`` uses fvcore's per-module totals (:func:`~earlyexit.evaluation.macs.fvcore_macs`,
+* ``method="fvcore"`` uses fvcore's per-module totals (:func:`~earlyexit.costs.macs.fvcore_macs`,
   with the published convention and the fused-attention handlers). fvcore gives totals per module,
   not per point in time, so each module's *own* MACs (its total minus its children's) are booked
   when the module finishes, in the order an eager pass finishes them; the backbone cost of exit
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .macs import MacCounter, fvcore_macs
+from ..costs.macs import MacCounter, fvcore_macs
 
 __all__ = ["ExitCost", "MacBreakdown", "mac_breakdown"]
 

@@ -122,7 +122,7 @@ def build_report(
     points: dict[str, PolicyPoint] = compared["points"]
     curves: dict[str, list[PolicyPoint]] = compared["curves"]
     op, oracle, full = points[METHOD_OPERATING], points[METHOD_ORACLE], points[METHOD_FULL]
-    costs = record.path_costs(operating_thresholds)
+    costs = record.path_macs(operating_thresholds)
     exits = []
     for i in range(record.num_exits):
         exits.append(

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .._json import json_float
 from ..gates import Gate, GateContext
-from ..model import exit_path_macs, heads_evaluated
+from ..routing import exit_path_macs, first_exit, gates_open, heads_evaluated, simulate_exits
 
 __all__ = [
     "PolicyPoint",
@@ -105,7 +105,7 @@ class StreamRecord:
         head_macs: per exit, per-sample MACs of its head.
         base_macs: per-sample MACs of the base model.
         needs_history: whether the gate looks at earlier heads (then every earlier head is
-            evaluated whenever a later gate is open; see :meth:`path_costs`).
+            evaluated whenever a later gate is open; see :meth:`path_macs`).
         exit_names: module name of each exit.
         served_exit: ``[N]`` the exit the wrapper chose with the thresholds it had while recording.
         recorded_thresholds: those thresholds.
@@ -139,14 +139,14 @@ class StreamRecord:
         """Number of early exits."""
         return len(self.backbone_macs)
 
-    def path_costs(self, thresholds: Sequence[float] | None = None) -> tuple[int, ...]:
+    def path_macs(self, thresholds: Sequence[float] | None = None) -> tuple[int, ...]:
         """Per-sample MACs of each path (``E`` exits, then the full model) under ``thresholds``.
 
         Same accounting as :meth:`EarlyExitModel.path_macs`: the heads of closed exits are skipped,
         unless the gate needs history and a later gate is open. ``None`` = every head evaluated.
 
         Example:
-            >>> rec.path_costs([math.inf] * rec.num_exits)[-1] == rec.base_macs  # doctest: +SKIP
+            >>> rec.path_macs([math.inf] * rec.num_exits)[-1] == rec.base_macs  # doctest: +SKIP
             True
         """
         e = self.num_exits
@@ -155,8 +155,7 @@ class StreamRecord:
         else:
             if len(thresholds) != e:
                 raise ValueError(f"expected {e} thresholds, got {len(thresholds)}")
-            open_gates = [float(t) != math.inf for t in thresholds]
-            evaluated = heads_evaluated(open_gates, self.needs_history)
+            evaluated = heads_evaluated(gates_open(thresholds), self.needs_history)
         return exit_path_macs(self.backbone_macs, self.head_macs, self.base_macs, evaluated)
 
     def subset(self, index: Tensor | slice) -> StreamRecord:
@@ -345,18 +344,7 @@ def threshold_exits(
         raise ValueError(f"score must be 'gate' or 'max_softmax', got {score!r}")
     if len(thresholds) != record.num_exits:
         raise ValueError(f"expected {record.num_exits} thresholds, got {len(thresholds)}")
-    t = torch.tensor([float(v) for v in thresholds], dtype=values.dtype)
-    passed = values >= t  # [N, E]; inf never passes, -inf always does
-    return _first_true(passed)
-
-
-def _first_true(mask: Tensor) -> Tensor:
-    """Index of the first True per row, ``E`` where none (the full model)."""
-    n, e = mask.shape
-    index = torch.arange(e).expand(n, e)
-    if e == 0:
-        return torch.zeros(n, dtype=torch.long)
-    return torch.where(mask, index, torch.full_like(index, e)).amin(1)
+    return simulate_exits(values, thresholds)
 
 
 def patience_exits(record: StreamRecord, patience: int) -> Tensor:
@@ -378,7 +366,7 @@ def patience_exits(record: StreamRecord, patience: int) -> Tensor:
         same = record.preds[:, i] == record.preds[:, i - 1]
         count = torch.where(same, count + 1, torch.zeros_like(count))
         leave[:, i] = count >= patience
-    return _first_true(leave)
+    return first_exit(leave)
 
 
 def oracle_exits(record: StreamRecord) -> Tensor:
@@ -387,7 +375,7 @@ def oracle_exits(record: StreamRecord) -> Tensor:
     Example:
         >>> oracle_exits(rec)  # doctest: +SKIP
     """
-    return _first_true(record.preds == record.final_pred[:, None])
+    return first_exit(record.preds == record.final_pred[:, None])
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -452,7 +440,7 @@ def evaluate_exits(
     if exit_index.shape != (n,):
         raise ValueError(f"exit_index must have shape ({n},), got {tuple(exit_index.shape)}")
     exit_index = exit_index.long().cpu()
-    costs = torch.tensor(record.path_costs(thresholds), dtype=torch.float64)
+    costs = torch.tensor(record.path_macs(thresholds), dtype=torch.float64)
     expected = float(costs[exit_index].mean())
     preds = torch.cat([record.preds, record.final_pred[:, None]], 1)
     answer = preds.gather(1, exit_index[:, None]).squeeze(1)

@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from .calibration import calibrate_thresholds
-from .errors import ConfigError
-from .model import heads_evaluated
+from ..calibration import calibrate_thresholds
+from ..errors import ConfigError
+from ..routing import gates_open, heads_evaluated, simulate_exits
 
 
 @dataclass(frozen=True)
@@ -231,20 +231,6 @@ def path_costs(
     )
 
 
-def simulate_exits(scores: Tensor, thresholds: Sequence[float]) -> Tensor:
-    """``[N]`` exit of each sample: the first exit whose score passes its threshold, else ``E``.
-
-    Example:
-        >>> simulate_exits(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.1, 0.1]]), [0.5, 0.5]).tolist()
-        [0, 1, 2]
-    """
-    n, e = scores.shape
-    thr = torch.tensor([float(t) for t in thresholds], dtype=torch.float32)
-    passed = scores.float().cpu() >= thr[None, :]
-    first = torch.where(passed.any(dim=1), passed.float().argmax(dim=1), torch.full((n,), e))
-    return first.long()
-
-
 @dataclass
 class PlacementReport:
     """Expected cost and latency of one placement and policy on a stream."""
@@ -419,7 +405,7 @@ def optimise_placement(
         else:
             thresholds = (math.inf,) * e
         exits = simulate_exits(scores[test], thresholds)
-        paid = heads_paid(len(test), [t != math.inf for t in thresholds], needs_history)
+        paid = heads_paid(len(test), gates_open(thresholds), needs_history)
         for assignment in assignments(e + 1, len(sites)):
             candidates.append(
                 evaluate_placement(

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._json import json_safe
-from .distill import DistillConfig, OnlineDistiller
-from .evaluation.report import tradeoff_report, write_report
-from .evaluation.stream import iterate_batches
-from .wrapping import wrap
+from .._json import json_safe
+from ..distill import DistillConfig, OnlineDistiller
+from ..wrapping import wrap
+from .report import tradeoff_report, write_report
+from .stream import iterate_batches
 
 
 @dataclass
@@ -194,52 +194,3 @@ def serve_and_evaluate(
 
 def _fmt_thresholds(thresholds: tuple[float, ...]) -> str:
     return "[" + ", ".join("closed" if t == float("inf") else f"{t:.3f}" for t in thresholds) + "]"
-
-
-def summary_table(report: dict[str, Any]) -> str:
-    """The headline figures of a report as a plain-text table (what ``demo`` prints)."""
-    from ._cli.common import table
-
-    def pct(v: Any) -> str:
-        return "-" if v is None else f"{v:.1%}"
-
-    def ratio(v: Any) -> str:
-        return "-" if v is None else f"{v:.2f}x"
-
-    rows = []
-    for e in report["exits"]:
-        thr = e["threshold"]
-        rows.append(
-            [
-                e["name"],
-                "closed" if thr in ("inf", float("inf")) else f"{float(thr):.4f}",
-                pct(e["exit_rate"]),
-                pct(e["agreement"]),
-                pct(e["path_mac_fraction"]),
-            ]
-        )
-    rows.append(["full model", "-", pct(report["final"]["exit_rate"]), "100.0%", "100.0%"])
-    per_exit = table(rows, ["exit", "threshold", "exit rate", "agreement", "MACs of path"])
-    overall = [
-        ["agreement with the full model", pct(report["agreement"])],
-        [
-            "accuracy: full model / early exit",
-            f"{pct(report['accuracy_full'])} / {pct(report['accuracy_early'])}",
-        ],
-        ["MAC saving", pct(report["mac_saving"])],
-        ["oracle MAC saving", pct(report["oracle_mac_saving"])],
-        ["share of the oracle's saving", pct(report.get("saving_of_oracle"))],
-        ["latency ratio, batch 1 (wrapped / base)", ratio(report["latency_ratio_b1"])],
-        ["throughput ratio, batched (wrapped / base)", ratio(report["throughput_ratio"])],
-    ]
-    learner = report.get("learner") or {}
-    if "first_early_exit_at" in learner:
-        first = learner["first_early_exit_at"]
-        served = learner.get("samples")
-        overall.append(
-            [
-                "traffic served before the first early exit",
-                "none left early" if first is None else f"{first} of {served}",
-            ]
-        )
-    return per_exit + "\n\n" + table(overall, ["held-out evaluation", "value"])
