@@ -7,14 +7,18 @@ Example:
     tensor([4, 4])
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from . import evaluation
-from ._backbones import (
+from .backbones import (
     BackboneAdapter,
     FeatureLayout,
+    find_adapter,
     register_adapter,
     supported_families,
     unregister_adapter,
 )
+from .calibration import calibrate_joint, calibrate_thresholds
 from .cartography import CartographyMeter, DataMap, DifficultyRouter
 from .cascade import (
     Cascade,
@@ -22,39 +26,54 @@ from .cascade import (
     EnsembleTier,
     LocalTier,
     RemoteTier,
-    RemoteTierError,
 )
 from .costs.placement import Link, Site, StageProfile, evaluate_placement, optimise_placement
-from .distill import DistillConfig, OnlineDistiller
+from .distill import BackgroundTrainingError, DistillConfig, OnlineDistiller
 from .errors import (
     CheckpointError,
     ConfigError,
     EarlyExitError,
+    FallbackError,
     InputError,
+    RemoteTierError,
+    ShippedFileError,
     UnsupportedModelError,
+    UntrustedPredictionError,
 )
 from .gates import (
     AgreementGate,
+    EntropyGate,
     Gate,
     GateContext,
+    GiniGate,
     LearnedGate,
+    MarginGate,
+    MaxSoftmaxGate,
     PatienceGate,
+    all_gate_scores,
     fit_learned_gate,
+    gate_names,
     gate_scores,
     make_gate,
     register_gate,
+    stack_trace_logits,
+    unregister_gate,
 )
-from .heads import ExitHead, HeadSpec, register_head
+from .heads import ExitHead, HeadSpec, head_kinds, register_head, unregister_head
 from .io import load
 from .model import EarlyExitModel, ExitPoint, ExitRecord, ExitResult, ExitTrace
-from .supervisors import FallbackError, Supervisor, UntrustedPredictionError
+from .supervisors import Supervisor, make_supervisor
 from .wrapping import exit_candidates, wrap
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("earlyexit")  # the one version, written in pyproject.toml
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AgreementGate",
     "BackboneAdapter",
+    "BackgroundTrainingError",
     "CartographyMeter",
     "Cascade",
     "CheckpointError",
@@ -66,6 +85,7 @@ __all__ = [
     "EarlyExitModel",
     "EarlyExitTier",
     "EnsembleTier",
+    "EntropyGate",
     "ExitHead",
     "ExitPoint",
     "ExitRecord",
@@ -75,33 +95,47 @@ __all__ = [
     "FeatureLayout",
     "Gate",
     "GateContext",
-    "LearnedGate",
+    "GiniGate",
     "HeadSpec",
     "InputError",
+    "LearnedGate",
     "Link",
     "LocalTier",
+    "MarginGate",
+    "MaxSoftmaxGate",
     "OnlineDistiller",
     "PatienceGate",
     "RemoteTier",
     "RemoteTierError",
+    "ShippedFileError",
     "Site",
     "StageProfile",
     "Supervisor",
     "UnsupportedModelError",
     "UntrustedPredictionError",
     "__version__",
+    "all_gate_scores",
+    "calibrate_joint",
+    "calibrate_thresholds",
     "evaluate_placement",
     "evaluation",
     "exit_candidates",
+    "find_adapter",
     "fit_learned_gate",
+    "gate_names",
     "gate_scores",
+    "head_kinds",
     "load",
     "make_gate",
+    "make_supervisor",
     "optimise_placement",
     "register_adapter",
     "register_gate",
     "register_head",
+    "stack_trace_logits",
     "supported_families",
     "unregister_adapter",
+    "unregister_gate",
+    "unregister_head",
     "wrap",
 ]

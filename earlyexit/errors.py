@@ -1,6 +1,13 @@
-"""Exceptions raised by earlyexit. Each message says what was expected and what to do."""
+"""Exceptions raised by earlyexit. Each message says what was expected and what to do.
+
+Every error earlyexit raises on purpose derives from :class:`EarlyExitError`, and also from the
+built-in exception a caller would expect (``ValueError`` for bad arguments, ``TypeError`` for an
+unsupported model, ...), so ``except ValueError`` keeps working around calls into the library.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class EarlyExitError(Exception):
@@ -21,6 +28,32 @@ class UnsupportedModelError(EarlyExitError, TypeError):
 
 class CheckpointError(EarlyExitError, ValueError):
     """A checkpoint that is truncated, foreign, or made for another base model."""
+
+
+class ShippedFileError(EarlyExitError, OSError):
+    """A data or weights file the package ships is missing or corrupt (reinstall restores it)."""
+
+
+class UntrustedPredictionError(EarlyExitError, RuntimeError):
+    """The final supervisor rejected at least one prediction (policy ``"raise"``).
+
+    Attributes:
+        result: the whole batch's :class:`~earlyexit.model.ExitResult` (``accepted`` says which rows).
+        rows: ``[R]`` int64, the rejected rows.
+    """
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+        self.rows = (~result.accepted).nonzero().flatten()
+        super().__init__(
+            f"the final supervisor does not trust {self.rows.numel()} of {len(result)} predictions "
+            f"(rows {self.rows.tolist()[:10]}{'...' if self.rows.numel() > 10 else ''}); the "
+            "answers are in .result, the rejected rows in .rows"
+        )
+
+
+class FallbackError(EarlyExitError, RuntimeError):
+    """The user's fallback returned something that cannot replace the rejected logits."""
 
 
 class RemoteTierError(EarlyExitError, RuntimeError):

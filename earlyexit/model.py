@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._backbones import FeatureLayout
+from .backbones import FeatureLayout
 from .errors import InputError
 from .gates import Gate, GateContext
 from .heads import ExitHead

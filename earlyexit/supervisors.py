@@ -42,42 +42,15 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from .errors import ConfigError, EarlyExitError
-from .gates import gini_score, margin_score, max_softmax_score, neg_entropy_score
-
-_SCORES: dict[str, Callable[[Tensor], Tensor]] = {
-    "entropy": neg_entropy_score,
-    "gini": gini_score,
-    "margin": margin_score,
-    "max_softmax": max_softmax_score,
-}
+# The errors live in .errors; imported here so that the old paths
+# (earlyexit.supervisors.UntrustedPredictionError, ...) keep working.
+from .errors import ConfigError, FallbackError, UntrustedPredictionError
+from .gates.scores import CONFIDENCE_SCORES
 
 POLICIES = ("flag", "raise", "fallback")
 
 #: ``fallback(x_rows, result_rows) -> logits [R, num_classes]`` for the rejected rows.
 Fallback = Callable[[Tensor, Any], Tensor]
-
-
-class UntrustedPredictionError(EarlyExitError, RuntimeError):
-    """The final supervisor rejected at least one prediction (policy ``"raise"``).
-
-    Attributes:
-        result: the whole batch's :class:`~earlyexit.model.ExitResult` (``accepted`` says which rows).
-        rows: ``[R]`` int64, the rejected rows.
-    """
-
-    def __init__(self, result: Any) -> None:
-        self.result = result
-        self.rows = torch.nonzero(~result.accepted).flatten()
-        super().__init__(
-            f"the final supervisor does not trust {self.rows.numel()} of {len(result)} predictions "
-            f"(rows {self.rows.tolist()[:10]}{'...' if self.rows.numel() > 10 else ''}); the "
-            "answers are in .result, the rejected rows in .rows"
-        )
-
-
-class FallbackError(EarlyExitError, RuntimeError):
-    """The user's fallback returned something that cannot replace the rejected logits."""
 
 
 @dataclass
@@ -126,9 +99,10 @@ class Supervisor:
         policy: str = "flag",
         fallback: Fallback | None = None,
     ) -> None:
-        if score not in _SCORES:
+        if score not in CONFIDENCE_SCORES:
             raise ConfigError(
-                f"unknown supervisor score {score!r}; choose one of {', '.join(sorted(_SCORES))}"
+                f"unknown supervisor score {score!r}; choose one of "
+                f"{', '.join(sorted(CONFIDENCE_SCORES))}"
             )
         if policy not in POLICIES:
             raise ConfigError(f"unknown supervisor policy {policy!r}; choose one of {POLICIES}")
@@ -143,7 +117,7 @@ class Supervisor:
 
     def score(self, logits: Tensor) -> Tensor:
         """Per-sample trust score of the full model's logits (higher = more trustworthy)."""
-        return _SCORES[self.name](logits)
+        return CONFIDENCE_SCORES[self.name](logits)
 
     def accept(self, logits: Tensor) -> Tensor:
         """``[B]`` bool: True where the prediction is trusted."""

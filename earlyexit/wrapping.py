@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._backbones import BackboneAdapter, FeatureLayout, find_adapter
+from .backbones import BackboneAdapter, FeatureLayout, find_adapter
 from .costs.macs import MacCounter
 from .errors import ConfigError, UnsupportedModelError
 from .gates import Gate, make_gate

@@ -187,3 +187,31 @@ def test_patience_and_agreement_gates_in_a_wrapped_model(resnet):
     offline = gate_scores(eem.gate, stack)
     for e, record in enumerate(trace.exits):
         torch.testing.assert_close(record.scores, offline[record.rows, e])
+
+
+def test_score_gates_keep_their_names_reprs_and_configs():
+    from earlyexit.gates import (
+        CONFIDENCE_SCORES,
+        EntropyGate,
+        GiniGate,
+        MarginGate,
+        MaxSoftmaxGate,
+        ScriptedExitGate,
+    )
+
+    logits = torch.randn(4, 3)
+    ctx = GateContext(0, torch.arange(4))
+    for cls, name in (
+        (MaxSoftmaxGate, "max_softmax"),
+        (MarginGate, "margin"),
+        (EntropyGate, "entropy"),
+        (GiniGate, "gini"),
+    ):
+        gate = make_gate(name)
+        assert type(gate) is cls and repr(gate) == f"{cls.__name__}()"
+        assert gate.config() == {"name": name} and not gate.needs_history
+        assert torch.equal(gate.score(logits, ctx), CONFIDENCE_SCORES[name](logits))
+    # Moved out of the latency harness; the old import path still works.
+    from earlyexit.evaluation.latency import ScriptedExitGate as FromLatency
+
+    assert FromLatency is ScriptedExitGate

@@ -164,3 +164,17 @@ def test_calibrate_on_labels_and_on_a_reference_tier():
     assert right_predictions(logits, reference).tolist() == [True, True, False, True, False]
     with pytest.raises(ConfigError, match="reference"):
         right_predictions(logits, torch.zeros(3, dtype=torch.long))
+
+
+def test_supervisor_scores_are_the_gates_confidence_scores():
+    from earlyexit import errors
+    from earlyexit.gates import CONFIDENCE_SCORES
+
+    logits = torch.randn(6, 5)
+    for name, fn in CONFIDENCE_SCORES.items():
+        assert torch.equal(Supervisor(name).score(logits), fn(logits))
+    with pytest.raises(ConfigError, match="choose one of entropy, gini, margin, max_softmax"):
+        Supervisor("agreement")
+    # The errors moved to earlyexit.errors; the old import path gives the same classes.
+    assert UntrustedPredictionError is errors.UntrustedPredictionError
+    assert FallbackError is errors.FallbackError

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .._threads import fixed_threads
-from ..gates import Gate, GateContext
+from ..gates.scripted import ScriptedExitGate
 
 __all__ = [
     "ExitMix",
@@ -178,34 +178,6 @@ def compare_latency(
 
 
 # ------------------------------------------------------------------------------ forced exit mixes
-
-
-class ScriptedExitGate(Gate):
-    """A gate that follows a plan: caller row ``r`` leaves at exit ``plan[r]`` (``E``: runs to the end).
-
-    Set the wrapper's thresholds to ``0.5`` at every exit used by the plan and ``inf`` elsewhere
-    (:meth:`thresholds_for`); the score is 1 for planned rows and 0 for the others, so the exits
-    happen exactly as planned and only the heads of open exits run, as in real serving.
-
-    Example:
-        >>> gate = ScriptedExitGate()
-        >>> gate.plan = torch.tensor([0, 2, 4])
-        >>> gate.thresholds_for(4)
-        [0.5, inf, 0.5, inf]
-    """
-
-    name = "scripted_exit"
-
-    def __init__(self) -> None:
-        self.plan = torch.zeros(0, dtype=torch.long)
-
-    def score(self, logits: Tensor, ctx: GateContext) -> Tensor:
-        plan = self.plan.to(ctx.rows.device)
-        return (plan[ctx.rows] == ctx.exit_index).float()
-
-    def thresholds_for(self, num_exits: int) -> list[float]:
-        used = set(self.plan.tolist())
-        return [0.5 if i in used else math.inf for i in range(num_exits)]
 
 
 @dataclass(frozen=True)

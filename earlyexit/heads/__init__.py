@@ -1,5 +1,9 @@
 """Exit heads: small classifiers attached at intermediate layers, and their registry.
 
+The registry follows the library's one convention (:mod:`earlyexit._registry`): a taken name is an
+error unless ``overwrite=True``, an unknown name is an error that lists the known ones, and every
+operation is thread-safe.
+
 Every head splits into two parts so online learning can keep a bounded replay of what it saw:
 
 * ``reduce(feature)``: parameter-free pooling of the backbone feature to a compact tensor ``z``
@@ -19,7 +23,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._backbones import FeatureLayout
+from .._registry import Registry
+from ..backbones import FeatureLayout
 from ..errors import ConfigError
 
 
@@ -189,37 +194,50 @@ def _hidden_width(budget: int, per_unit_macs: int, low: int = 32, high: int = 10
 
 HeadFactory = Callable[[HeadSpec], nn.Module]
 
-_HEADS: dict[str, HeadFactory] = {}
+_HEADS: Registry[HeadFactory] = Registry("head")
 
 
-def register_head(name: str, factory: HeadFactory) -> None:
+def register_head(name: str, factory: HeadFactory, *, overwrite: bool = False) -> None:
     """Make ``head=name`` available in :func:`earlyexit.wrap`.
 
     ``factory(spec)`` returns an :class:`ExitHead`, or a plain module mapping pooled ``[B, C]``
     features to logits (it is then wrapped to pool like the model does).
 
+    Raises:
+        ConfigError: ``name`` is already registered and ``overwrite`` is False.
+
     Example:
         >>> register_head("wide_linear", lambda spec: nn.Linear(spec.channels, spec.num_classes))
+        >>> "wide_linear" in head_kinds()
+        True
+        >>> unregister_head("wide_linear")
     """
-    if not isinstance(name, str) or not name:
-        raise ConfigError("a head name must be a non-empty string")
-    _HEADS[name] = factory
+    _HEADS.register(name, factory, overwrite=overwrite)
+
+
+def unregister_head(name: str) -> None:
+    """Remove the head registered as ``name`` (no error if there is none).
+
+    Example:
+        >>> unregister_head("not_registered")
+    """
+    _HEADS.unregister(name)
 
 
 def head_kinds() -> tuple[str, ...]:
-    """Names accepted by ``wrap(head=...)``."""
-    return tuple(sorted(_HEADS))
+    """Names accepted by ``wrap(head=...)``, sorted.
+
+    Example:
+        >>> head_kinds()[:3]
+        ('conv', 'linear', 'mlp')
+    """
+    return tuple(sorted(_HEADS.names()))
 
 
 def build_head(head: str | HeadFactory, spec: HeadSpec) -> ExitHead:
     """Build one head for ``spec`` from a registered name or a factory callable."""
     if isinstance(head, str):
-        if head not in _HEADS:
-            raise ConfigError(
-                f"unknown head {head!r}; choose one of {', '.join(head_kinds())} "
-                "or pass a callable spec -> nn.Module"
-            )
-        factory = _HEADS[head]
+        factory = _HEADS.get(head, alternative=" or pass a callable spec -> nn.Module")
     elif callable(head):
         factory = head
     else:
@@ -265,4 +283,5 @@ __all__ = [
     "pool_grid",
     "pool_vector",
     "register_head",
+    "unregister_head",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...errors import EarlyExitError
+from ...errors import ShippedFileError  # defined in errors; re-exported here (old path)
 from ._fp16 import as_fp32, save_fp16_checkpoint
 
 __all__ = [
@@ -41,8 +41,8 @@ __all__ = [
     "fashion_preprocess",
     "fashion_record",
     "load_fashion_backbone",
-    "read_idx",
     "read_fashion_split",
+    "read_idx",
     "save_fashion_backbone",
 ]
 
@@ -75,10 +75,6 @@ _SPLIT_FILES = {
 }
 _IDX_MAGIC = {3: 2051, 1: 2049}  # unsigned-byte idx files of rank 3 (images) and 1 (labels)
 _REINSTALL = "reinstall the package (pip install --force-reinstall --no-deps earlyexit, or pip install -e . in a checkout) to restore it"
-
-
-class ShippedFileError(EarlyExitError, OSError):
-    """A data or weights file the package ships is missing or corrupt (reinstall restores it)."""
 
 
 def _shipped_error(path: Path, problem: str, shipped: bool) -> ShippedFileError:

@@ -91,112 +91,114 @@ def _tv_input_size(default: int):
     return lambda model: (3, default, default)
 
 
+def _family(
+    family: str,
+    model_class: str,
+    names: str | None = None,
+    *,
+    blocks: tuple[str, ...] = (),
+    **options,
+) -> BackboneAdapter:
+    """The adapter of the models that are instances of ``model_class`` (an import path, imported
+    lazily so that an absent library costs nothing). Exit candidates are the modules whose name
+    fully matches the regex ``names``, or else the instances of one of the ``blocks`` classes.
+    ``options`` are the other :class:`BackboneAdapter` fields (layout, input size, ...)."""
+
+    def is_block(name: str, module: nn.Module) -> bool:
+        return any(_is_instance(module, block) for block in blocks)
+
+    return BackboneAdapter(
+        family=family,
+        matches=lambda model: _is_instance(model, model_class),
+        is_exit_candidate=_name_matches(names) if names is not None else is_block,
+        **options,
+    )
+
+
+_TIMM_SIZE = {"input_size": _timm_input_size}
+_TIMM_FIXED_SIZE = {"input_size": _timm_input_size, "fixed_input_size": _timm_fixed_size}
+
 BUILTIN_ADAPTERS: tuple[BackboneAdapter, ...] = (
     # ---- timm ---------------------------------------------------------------------------------
-    BackboneAdapter(
-        family="timm.resnet",
-        matches=lambda m: _is_instance(m, "timm.models.resnet.ResNet"),
-        is_exit_candidate=_name_matches(r"layer\d+\.\d+"),
-        input_size=_timm_input_size,
-    ),
-    BackboneAdapter(
-        family="timm.vit",  # ViT, DeiT (distilled too), and their subclasses
-        matches=lambda m: _is_instance(m, "timm.models.vision_transformer.VisionTransformer"),
-        is_exit_candidate=_name_matches(r"blocks\.\d+"),
+    _family("timm.resnet", "timm.models.resnet.ResNet", r"layer\d+\.\d+", **_TIMM_SIZE),
+    # ViT, DeiT (distilled too), and their subclasses
+    _family(
+        "timm.vit",
+        "timm.models.vision_transformer.VisionTransformer",
+        r"blocks\.\d+",
         layout=_timm_vit_layout,
-        input_size=_timm_input_size,
-        fixed_input_size=_timm_fixed_size,
+        **_TIMM_FIXED_SIZE,
     ),
-    BackboneAdapter(
-        family="timm.convnext",
-        matches=lambda m: _is_instance(m, "timm.models.convnext.ConvNeXt"),
-        is_exit_candidate=_name_matches(r"stages\.\d+\.blocks\.\d+"),
-        input_size=_timm_input_size,
+    _family(
+        "timm.convnext", "timm.models.convnext.ConvNeXt", r"stages\.\d+\.blocks\.\d+", **_TIMM_SIZE
     ),
-    BackboneAdapter(
-        family="timm.efficientnet",  # EfficientNet, EfficientNet-Lite, MixNet, ...
-        matches=lambda m: _is_instance(m, "timm.models.efficientnet.EfficientNet"),
-        is_exit_candidate=_name_matches(r"blocks\.\d+\.\d+"),
-        input_size=_timm_input_size,
+    # EfficientNet, EfficientNet-Lite, MixNet, ...
+    _family(
+        "timm.efficientnet",
+        "timm.models.efficientnet.EfficientNet",
+        r"blocks\.\d+\.\d+",
+        **_TIMM_SIZE,
     ),
-    BackboneAdapter(
-        family="timm.mobilenetv3",
-        matches=lambda m: _is_instance(m, "timm.models.mobilenetv3.MobileNetV3"),
-        is_exit_candidate=_name_matches(r"blocks\.\d+\.\d+"),
-        input_size=_timm_input_size,
+    _family(
+        "timm.mobilenetv3", "timm.models.mobilenetv3.MobileNetV3", r"blocks\.\d+\.\d+", **_TIMM_SIZE
     ),
-    BackboneAdapter(
-        family="timm.regnet",
-        matches=lambda m: _is_instance(m, "timm.models.regnet.RegNet"),
-        is_exit_candidate=_name_matches(r"s\d+\.b\d+"),
-        input_size=_timm_input_size,
-    ),
-    BackboneAdapter(
-        family="timm.swin",
-        matches=lambda m: _is_instance(m, "timm.models.swin_transformer.SwinTransformer"),
-        is_exit_candidate=_name_matches(r"layers\.\d+\.blocks\.\d+"),
+    _family("timm.regnet", "timm.models.regnet.RegNet", r"s\d+\.b\d+", **_TIMM_SIZE),
+    _family(
+        "timm.swin",
+        "timm.models.swin_transformer.SwinTransformer",
+        r"layers\.\d+\.blocks\.\d+",
         layout=_nhwc,
-        input_size=_timm_input_size,
-        fixed_input_size=_timm_fixed_size,
+        **_TIMM_FIXED_SIZE,
     ),
     # ---- torchvision --------------------------------------------------------------------------
-    BackboneAdapter(
-        family="torchvision.resnet",  # also ResNeXt and Wide ResNet
-        matches=lambda m: _is_instance(m, "torchvision.models.resnet.ResNet"),
-        is_exit_candidate=_name_matches(r"layer\d+\.\d+"),
-    ),
-    BackboneAdapter(
-        family="torchvision.vit",
-        matches=lambda m: _is_instance(
-            m, "torchvision.models.vision_transformer.VisionTransformer"
-        ),
-        is_exit_candidate=_name_matches(r"encoder\.layers\.encoder_layer_\d+"),
+    # ResNet, also ResNeXt and Wide ResNet
+    _family("torchvision.resnet", "torchvision.models.resnet.ResNet", r"layer\d+\.\d+"),
+    _family(
+        "torchvision.vit",
+        "torchvision.models.vision_transformer.VisionTransformer",
+        r"encoder\.layers\.encoder_layer_\d+",
         layout=_tv_vit_layout,
         input_size=_tv_vit_input_size,
         fixed_input_size=lambda m: True,
     ),
-    BackboneAdapter(
-        family="torchvision.convnext",
-        matches=lambda m: _is_instance(m, "torchvision.models.convnext.ConvNeXt"),
-        is_exit_candidate=lambda n, m: _is_instance(m, "torchvision.models.convnext.CNBlock"),
+    _family(
+        "torchvision.convnext",
+        "torchvision.models.convnext.ConvNeXt",
+        blocks=("torchvision.models.convnext.CNBlock",),
     ),
-    BackboneAdapter(
-        family="torchvision.efficientnet",
-        matches=lambda m: _is_instance(m, "torchvision.models.efficientnet.EfficientNet"),
-        is_exit_candidate=lambda n, m: (
-            _is_instance(m, "torchvision.models.efficientnet.MBConv")
-            or _is_instance(m, "torchvision.models.efficientnet.FusedMBConv")
+    _family(
+        "torchvision.efficientnet",
+        "torchvision.models.efficientnet.EfficientNet",
+        blocks=(
+            "torchvision.models.efficientnet.MBConv",
+            "torchvision.models.efficientnet.FusedMBConv",
         ),
     ),
-    BackboneAdapter(
-        family="torchvision.mobilenet_v2",
-        matches=lambda m: _is_instance(m, "torchvision.models.mobilenetv2.MobileNetV2"),
-        is_exit_candidate=_name_matches(r"features\.\d+"),
+    _family(
+        "torchvision.mobilenet_v2", "torchvision.models.mobilenetv2.MobileNetV2", r"features\.\d+"
     ),
-    BackboneAdapter(
-        family="torchvision.mobilenet_v3",
-        matches=lambda m: _is_instance(m, "torchvision.models.mobilenetv3.MobileNetV3"),
-        is_exit_candidate=_name_matches(r"features\.\d+"),
+    _family(
+        "torchvision.mobilenet_v3", "torchvision.models.mobilenetv3.MobileNetV3", r"features\.\d+"
     ),
-    BackboneAdapter(
-        family="torchvision.swin",
-        matches=lambda m: _is_instance(m, "torchvision.models.swin_transformer.SwinTransformer"),
-        is_exit_candidate=lambda n, m: (
-            _is_instance(m, "torchvision.models.swin_transformer.SwinTransformerBlock")
-            or _is_instance(m, "torchvision.models.swin_transformer.SwinTransformerBlockV2")
+    _family(
+        "torchvision.swin",
+        "torchvision.models.swin_transformer.SwinTransformer",
+        blocks=(
+            "torchvision.models.swin_transformer.SwinTransformerBlock",
+            "torchvision.models.swin_transformer.SwinTransformerBlockV2",
         ),
         layout=_nhwc,
     ),
-    BackboneAdapter(
-        family="torchvision.densenet",
-        matches=lambda m: _is_instance(m, "torchvision.models.densenet.DenseNet"),
-        # Inside a dense block every layer sees all earlier outputs: only block ends are boundaries.
-        is_exit_candidate=_name_matches(r"features\.(denseblock|transition)\d+"),
+    # Inside a dense block every layer sees all earlier outputs: only block ends are boundaries.
+    _family(
+        "torchvision.densenet",
+        "torchvision.models.densenet.DenseNet",
+        r"features\.(denseblock|transition)\d+",
     ),
-    BackboneAdapter(
-        family="torchvision.inception_v3",
-        matches=lambda m: _is_instance(m, "torchvision.models.inception.Inception3"),
-        is_exit_candidate=_name_matches(r"Mixed_\d[a-e]"),
+    _family(
+        "torchvision.inception_v3",
+        "torchvision.models.inception.Inception3",
+        r"Mixed_\d[a-e]",
         input_size=_tv_input_size(299),
     ),
     _TimmFeatureInfoAdapter(
@@ -213,6 +215,7 @@ BUILTIN_ADAPTERS: tuple[BackboneAdapter, ...] = (
 
 
 def register_builtin_adapters() -> None:
-    """Register the built-in families (idempotent), after any user adapters."""
+    """Register the built-in families after any user adapters; registering again restores them
+    (a built-in family replaced by the user's ``overwrite=True`` included)."""
     for adapter in BUILTIN_ADAPTERS:
-        register_adapter(adapter, override=False)
+        register_adapter(adapter, overwrite=True, first=False)

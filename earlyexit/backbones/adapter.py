@@ -10,17 +10,20 @@ An adapter answers three questions about a classifier without running it:
 * the input size the model was built for, and whether it only accepts that size.
 
 Built-in adapters cover the timm and torchvision families named in the README; user code adds a
-family with :func:`register_adapter`.
+family with :func:`register_adapter`. The registry follows the library's one convention
+(:mod:`earlyexit._registry`): a registered family is not replaced without ``overwrite=True``, and
+every operation is thread-safe.
 """
 
 from __future__ import annotations
 
-import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
+from .._registry import Registry
 from ..errors import UnsupportedModelError
 
 
@@ -112,13 +115,30 @@ class BackboneAdapter:
         ]
 
 
-_REGISTRY: list[BackboneAdapter] = []
-_REGISTRY_LOCK = threading.Lock()
+_ADAPTERS: Registry[BackboneAdapter] = Registry("backbone adapter")
 
 
-def register_adapter(adapter: BackboneAdapter, *, override: bool = True) -> BackboneAdapter:
-    """Add a family. With ``override=True`` (default) it is tried before the built-in ones, so a
-    user adapter can take over a family we already support.
+def register_adapter(
+    adapter: BackboneAdapter,
+    *,
+    overwrite: bool = False,
+    first: bool = True,
+    override: bool | None = None,
+) -> BackboneAdapter:
+    """Add a family, registered under ``adapter.family``.
+
+    With ``first=True`` (default) it is tried before every adapter registered so far (the built-in
+    ones included), so a user adapter can take over models a built-in family also matches. A family
+    that is already registered is an error unless ``overwrite=True``, which replaces it.
+
+    Args:
+        adapter: the family's description.
+        overwrite: replace an adapter registered under the same family name.
+        first: try this adapter before the others (else after them).
+        override: the former name of ``first`` (deprecated).
+
+    Raises:
+        ConfigError: the family is already registered and ``overwrite`` is False.
 
     Example:
         >>> import earlyexit as ee
@@ -127,25 +147,26 @@ def register_adapter(adapter: BackboneAdapter, *, override: bool = True) -> Back
     """
     if not isinstance(adapter, BackboneAdapter):
         raise TypeError(f"register_adapter expects a BackboneAdapter, got {type(adapter).__name__}")
-    with _REGISTRY_LOCK:
-        _REGISTRY[:] = [a for a in _REGISTRY if a.family != adapter.family]
-        if override:
-            _REGISTRY.insert(0, adapter)
-        else:
-            _REGISTRY.append(adapter)
+    if override is not None:
+        warnings.warn(
+            "register_adapter(override=...) is deprecated; pass first=... (tried before the other "
+            "adapters) instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        first = override
+    _ADAPTERS.register(adapter.family, adapter, overwrite=overwrite, first=first)
     return adapter
 
 
 def unregister_adapter(family: str) -> None:
     """Remove the adapter registered under ``family`` (no error if there is none)."""
-    with _REGISTRY_LOCK:
-        _REGISTRY[:] = [a for a in _REGISTRY if a.family != family]
+    _ADAPTERS.unregister(family)
 
 
 def supported_families() -> tuple[str, ...]:
     """Names of every registered family, in the order they are tried."""
-    with _REGISTRY_LOCK:
-        return tuple(a.family for a in _REGISTRY)
+    return _ADAPTERS.names()
 
 
 def find_adapter(model: nn.Module) -> BackboneAdapter:
@@ -157,8 +178,7 @@ def find_adapter(model: nn.Module) -> BackboneAdapter:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module classifier, got {type(model).__name__}")
-    with _REGISTRY_LOCK:
-        adapters = list(_REGISTRY)
+    adapters = _ADAPTERS.values()
     for adapter in adapters:
         if adapter.matches(model):
             return adapter
