@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distill.offline import fit_head, head_logits
 from .errors import ConfigError
 
 EASY, AMBIGUOUS, HARD = 0, 1, 2
@@ -201,10 +202,6 @@ class CartographyMeter:
         )
 
 
-def _classify(head: nn.Module, z: Tensor) -> Tensor:
-    return head.classify(z) if hasattr(head, "classify") else head(z)
-
-
 def train_heads_offline(
     z: Sequence[Tensor],
     teacher_logits: Tensor,
@@ -256,27 +253,37 @@ def train_heads_offline(
     teacher = (teacher_logits.detach().float() / temperature).softmax(dim=-1)
     target = teacher_logits.argmax(dim=-1)
     feats = [zi.detach().float() for zi in z]
-    optimisers = [torch.optim.Adam(h.parameters(), lr=lr) for h in trained]
-    for _ in range(epochs):
-        for head in trained:
-            head.train()
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            for head, opt, f in zip(trained, optimisers, feats, strict=True):
-                log_p = F.log_softmax(_classify(head, f[idx]) / temperature, dim=-1)
-                loss = F.kl_div(log_p, teacher[idx], reduction="batchmean")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        probs, correct = [], []
-        with torch.no_grad():
-            for head, f in zip(trained, feats, strict=True):
+
+    def loss(logits: Tensor, soft_target: Tensor) -> Tensor:
+        log_p = F.log_softmax(logits / temperature, dim=-1)
+        return F.kl_div(log_p, soft_target, reduction="batchmean")
+
+    # Each head is trained on its own; after every epoch its view of every sample (probability
+    # of the teacher's class, and whether its argmax is that class) is a checkpoint of the map.
+    probs = torch.zeros(epochs, n, num_exits)
+    correct = torch.zeros(epochs, n, num_exits, dtype=torch.bool)
+    for e, (head, f) in enumerate(zip(trained, feats, strict=True)):
+
+        def checkpoint(epoch: int, head: nn.Module = head, f: Tensor = f, e: int = e) -> None:
+            with torch.no_grad():
                 head.eval()
-                out = _classify(head, f)
-                probs.append(out.softmax(-1).gather(1, target[:, None]).squeeze(1))
-                correct.append(out.argmax(-1) == target)
-        meter.update(ids, torch.stack(probs, 1), torch.stack(correct, 1))
+                out = head_logits(head, f)
+                probs[epoch, :, e] = out.softmax(-1).gather(1, target[:, None]).squeeze(1)
+                correct[epoch, :, e] = out.argmax(-1) == target
+
+        fit_head(
+            head,
+            f,
+            teacher,
+            loss,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            generator=generator,
+            after_epoch=checkpoint,
+        )
+    for epoch in range(epochs):
+        meter.update(ids, probs[epoch], correct[epoch])
     return trained, meter.compute()
 
 

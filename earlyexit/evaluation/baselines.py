@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distill import distillation_loss
+from ..distill.offline import fit_head
 from .stream import (
     PolicyPoint,
     StreamRecord,
@@ -106,6 +108,16 @@ def train_heads(
     if objective == "distill" and targets.dim() != 2:
         raise ValueError("objective='distill' needs [N, K] teacher logits")
     generator = torch.Generator().manual_seed(seed)
+    if objective == "labels":
+
+        def loss(logits: Tensor, target: Tensor) -> Tensor:
+            return F.cross_entropy(logits, target.long())
+
+    else:
+
+        def loss(logits: Tensor, target: Tensor) -> Tensor:
+            return distillation_loss(logits, target, temperature)
+
     trained = []
     for i, (head, z) in enumerate(zip(heads, features, strict=True)):
         if z.shape[0] != n:
@@ -116,33 +128,21 @@ def train_heads(
         for module in student.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-        params = list(student.parameters())
-        for p in params:
-            p.requires_grad_(True)  # served heads may be frozen copies
-        classify = getattr(student, "classify", student)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-        bar = tqdm(range(epochs), desc=f"head {i}", disable=not progress, file=sys.stderr)
-        for _ in bar:
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                logits = classify(z[idx].float())
-                if objective == "labels":
-                    loss = F.cross_entropy(logits, targets[idx].long())
-                else:
-                    t = temperature
-                    teacher = F.log_softmax(targets[idx].float() / t, -1)
-                    loss = F.kl_div(
-                        F.log_softmax(logits / t, -1),
-                        teacher,
-                        log_target=True,
-                        reduction="batchmean",
-                    ) * (t * t)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sched.step()
+        fit_head(
+            student,
+            z,
+            targets,
+            loss,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            generator=generator,
+            cosine_schedule=True,
+            progress=lambda epochs_range, i=i: tqdm(
+                epochs_range, desc=f"head {i}", disable=not progress, file=sys.stderr
+            ),
+        )
         trained.append(student.eval())
     return trained
 
