@@ -38,14 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import earlyexit as ee
 from earlyexit.distill import DistillConfig, OnlineDistiller
 from earlyexit.evaluation import record_stream, sweep_thresholds
-from earlyexit.evaluation.stream import (
-    StreamRecord,
+from earlyexit.evaluation.policies import (
     default_grid,
     evaluate_exits,
-    iterate_batches,
     oracle_exits,
     threshold_exits,
 )
+from earlyexit.evaluation.stream import StreamRecord, iterate_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

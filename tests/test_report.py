@@ -23,6 +23,7 @@ from earlyexit.evaluation.baselines import (
     compare_methods,
     train_heads,
 )
+from earlyexit.evaluation.policies import evaluate_policy, threshold_exits
 from earlyexit.evaluation.report import (
     REQUIRED_KEYS,
     build_report,
@@ -32,7 +33,7 @@ from earlyexit.evaluation.report import (
     tradeoff_report,
     write_report,
 )
-from earlyexit.evaluation.stream import evaluate_policy, record_stream, threshold_exits
+from earlyexit.evaluation.stream import record_stream
 
 SIZE = (3, 32, 32)
 

@@ -12,7 +12,8 @@ from torch import nn
 import earlyexit as ee
 from earlyexit.cascade import Cascade
 from earlyexit.errors import ConfigError
-from earlyexit.evaluation.stream import record_stream, threshold_exits
+from earlyexit.evaluation.policies import threshold_exits
+from earlyexit.evaluation.stream import record_stream
 from earlyexit.gates import Gate, GateContext
 from earlyexit.routing import (
     check_thresholds,

@@ -10,18 +10,16 @@ import torch
 from conftest import FAMILIES
 
 import earlyexit as ee
-from earlyexit.evaluation.stream import (
-    StreamRecord,
+from earlyexit.evaluation.policies import (
     evaluate_exits,
     evaluate_policy,
-    iterate_batches,
     oracle_exits,
     patience_exits,
-    record_stream,
     sweep_patience,
     sweep_thresholds,
     threshold_exits,
 )
+from earlyexit.evaluation.stream import StreamRecord, iterate_batches, record_stream
 
 SIZE = (3, 32, 32)
 

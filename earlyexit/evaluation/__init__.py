@@ -21,6 +21,16 @@ from .latency import (
     stream_latency,
 )
 from .plot import plot_tradeoff
+from .policies import (
+    PolicyPoint,
+    evaluate_exits,
+    evaluate_policy,
+    oracle_exits,
+    patience_exits,
+    sweep_patience,
+    sweep_thresholds,
+    threshold_exits,
+)
 from .report import (
     REQUIRED_KEYS,
     build_report,
@@ -30,19 +40,7 @@ from .report import (
     tradeoff_report,
     write_report,
 )
-from .stream import (
-    PolicyPoint,
-    StreamRecord,
-    evaluate_exits,
-    evaluate_policy,
-    iterate_batches,
-    oracle_exits,
-    patience_exits,
-    record_stream,
-    sweep_patience,
-    sweep_thresholds,
-    threshold_exits,
-)
+from .stream import StreamRecord, iterate_batches, record_stream
 
 __all__ = [
     "REQUIRED_KEYS",

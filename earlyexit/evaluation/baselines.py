@@ -30,13 +30,8 @@ from torch import Tensor, nn
 
 from ..distill import distillation_loss
 from ..distill.offline import fit_head
-from .stream import (
-    PolicyPoint,
-    StreamRecord,
-    evaluate_policy,
-    sweep_patience,
-    sweep_thresholds,
-)
+from .policies import PolicyPoint, evaluate_policy, sweep_patience, sweep_thresholds
+from .stream import StreamRecord
 
 __all__ = [
     "METHOD_FIXED",

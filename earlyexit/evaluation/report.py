@@ -37,7 +37,8 @@ from .baselines import (
     compare_methods,
     train_heads,
 )
-from .stream import PolicyPoint, StreamRecord, iterate_batches, record_stream
+from .policies import PolicyPoint
+from .stream import StreamRecord, iterate_batches, record_stream
 
 __all__ = [
     "AGREEMENT_TARGETS",
