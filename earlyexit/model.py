@@ -6,6 +6,10 @@ runs head ``i`` on the feature, scores it with the gate, records the samples who
 threshold ``i`` and returns the feature of the remaining rows only, so every later layer runs on
 fewer rows. When no row remains the hook raises a private exception that stops the forward pass.
 Outside such a call the hooks return ``None`` and change nothing, on any thread.
+
+One module on purpose (~600 lines): the hook, the state of a served call and the wrapper that
+installs both are one mechanism; the exit rule and path costs it applies live in
+:mod:`earlyexit.routing`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ Two independent counters implement it, so that each can check the other:
 * :func:`fvcore_macs`: fvcore's ``FlopCountAnalysis`` (jit tracing) with the same convention,
   giving per-module totals and the operators it could not count.
 
+One module on purpose (~800 lines): both counters share the convention's tables (which operators
+are free, the attention formulas), and keeping them side by side is what keeps them in step.
+
 Example:
     >>> import torch.nn as nn
     >>> count_macs(nn.Linear(8, 4), (1, 8))
