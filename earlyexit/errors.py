@@ -21,3 +21,8 @@ class UnsupportedModelError(EarlyExitError, TypeError):
 
 class CheckpointError(EarlyExitError, ValueError):
     """A checkpoint that is truncated, foreign, or made for another base model."""
+
+
+class BackgroundTrainingError(EarlyExitError, RuntimeError):
+    """The background trainer of an :class:`~earlyexit.distill.OnlineDistiller` failed; raised by
+    its next ``step``, ``sync`` or ``calibrate``."""

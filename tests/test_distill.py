@@ -17,6 +17,7 @@ from torch import nn
 
 import earlyexit as ee
 from earlyexit.distill import BackgroundTrainingError, DistillConfig, OnlineDistiller
+from earlyexit.distill.gate_data import GateData
 from earlyexit.errors import CheckpointError, ConfigError, InputError
 
 
@@ -113,12 +114,12 @@ def served_agreement(eem: ee.EarlyExitModel, x: torch.Tensor) -> tuple[float, fl
 
 
 def snapshot(learner: OnlineDistiller) -> tuple[dict[str, torch.Tensor], str, tuple, dict]:
-    tensors, extra = learner._state()
+    tensors, state = learner.state_dict()
     for key in ("serve_seconds", "learn_seconds"):  # wall-clock: the only non-reproducible state
-        extra["distill"]["counters"].pop(key)
+        state["counters"].pop(key)
     heads = {k: v.clone() for k, v in learner.eem.heads.state_dict().items()}
     # The served gate (learned weights included) is part of what must survive a save.
-    return tensors, repr(extra) + repr(learner.eem.gate.config()), learner.eem.thresholds, heads
+    return tensors, repr(state) + repr(learner.eem.gate.config()), learner.eem.thresholds, heads
 
 
 def assert_same(a, b) -> None:
@@ -169,7 +170,7 @@ def test_warmup_trains_heads_to_agree_with_the_teacher():
     full = trace.final_logits.argmax(dim=-1)
     # Exit 2 sees exactly what decides the answer; exit 1 sees both halves (same class here).
     for i, record in enumerate(trace.exits):
-        student = learner._student[i].classify(record.z)
+        student = learner.trainer.student[i].classify(record.z)
         assert (student.argmax(dim=-1) == full).float().mean() > 0.97, i
     stats = learner.stats()
     assert stats["train_steps"] > 0 and stats["loss"] < 1.0
@@ -211,11 +212,11 @@ def test_audit_fraction_is_respected():
     assert any(t < math.inf for t in eem.thresholds)
     before = learner.stats()["exits"]
     audited0 = sum(e["audited_total"] for e in before)
-    exits0 = sum(learner._counters.exits[: eem.num_exits])
+    exits0 = sum(learner.traffic.exits[: eem.num_exits])
     run(learner, 30, g)
     after = learner.stats()["exits"]
     audited = sum(e["audited_total"] for e in after) - audited0
-    exited = sum(learner._counters.exits[: eem.num_exits]) - exits0
+    exited = sum(learner.traffic.exits[: eem.num_exits]) - exits0
     assert exited > 500
     sd = math.sqrt(exited * 0.2 * 0.8)
     assert abs(audited - 0.2 * exited) < 4 * sd
@@ -228,22 +229,22 @@ def test_audit_boost_tapers_to_audit_rate_as_evidence_fills():
     g = torch.Generator().manual_seed(3)
     run(learner, 15, g)
     assert any(t < math.inf for t in eem.thresholds)
-    have = len(learner._evidence)
+    have = len(learner.evidence)
     assert have < 600
-    assert learner._audit_share() == pytest.approx(0.05 + 0.40 * (1 - have / 600))
+    assert learner.evidence.audit_share() == pytest.approx(0.05 + 0.40 * (1 - have / 600))
     # While evidence is short, early exits really are audited at about the boosted share.
-    audited0, exits0 = sum(learner._counters.audited), sum(learner._counters.exits[:2])
+    audited0, exits0 = sum(learner.traffic.audited), sum(learner.traffic.exits[:2])
     run(learner, 5, g)
-    audited = sum(learner._counters.audited) - audited0
-    exited = sum(learner._counters.exits[:2]) - exits0
+    audited = sum(learner.traffic.audited) - audited0
+    exited = sum(learner.traffic.exits[:2]) - exits0
     assert audited > 0.15 * exited
     for _ in range(200):  # until the evidence reaches the target ...
-        if len(learner._evidence) >= 600:
+        if len(learner.evidence) >= 600:
             break
         run(learner, 1, g)
-    assert learner._audit_share() == pytest.approx(0.05)  # ... then back to audit_rate
+    assert learner.evidence.audit_share() == pytest.approx(0.05)  # ... then back to audit_rate
     off = OnlineDistiller(toy_wrap(), quick(audit_rate=0.05, evidence_target=0))
-    assert off._audit_share() == pytest.approx(0.05)
+    assert off.evidence.audit_share() == pytest.approx(0.05)
 
 
 def test_audits_are_drawn_among_held_out_contents_only():
@@ -254,15 +255,15 @@ def test_audits_are_drawn_among_held_out_contents_only():
     assert any(t < math.inf for t in eem.thresholds)
     for _ in range(10):
         x = stream(64, g)
-        held_out = learner._split_is_calibration(x)
-        audited_before = list(learner._counters.audited)
-        evidence_before = learner._evidence.added
+        held_out = learner.split.is_calibration(x)
+        audited_before = list(learner.traffic.audited)
+        evidence_before = learner.evidence.ring.added
         res = learner.step(x)
         early = res.exit_index < eem.num_exits
-        audited = sum(learner._counters.audited) - sum(audited_before)
+        audited = sum(learner.traffic.audited) - sum(audited_before)
         # Every audited early exit is held out, so it (and every held-out sample that ran to the
         # end because it was audited) became evidence; nothing else did.
-        assert learner._evidence.added - evidence_before >= audited
+        assert learner.evidence.ring.added - evidence_before >= audited
         assert audited <= int((early & held_out).sum())
 
 
@@ -296,31 +297,33 @@ def test_gate_data_is_recorded_before_rows_can_teach():
         learner.step(stream(64, g))
         # Every row in replay had the student's view of it recorded first; rows still pending
         # (recorded later, in one block) are not in replay, so no training step has seen them.
-        assert learner._gate_data.added == learner._replay.added
-        assert learner._counters.trained_samples == learner._replay.added
-    assert learner._pending_rows > 0  # blocks grow once replay holds a few hundred rows
+        assert learner.gate_data.ring.added == learner.trainer.replay.added
+        assert learner.trainer.trained_samples == learner.trainer.replay.added
+    assert learner.gate_data.pending_rows > 0  # blocks grow once replay holds a few hundred rows
     learner.calibrate()  # a calibration records and releases whatever is pending
-    assert learner._pending_rows == 0
-    assert learner._gate_data.added == learner._replay.added
+    assert learner.gate_data.pending_rows == 0
+    assert learner.gate_data.ring.added == learner.trainer.replay.added
 
 
 def test_a_gate_that_cannot_be_fitted_falls_back_instead_of_failing_serving():
     learner = OnlineDistiller(toy_wrap(), quick())
     g = torch.Generator().manual_seed(2)
     run(learner, 10, g)
-    learner._gate_data.data["features"][0, 0, 0] = float("nan")  # a poisoned record
-    gate, note = learner._fit_gate()
+    learner.gate_data.ring.data["features"][0, 0, 0] = float("nan")  # a poisoned record
+    gate, note = GateData.fit(learner.gate_data.snapshot())
     assert not gate.fitted and "not fitted" in note and "NaN" in note
     run(learner, 5, g)  # serving and calibration go on
 
 
-def test_gate_wrap_keeps_the_wrappers_gate():
+@pytest.mark.parametrize("choice", ["fixed", "wrap"])  # "wrap": the older spelling
+def test_gate_fixed_keeps_the_wrappers_gate(choice):
     eem = ee.wrap(Toy().eval(), exits=["stage1", "stage2"], input_size=(3, 8, 8), gate="margin")
-    learner = OnlineDistiller(eem, quick(gate="wrap"))
+    learner = OnlineDistiller(eem, quick(gate=choice))
+    assert learner.config.gate == "fixed"
     run(learner, 20, torch.Generator().manual_seed(2))
     assert any(t < math.inf for t in eem.thresholds)
     assert type(eem.gate).__name__ == "MarginGate"
-    assert learner._gate_data is None  # nothing recorded for a gate that is not learned
+    assert learner.gate_data.ring is None  # nothing recorded for a gate that is not learned
 
 
 def test_base_model_bit_identical_and_mode_kept():
@@ -367,9 +370,9 @@ def test_replay_and_evidence_memory_is_bounded():
     run(learner, 40, g)
     stats = learner.stats()
     assert stats["memory_bytes"] == first
-    assert stats["replay"] <= learner._replay.capacity < 5000
-    assert learner._replay.added > learner._replay.capacity  # the ring did wrap around
-    assert len(learner._recent) < 100
+    assert stats["replay"] <= learner.trainer.replay.capacity < 5000
+    assert learner.trainer.replay.added > learner.trainer.replay.capacity  # it wrapped around
+    assert len(learner.traffic.recent) < 100
 
 
 def test_fit_on_a_finite_loader():
@@ -528,16 +531,17 @@ def test_background_mode_hammered_by_serving_threads():
     eem = toy_wrap()
     learner = OnlineDistiller(eem, quick(background=True, recalibrate_every=128))
     installed: list[tuple[nn.ModuleList, dict[str, torch.Tensor]]] = []
-    publish = learner._publish
+    make_candidate = learner.calibrator.candidate
 
-    def recording_publish(candidate):
+    def recording_candidate(*args, **kwargs):  # every calibrated candidate (a superset of those
+        candidate = make_candidate(*args, **kwargs)  # published)
         installed.append(
             (candidate.heads, {k: v.clone() for k, v in candidate.heads.state_dict().items()})
         )
-        publish(candidate)
+        return candidate
 
-    learner._publish = recording_publish
-    student_ptrs = {p.data_ptr() for p in learner._student.parameters()}
+    learner.calibrator.candidate = recording_candidate
+    student_ptrs = {p.data_ptr() for p in learner.trainer.student.parameters()}
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -580,13 +584,13 @@ def test_background_exception_surfaces_on_next_step():
     def broken() -> None:
         raise RuntimeError("disk on fire")
 
-    learner._train_step = broken
+    learner.trainer.train_step = broken
     g = torch.Generator().manual_seed(12)
     try:
         with pytest.raises(BackgroundTrainingError, match="disk on fire"):
             for _ in range(200):
                 learner.step(stream(64, g))
-                learner._thread.join(timeout=0.05)
+                learner.worker.join(timeout=0.05)
     finally:
         learner.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -88,3 +90,60 @@ class TensorRing:
         self.size = size
         self.head = head % max(self.capacity, 1)
         self.added = added
+
+
+#: Storage dtypes of features by their :class:`~earlyexit.distill.DistillConfig` name.
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def plan_capacities(
+    rows: dict[str, tuple[int, int]], max_memory_bytes: int | None
+) -> dict[str, int]:
+    """Rows each ring may hold: ``rows`` maps a ring to (wanted rows, bytes per row); over
+    ``max_memory_bytes`` in all, every ring shrinks by the same factor (a ring of 0 stays 0).
+
+    Example:
+        >>> plan_capacities({"a": (100, 8), "b": (100, 8)}, max_memory_bytes=800)
+        {'a': 50, 'b': 50}
+    """
+    caps = {name: cap for name, (cap, _) in rows.items()}
+    if max_memory_bytes is not None:
+        total = sum(cap * size for cap, size in rows.values())
+        if total > max_memory_bytes:  # shrink all, keeping their proportion
+            scale = max_memory_bytes / total
+            caps = {name: max(1, int(cap * scale)) if cap else 0 for name, cap in caps.items()}
+    return caps
+
+
+def ring_state(name: str, ring: TensorRing) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A ring as checkpoint tensors (``"{name}.{field}"``) and its JSON description.
+
+    Example:
+        >>> ring = TensorRing(4, {"z": ((2,), torch.float32)})
+        >>> ring.add(z=torch.ones(3, 2))
+        >>> tensors, meta = ring_state("replay", ring)
+        >>> list(tensors), meta["head"], meta["fields"]
+        (['replay.z'], 3, {'z': [[2], 'float32']})
+    """
+    tensors = {f"{name}.{field_name}": value for field_name, value in ring.state().items()}
+    meta = {
+        "capacity": ring.capacity,
+        "head": ring.head,
+        "added": ring.added,
+        "fields": {
+            k: [list(s), str(d).removeprefix("torch.")] for k, (s, d) in ring.fields.items()
+        },
+    }
+    return tensors, meta
+
+
+def ring_from_state(
+    name: str, meta: dict[str, Any], tensors: dict[str, Tensor], device: torch.device
+) -> TensorRing:
+    """Rebuild the ring that :func:`ring_state` described."""
+    fields = {
+        k: (tuple(shape), getattr(torch, dtype)) for k, (shape, dtype) in meta["fields"].items()
+    }
+    ring = TensorRing(meta["capacity"], fields, device)
+    ring.load({k: tensors[f"{name}.{k}"] for k in fields}, meta["head"], meta["added"])
+    return ring
