@@ -102,7 +102,12 @@ class Evidence:
         return coin & calibration_side
 
     # ------------------------------------------------------------------ the ring
-    def build(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], capacity: int, device: torch.device) -> None:
+    def build(
+        self,
+        fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        capacity: int,
+        device: torch.device,
+    ) -> None:
         """Allocate the ring: features ``z{i}`` of every exit and the teacher's label."""
         self.ring = TensorRing(capacity, {**fields, "teacher": ((), torch.long)}, device)
 

@@ -64,8 +64,8 @@ from .evidence import ContentSplit, Evidence
 from .gate_data import GateData
 from .schedule import Phase, PhaseStatus, Schedule
 from .stats import LearnerStats
-from .trainer import HeadTrainer, distillation_loss
 from .traffic import TrafficCounters, spent_macs
+from .trainer import HeadTrainer, distillation_loss
 from .worker import BackgroundWorker
 
 # Kept importable from here (their older home).

@@ -62,7 +62,10 @@ class TrafficCounters:
     def empty(cls, num_exits: int) -> TrafficCounters:
         """Zero counts for a model with ``num_exits`` exits."""
         counters = cls(
-            num_exits, exits=[0] * (num_exits + 1), audited=[0] * num_exits, audited_agree=[0] * num_exits
+            num_exits,
+            exits=[0] * (num_exits + 1),
+            audited=[0] * num_exits,
+            audited_agree=[0] * num_exits,
         )
         counters.reset_publish()
         return counters

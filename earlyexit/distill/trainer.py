@@ -138,7 +138,9 @@ class HeadTrainer:
 
     def record_step_seconds(self, took: float) -> None:
         """Update the running mean of a step's wall-clock (the budget check's estimate)."""
-        self.step_seconds = took if self.step_seconds == 0.0 else 0.9 * self.step_seconds + 0.1 * took
+        self.step_seconds = (
+            took if self.step_seconds == 0.0 else 0.9 * self.step_seconds + 0.1 * took
+        )
 
     def forget(self) -> None:
         """Drop the replay rows and the steps owed (heads then learn only from new traffic)."""
