@@ -6,6 +6,7 @@ statistics (gates, audit rate, drift) in well under a second per thousand sample
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -17,7 +18,11 @@ from torch import nn
 
 import earlyexit as ee
 from earlyexit.distill import BackgroundTrainingError, DistillConfig, OnlineDistiller
+from earlyexit.distill.drift import DriftMonitor, drift_pvalue
+from earlyexit.distill.evidence import ContentSplit
 from earlyexit.distill.gate_data import GateData
+from earlyexit.distill.schedule import Phase, PhaseStatus
+from earlyexit.distill.trainer import HeadTrainer
 from earlyexit.errors import CheckpointError, ConfigError, InputError
 
 
@@ -135,8 +140,6 @@ def assert_same(a, b) -> None:
 
 # ---------------------------------------------------------------------------------------- config
 def test_config_validates_and_round_trips_json():
-    import json
-
     cfg = DistillConfig(target_agreement=0.98, storage_dtype="float16")
     assert DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     for bad in (
@@ -613,6 +616,9 @@ def test_save_resume_continues_exactly(tmp_path):
     assert_same(mid_state, snapshot(resumed))
     results = [resumed.step(x) for x in batches[8:]]
     assert_same(snapshot(straight), snapshot(resumed))
+    # Same thresholds and the same stats, figure for figure, as a learner that never stopped.
+    assert resumed.eem.thresholds == straight.eem.thresholds
+    assert json.dumps(resumed.stats()) == json.dumps(straight.stats())
     for got, want in zip(results, expected[8:], strict=True):  # served answers identical too
         assert torch.equal(got.exit_index, want.exit_index)
         assert torch.equal(got.logits, want.logits)
@@ -683,3 +689,154 @@ def test_interrupted_save_leaves_previous_file_intact(tmp_path, monkeypatch):
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["l.safetensors"]  # no temp file left
     OnlineDistiller.load(Toy().eval(), path)
+
+
+def test_state_keeps_the_version_1_layout():
+    # Files saved before the learner was split into parts must keep loading: same record keys,
+    # same counters, same tensor names.
+    learner = OnlineDistiller(toy_wrap(), quick())
+    run(learner, 8, torch.Generator().manual_seed(18))
+    tensors, state = learner.state_dict()
+    assert list(state) == [
+        "version",
+        "config",
+        "counters",
+        "credit",
+        "param_groups",
+        "rings",
+        "reports",
+        "expected_mac_saving",
+        "phase",
+        "last_loss",
+        "recent",  # new, optional: version 1 readers ignore it
+    ]
+    assert state["version"] == 1
+    assert list(state["counters"]) == [
+        "samples",
+        "exits",
+        "exits_since_publish",
+        "samples_since_publish",
+        "audited",
+        "audited_agree",
+        "audited_since_publish",
+        "audited_agree_since_publish",
+        "macs",
+        "macs_since_publish",
+        "train_steps",
+        "trained_samples",
+        "calibrations",
+        "last_calibration",
+        "drift_alarms",
+        "serve_seconds",
+        "learn_seconds",
+        "epoch",
+    ]
+    assert list(state["rings"]) == ["replay", "evidence", "gate_data"]
+    prefixes = {key.split(".")[0] for key in tensors}
+    assert prefixes <= {
+        "student",
+        "opt",
+        "rng",
+        "replay",
+        "evidence",
+        "gate_data",
+        "monitor",
+        "pending",
+    }
+    assert {"rng.audit", "rng.train", "monitor.0", "monitor.1"} <= set(tensors)
+    # JSON keeps plain strings for states and phase.
+    record = json.loads(json.dumps(state))
+    assert {r["state"] for r in record["reports"]} <= {"open", "closed", "switched off"}
+    assert record["phase"] == learner.stats()["phase"]
+
+
+# ---------------------------------------------------------------------------------------- parts
+def test_content_split_is_deterministic_per_content():
+    split = ContentSplit(seed=0, calibration_fraction=0.4)
+    x = torch.rand(2000, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    side = split.is_calibration(x)
+    # The same content lands on the same side whatever batch it comes in, in any order.
+    order = torch.randperm(2000, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(split.is_calibration(x[order]), side[order])
+    assert torch.equal(split.is_calibration(x[:7].clone()), side[:7])
+    assert torch.equal(ContentSplit(0, 0.4).is_calibration(x), side)  # a pure function of the seed
+    assert abs(side.float().mean().item() - 0.4) < 0.05
+    assert not torch.equal(ContentSplit(1, 0.4).is_calibration(x), side)
+    # Other channel counts are folded onto three hash channels.
+    assert split.is_calibration(torch.rand(4, 1, 8, 8)).shape == (4,)
+
+
+def test_drift_pvalue_is_the_binomial_upper_tail():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for target in (0.9, 0.95, 0.99, 0.999):
+        for n in (1, 2, 17, 100, 400):
+            for failures in range(1, n + 1, max(1, n // 25)):
+                want = float(scipy_stats.binom.sf(failures - 1, n, 1.0 - target))
+                assert drift_pvalue(n, failures, target) == want, (target, n, failures)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_drift_monitor_alarms_exactly_when_the_binomial_test_says(pooled):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    target, alpha, n = 0.95, 1e-3, 200
+    for failures in range(0, 40):
+        monitor = DriftMonitor(2, window=n, target=target, alpha=alpha, pooled=pooled)
+        for i in range(n):
+            monitor.record(1, i >= failures)
+        alarm = monitor.check()
+        significant = failures > 0 and scipy_stats.binom.sf(failures - 1, n, 1 - target) < alpha
+        assert (alarm is not None) == significant, failures
+        if alarm is not None:
+            assert alarm == type(alarm)(-1 if pooled else 1, n, failures)
+    # The window forgets: only the latest ``window`` audits count.
+    monitor = DriftMonitor(1, window=50, target=target, alpha=alpha, pooled=False)
+    for ok in [False] * 50 + [True] * 50:
+        monitor.record(0, ok)
+    assert monitor.counts(0) == (50, 50) and monitor.check() is None
+    tensors, state = monitor.state_dict()
+    other = DriftMonitor(1, window=50, target=target, alpha=alpha, pooled=False)
+    other.load_state_dict(tensors, state)
+    assert other.counts(0) == (50, 50) and list(other.windows[0]) == list(monitor.windows[0])
+
+
+def test_trainer_state_round_trips_and_continues_identically():
+    import threading as th
+
+    eem = toy_wrap()
+    cfg = quick(batch_size=16)
+    locks = (th.RLock(), th.RLock())
+    trainer = HeadTrainer(eem.heads, cfg, *locks)
+    g = torch.Generator().manual_seed(19)
+    zs = [torch.randn(200, 3, generator=g), torch.randn(200, 3, generator=g)]
+    teacher = torch.randn(200, 3, generator=g)
+    fields = {f"z{i}": ((3,), torch.float32) for i in range(2)}
+    trainer.build(fields, 3, capacity=150, device=torch.device("cpu"))
+    trainer.add(zs, teacher)
+    for _ in range(5):
+        trainer.claim_step()
+        trainer.train_step()
+    tensors, state = trainer.state_dict()
+    resumed = HeadTrainer(eem.heads, cfg, th.RLock(), th.RLock())
+    resumed.load_state_dict(tensors, json.loads(json.dumps(state)))
+    assert (resumed.credit, resumed.train_steps, resumed.trained_samples) == (
+        trainer.credit,
+        trainer.train_steps,
+        trainer.trained_samples,
+    )
+    for _ in range(5):  # the same minibatches, the same optimizer moments: the same heads
+        trainer.train_step()
+        resumed.train_step()
+    for a, b in zip(trainer.student.parameters(), resumed.student.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert trainer.last_loss == resumed.last_loss
+
+
+def test_phase_and_exit_states_are_typed_but_report_as_before():
+    assert str(PhaseStatus(Phase.WARM_UP)) == "warm-up"
+    drift = PhaseStatus(Phase.DRIFT, "exit 0 agreed on 1/2 audited samples")
+    assert PhaseStatus.parse(str(drift)) == drift
+    learner = OnlineDistiller(toy_wrap(), quick())
+    stats = learner.stats()
+    assert stats["phase"] == "warm-up"
+    assert [type(e["state"]) for e in stats["exits"]] == [str, str]  # plain JSON strings
+    assert stats["exits"][0]["state"] == ee.distill.ExitState.CLOSED == "closed"

@@ -42,7 +42,7 @@ def drift_pvalue(n: int, failures: int, target: float) -> float:
 
     Example:
         >>> round(drift_pvalue(400, 12, 0.99), 4)
-        0.0042
+        0.0008
     """
     eps = 1.0 - target
     return binomial_tail_pvalue(n - failures, n, 1.0 - eps)

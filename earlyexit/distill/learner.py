@@ -4,7 +4,9 @@ The learner only coordinates its parts, each in its own module: which traffic is
 (:mod:`.evidence`), the head trainer (:mod:`.trainer`) and the learned gate's data
 (:mod:`.gate_data`), the policy calibrator (:mod:`.calibrator`), the drift monitor
 (:mod:`.drift`), traffic counts (:mod:`.traffic`), the schedule (:mod:`.schedule`) and the
-background thread (:mod:`.worker`). Saving a learner saves the state of each part.
+background thread (:mod:`.worker`). Saving a learner saves the state of each part
+(:mod:`.checkpoint`). This module is longer than the parts because it is the one place that
+orders their work (what runs under which lock, in which order); it holds no policy of its own.
 
 How it works (one call of :meth:`OnlineDistiller.step`):
 
@@ -53,11 +55,12 @@ from torch import Tensor, nn
 from .._threads import fixed_threads
 from ..calibration import clopper_pearson_lower
 from ..errors import BackgroundTrainingError, CheckpointError, ConfigError, InputError
-from ..gates import AGREEMENT_FEATURES, Gate, make_gate
-from ..io import fingerprint, read_checkpoint, restore, save_early_exit_model
+from ..gates import Gate
+from ..io import save_early_exit_model
 from ..model import EarlyExitModel, ExitResult, ExitTrace
-from .buffers import STORAGE_DTYPES, plan_capacities
+from .buffers import ring_layout
 from .calibrator import Candidate, ExitState, PolicyCalibrator, typed_report
+from .checkpoint import STATE_VERSION, compose_state, read_learner_checkpoint
 from .config import DistillConfig
 from .drift import DriftAlarm, DriftMonitor
 from .evidence import ContentSplit, Evidence
@@ -70,30 +73,6 @@ from .worker import BackgroundWorker
 
 # Kept importable from here (their older home).
 __all__ = ["STATE_VERSION", "BackgroundTrainingError", "OnlineDistiller", "distillation_loss"]
-
-STATE_VERSION = 1
-#: Keys of the saved ``counters`` record, in the order of state version 1 (several parts count).
-_COUNTER_KEYS = (
-    "samples",
-    "exits",
-    "exits_since_publish",
-    "samples_since_publish",
-    "audited",
-    "audited_agree",
-    "audited_since_publish",
-    "audited_agree_since_publish",
-    "macs",
-    "macs_since_publish",
-    "train_steps",
-    "trained_samples",
-    "calibrations",
-    "last_calibration",
-    "drift_alarms",
-    "serve_seconds",
-    "learn_seconds",
-    "epoch",
-)
-_RING_NAMES = ("replay", "evidence", "gate_data")
 
 _T = TypeVar("_T")
 
@@ -352,24 +331,11 @@ class OnlineDistiller:
         """Allocate replay, evidence and gate data at the first sample, within the memory cap."""
         if self.trainer.replay is not None:
             return
-        cfg = self.config
-        dtype = STORAGE_DTYPES[cfg.storage_dtype]
-        itemsize = torch.tensor([], dtype=dtype).element_size()
-        z_bytes = sum(z[0].numel() for z in zs) * itemsize
-        num_exits, width = len(zs), len(AGREEMENT_FEATURES)
-        learned_gate = cfg.gate == "learned"
-        caps = plan_capacities(
-            {
-                "replay": (cfg.replay_samples, z_bytes + teacher.shape[1] * 4),
-                "evidence": (cfg.evidence_samples, z_bytes + 8),
-                "gate": (cfg.gate_samples if learned_gate else 0, num_exits * (width * 4 + 1)),
-            },
-            cfg.max_memory_bytes,
-        )
+        learned_gate = self.config.gate == "learned"
+        fields, caps = ring_layout(self.config, zs, teacher.shape[1], learned_gate)
         device = teacher.device
-        z_fields = {f"z{i}": (tuple(z.shape[1:]), dtype) for i, z in enumerate(zs)}
-        self.trainer.build(z_fields, teacher.shape[1], caps["replay"], device)
-        self.evidence.build(z_fields, caps["evidence"], device)
+        self.trainer.build(fields, teacher.shape[1], caps["replay"], device)
+        self.evidence.build(fields, caps["evidence"], device)
         if learned_gate:
             self.gate_data.build(caps["gate"], device)
 
@@ -641,34 +607,25 @@ class OnlineDistiller:
             >>> state["counters"]["samples"]  # doctest: +SKIP
         """
         with self._train_lock, self._lock:
-            tensors: dict[str, Tensor] = {}
-            rings: dict[str, Any] = {}
-            counters: dict[str, Any] = {**self.traffic.state_dict(), **self.schedule.state_dict()}
-            trainer_tensors, trainer_state = self.trainer.state_dict()
-            parts = (
-                (trainer_tensors, trainer_state),
-                self.evidence.state_dict(),
-                self.gate_data.state_dict(),
-                self.drift.state_dict(),
-                self.calibrator.state_dict(),
-            )
-            for part_tensors, part_state in parts:
-                tensors.update(part_tensors)
-                rings.update(part_state.get("rings", {}))
-                counters.update(part_state.get("counters", {}))
-            state = {
+            learner = {
                 "version": STATE_VERSION,
                 "config": self.config.to_dict(),
-                "counters": {key: counters[key] for key in _COUNTER_KEYS},
-                "credit": trainer_state["credit"],
-                "param_groups": trainer_state["param_groups"],
-                "rings": {name: rings[name] for name in _RING_NAMES if name in rings},
                 "reports": [dict(report) for report in self._reports],
                 "expected_mac_saving": self._expected_saving,
                 "phase": str(self._phase),
-                "last_loss": trainer_state["last_loss"],
             }
-            return tensors, state
+            return compose_state(
+                [
+                    ({}, learner),
+                    self.traffic.state_dict(),
+                    self.trainer.state_dict(),
+                    self.evidence.state_dict(),
+                    self.gate_data.state_dict(),
+                    self.calibrator.state_dict(),
+                    self.drift.state_dict(),
+                    self.schedule.state_dict(),
+                ]
+            )
 
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (each part takes its own keys)."""
@@ -679,8 +636,8 @@ class OnlineDistiller:
             self.gate_data.load_state_dict(tensors, state, device)
             self.drift.load_state_dict(tensors, state)
             self.calibrator.load_state_dict(tensors, state)
-            self.traffic.load_state_dict(state["counters"])
-            self.schedule.load_state_dict(state["counters"])
+            self.traffic.load_state_dict(tensors, state)
+            self.schedule.load_state_dict(tensors, state)
             self._reports = [typed_report(report) for report in state["reports"]]
             self._expected_saving = float(state["expected_mac_saving"])
             self._phase = PhaseStatus.parse(str(state["phase"]))
@@ -705,51 +662,15 @@ class OnlineDistiller:
         Example:
             >>> learner = OnlineDistiller.load(model, "learner.safetensors")  # doctest: +SKIP
         """
-        tensors, config = read_checkpoint(path)
-        state = (config.get("extra") or {}).get("distill")
-        if state is None:
-            raise CheckpointError(
-                f"{str(path)!r} holds an EarlyExitModel but no learner state (written by eem.save?): "
-                "use eem = ee.load(model, path) and start OnlineDistiller(eem, config)"
-            )
-        if state.get("version", 0) > STATE_VERSION:
-            raise CheckpointError(
-                f"{str(path)!r} holds learner state v{state.get('version')}; this earlyexit reads "
-                f"up to v{STATE_VERSION} (upgrade earlyexit?)"
-            )
-        if isinstance(model, EarlyExitModel):
-            eem = model
-            saved = config.get("base_model", {})
-            if saved != fingerprint(eem.base_model):
-                raise CheckpointError(
-                    f"{str(path)!r} was saved for a different base model (architecture or weights "
-                    "differ): resume on the model it was trained with"
-                )
-            if [e.name for e in eem.exits] != list(config.get("exits", [])):
-                raise CheckpointError(
-                    f"{str(path)!r} has exits {config.get('exits')}, this model "
-                    f"{[e.name for e in eem.exits]}: wrap with exits={config.get('exits')}"
-                )
-            heads = {k[len("heads.") :]: v for k, v in tensors.items() if k.startswith("heads.")}
-            try:
-                eem.heads.load_state_dict(heads, strict=True)
-            except RuntimeError as err:
-                raise CheckpointError(f"{str(path)!r} heads do not fit this model: {err}") from err
-            eem.gate = make_gate(config["gate"])
-            eem.set_thresholds(tensors["thresholds"].tolist())
-        elif isinstance(model, nn.Module):
-            eem = restore(model, tensors, config, path=str(path))
-        else:
-            raise ConfigError(f"expected a model or an EarlyExitModel, got {type(model).__name__}")
+        eem, tensors, state = read_learner_checkpoint(model, path)
         cfg_dict = dict(state["config"])
         if background is not None:
             cfg_dict["background"] = bool(background)
         wants_background = cfg_dict["background"]
         cfg_dict["background"] = False  # start the thread only once the state is in place
         learner = cls(eem, DistillConfig.from_dict(cfg_dict))
-        extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
         try:
-            learner.load_state_dict(extra, state)
+            learner.load_state_dict(tensors, state)
         except (KeyError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{str(path)!r} learner state is incomplete: {err}") from err
         # Validated as a whole, then set on the config object every part shares.

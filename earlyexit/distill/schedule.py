@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from torch import Tensor
+
 
 class Phase(str, Enum):
     """What the learner is doing (the first word of ``OnlineDistiller.stats()["phase"]``)."""
@@ -68,20 +70,23 @@ class Schedule:
             self.last_calibration = samples
         return due
 
-    def state_dict(self) -> dict[str, Any]:
-        """The JSON counts (part of the saved ``counters`` record)."""
-        return {
-            "calibrations": self.calibrations,
-            "last_calibration": self.last_calibration,
-            "serve_seconds": self.serve_seconds,
-            "learn_seconds": self.learn_seconds,
-            "epoch": self.epoch,
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """No tensors; the counts and clocks (JSON, in the shared ``counters`` record)."""
+        return {}, {
+            "counters": {
+                "calibrations": self.calibrations,
+                "last_calibration": self.last_calibration,
+                "serve_seconds": self.serve_seconds,
+                "learn_seconds": self.learn_seconds,
+                "epoch": self.epoch,
+            }
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (extra keys of the ``counters`` record are ignored)."""
-        self.calibrations = int(state["calibrations"])
-        self.last_calibration = int(state["last_calibration"])
-        self.serve_seconds = float(state["serve_seconds"])
-        self.learn_seconds = float(state["learn_seconds"])
-        self.epoch = int(state["epoch"])
+    def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (other keys of the ``counters`` record are ignored)."""
+        counters = state["counters"]
+        self.calibrations = int(counters["calibrations"])
+        self.last_calibration = int(counters["last_calibration"])
+        self.serve_seconds = float(counters["serve_seconds"])
+        self.learn_seconds = float(counters["learn_seconds"])
+        self.epoch = int(counters["epoch"])

@@ -122,15 +122,25 @@ class TrafficCounters:
         """1 - MACs spent on every sample ever served over the base model's."""
         return 1.0 - self.macs / (self.samples * base_macs) if self.samples else 0.0
 
-    def state_dict(self) -> dict[str, Any]:
-        """The saved counts (JSON); the recent window is not saved (it refills in one window)."""
-        return {key: getattr(self, key) for key in _SAVED}
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """No tensors; the saved counts (JSON, in the shared ``counters`` record) and the recent
+        window (``recent``: ``[samples, per-path counts, MACs]`` per batch, oldest first)."""
+        counters = {key: getattr(self, key) for key in _SAVED}
+        recent = [[batch, list(counts), spent] for batch, counts, spent in self.recent]
+        return {}, {"counters": counters, "recent": recent}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (extra keys of the shared ``counters`` record are ignored)."""
+    def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (other keys of the ``counters`` record are ignored). A
+        state without ``recent`` (saved before it was kept) starts an empty window."""
+        counters = state["counters"]
         for key in _SAVED:
-            value = state[key]
+            value = counters[key]
             setattr(self, key, list(value) if isinstance(value, list) else int(value))
+        self.recent = deque(
+            (int(batch), [int(n) for n in counts], int(spent))
+            for batch, counts, spent in state.get("recent", [])
+        )
+        self.recent_samples = sum(batch for batch, _, _ in self.recent)
 
 
 def spent_macs(
@@ -140,7 +150,7 @@ def spent_macs(
 
     Example:
         >>> spent_macs(torch.tensor([0, 1, 0]), torch.tensor([True, False, False]), [1, 5, 9], 2)
-        20
+        15
     """
     taken = torch.where(audited_full, num_exits, exit_index)
     return int(torch.tensor(path_macs, dtype=torch.long)[taken].sum())
