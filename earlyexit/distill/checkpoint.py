@@ -72,8 +72,9 @@ def compose_state(
     joined, with the shared ``counters`` and ``rings`` records merged; keys in version 1 order.
 
     Example:
-        >>> tensors, state = compose_state([({}, {"counters": {"a": 1}}), ({}, {"counters": {"b": 2}})])
-        ... # doctest: +SKIP
+        >>> tensors, state = compose_state(  # doctest: +SKIP
+        ...     [({}, learner_record), traffic.state_dict(), trainer.state_dict(), ...]
+        ... )
     """
     tensors: dict[str, Tensor] = {}
     record: dict[str, Any] = {name: {} for name in _SHARED}
