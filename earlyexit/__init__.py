@@ -28,8 +28,9 @@ from .cascade import (
     RemoteTier,
 )
 from .costs.placement import Link, Site, StageProfile, evaluate_placement, optimise_placement
-from .distill import BackgroundTrainingError, DistillConfig, OnlineDistiller
+from .distill import DistillConfig, OnlineDistiller
 from .errors import (
+    BackgroundTrainingError,
     CheckpointError,
     ConfigError,
     EarlyExitError,

@@ -58,3 +58,8 @@ class FallbackError(EarlyExitError, RuntimeError):
 
 class RemoteTierError(EarlyExitError, RuntimeError):
     """A remote cascade tier could not answer (unreachable, timed out, HTTP error, bad reply)."""
+
+
+class BackgroundTrainingError(EarlyExitError, RuntimeError):
+    """The background trainer of an :class:`~earlyexit.distill.OnlineDistiller` failed; raised by
+    its next ``step``, ``sync`` or ``calibrate``."""

@@ -372,19 +372,27 @@ class EarlyExitModel(nn.Module):
             result = self.supervisor.enforce(x, result)
         return result
 
-    def trace(self, x: Tensor, *, audit: Tensor | None = None) -> tuple[ExitResult, ExitTrace]:
+    def trace(
+        self, x: Tensor, *, audit: Tensor | None = None, input_checked: bool = False
+    ) -> tuple[ExitResult, ExitTrace]:
         """Serve a batch and also return what every head saw (used by online learning).
 
         Every head is evaluated on every sample that reaches it. ``audit`` (``[B]`` bool) marks
         samples that, having been answered early, still run to the end so their early answer can
-        be checked against the full model.
+        be checked against the full model. ``input_checked=True``: the caller has already run
+        :meth:`check_input` on ``x`` (the NaN scan is a full pass over the input, too costly to
+        pay twice next to a small backbone).
+
+        Example:
+            >>> eem.check_input(x)  # doctest: +SKIP
+            >>> result, trace = eem.trace(x, audit=audit, input_checked=True)  # doctest: +SKIP
         """
         if audit is not None:
             if not isinstance(audit, Tensor) or audit.dtype != torch.bool or audit.dim() != 1:
                 raise InputError("audit must be a 1-D bool tensor with one entry per sample")
             if isinstance(x, Tensor) and audit.shape[0] != x.shape[0]:
                 raise InputError(f"audit has {audit.shape[0]} entries for a batch of {x.shape[0]}")
-        return self._serve(x, capture=True, audit=audit)
+        return self._serve(x, capture=True, audit=audit, checked=input_checked)
 
     def _heads_to_evaluate(
         self, thresholds: tuple[float, ...], capture: bool, gate: Gate
@@ -396,14 +404,14 @@ class EarlyExitModel(nn.Module):
     def _serve(
         self, x: Tensor, *, capture: bool, audit: Tensor | None, checked: bool = False
     ) -> tuple[ExitResult, ExitTrace]:
-        """``checked``: the caller has already run ``_check_input(x)`` (the NaN scan is a full
+        """``checked``: the caller has already run ``check_input(x)`` (the NaN scan is a full
         pass over the input, too costly to pay twice next to a small backbone)."""
         if not self._handles:
             raise RuntimeError(
                 "this EarlyExitModel was removed (eem.remove()); wrap the model again"
             )
         if not checked:
-            self._check_input(x)
+            self.check_input(x)
         if self.base_model.training:
             raise InputError(
                 "the base model is in training mode: serving would change its BatchNorm statistics "
@@ -506,7 +514,16 @@ class EarlyExitModel(nn.Module):
             x.new_zeros(0, dtype=torch.bool),
         )
 
-    def _check_input(self, x: object) -> None:
+    def check_input(self, x: object) -> None:
+        """Raise :class:`~earlyexit.InputError` unless ``x`` is a batch this model can serve.
+
+        Checks type, rank, channels, image size, dtype, device and NaN/Inf, with a message that
+        says how to fix the batch. Serving runs it anyway; call it first to reject a batch before
+        any other work (then pass ``input_checked=True`` to :meth:`trace`).
+
+        Example:
+            >>> eem.check_input(torch.randn(8, 3, 224, 224))  # doctest: +SKIP
+        """
         if not isinstance(x, Tensor):
             raise InputError(f"expected a torch.Tensor batch [B, C, H, W], got {type(x).__name__}")
         c, h, w = self.input_size

@@ -66,8 +66,8 @@ def test_online_distillation_learns_and_keeps_its_guarantee_on_cuda():
         res = learner.step(cuda_stream(64, g))
         assert res.logits.device.type == "cuda"
     assert all(p.device.type == "cuda" for p in eem.heads.parameters())
-    assert learner._replay is not None
-    assert all(t.device.type == "cuda" for t in learner._replay.data.values())
+    assert learner.trainer.replay is not None
+    assert all(t.device.type == "cuda" for t in learner.trainer.replay.data.values())
     assert any(t < math.inf for t in eem.thresholds), learner.stats()
     agree, rate = served_agreement(eem, cuda_stream(2000, g))
     assert rate > 0.3 and agree >= 0.95

@@ -102,7 +102,7 @@ def test_run_errors_have_codes_and_messages(tmp_path, capsys, args, code, messag
 
 
 @pytest.mark.parametrize(("gate", "kind", "mode"), [("learned", "LearnedGate", "learned"),
-                                                    ("margin", "MarginGate", "wrap")])  # fmt: skip
+                                                    ("margin", "MarginGate", "fixed")])  # fmt: skip
 def test_pipeline_keeps_a_fixed_gate_and_learns_the_learned_one(tmp_path, gate, kind, mode):
     from earlyexit.evaluation.pipeline import PipelineOptions, serve_and_evaluate
 

@@ -6,6 +6,7 @@ statistics (gates, audit rate, drift) in well under a second per thousand sample
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -17,7 +18,13 @@ from torch import nn
 
 import earlyexit as ee
 from earlyexit.distill import BackgroundTrainingError, DistillConfig, OnlineDistiller
+from earlyexit.distill.drift import DriftMonitor, drift_pvalue
+from earlyexit.distill.evidence import ContentSplit
+from earlyexit.distill.gate_data import GateData
+from earlyexit.distill.schedule import Phase, PhaseStatus
+from earlyexit.distill.trainer import HeadTrainer
 from earlyexit.errors import CheckpointError, ConfigError, InputError
+from earlyexit.routing import gates_open, heads_evaluated
 
 
 class LeftHalf(nn.Module):
@@ -113,12 +120,12 @@ def served_agreement(eem: ee.EarlyExitModel, x: torch.Tensor) -> tuple[float, fl
 
 
 def snapshot(learner: OnlineDistiller) -> tuple[dict[str, torch.Tensor], str, tuple, dict]:
-    tensors, extra = learner._state()
+    tensors, state = learner.state_dict()
     for key in ("serve_seconds", "learn_seconds"):  # wall-clock: the only non-reproducible state
-        extra["distill"]["counters"].pop(key)
+        state["counters"].pop(key)
     heads = {k: v.clone() for k, v in learner.eem.heads.state_dict().items()}
     # The served gate (learned weights included) is part of what must survive a save.
-    return tensors, repr(extra) + repr(learner.eem.gate.config()), learner.eem.thresholds, heads
+    return tensors, repr(state) + repr(learner.eem.gate.config()), learner.eem.thresholds, heads
 
 
 def assert_same(a, b) -> None:
@@ -134,8 +141,6 @@ def assert_same(a, b) -> None:
 
 # ---------------------------------------------------------------------------------------- config
 def test_config_validates_and_round_trips_json():
-    import json
-
     cfg = DistillConfig(target_agreement=0.98, storage_dtype="float16")
     assert DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     for bad in (
@@ -169,7 +174,7 @@ def test_warmup_trains_heads_to_agree_with_the_teacher():
     full = trace.final_logits.argmax(dim=-1)
     # Exit 2 sees exactly what decides the answer; exit 1 sees both halves (same class here).
     for i, record in enumerate(trace.exits):
-        student = learner._student[i].classify(record.z)
+        student = learner.trainer.student[i].classify(record.z)
         assert (student.argmax(dim=-1) == full).float().mean() > 0.97, i
     stats = learner.stats()
     assert stats["train_steps"] > 0 and stats["loss"] < 1.0
@@ -211,11 +216,11 @@ def test_audit_fraction_is_respected():
     assert any(t < math.inf for t in eem.thresholds)
     before = learner.stats()["exits"]
     audited0 = sum(e["audited_total"] for e in before)
-    exits0 = sum(learner._counters.exits[: eem.num_exits])
+    exits0 = sum(learner.traffic.exits[: eem.num_exits])
     run(learner, 30, g)
     after = learner.stats()["exits"]
     audited = sum(e["audited_total"] for e in after) - audited0
-    exited = sum(learner._counters.exits[: eem.num_exits]) - exits0
+    exited = sum(learner.traffic.exits[: eem.num_exits]) - exits0
     assert exited > 500
     sd = math.sqrt(exited * 0.2 * 0.8)
     assert abs(audited - 0.2 * exited) < 4 * sd
@@ -228,22 +233,22 @@ def test_audit_boost_tapers_to_audit_rate_as_evidence_fills():
     g = torch.Generator().manual_seed(3)
     run(learner, 15, g)
     assert any(t < math.inf for t in eem.thresholds)
-    have = len(learner._evidence)
+    have = len(learner.evidence)
     assert have < 600
-    assert learner._audit_share() == pytest.approx(0.05 + 0.40 * (1 - have / 600))
+    assert learner.evidence.audit_share() == pytest.approx(0.05 + 0.40 * (1 - have / 600))
     # While evidence is short, early exits really are audited at about the boosted share.
-    audited0, exits0 = sum(learner._counters.audited), sum(learner._counters.exits[:2])
+    audited0, exits0 = sum(learner.traffic.audited), sum(learner.traffic.exits[:2])
     run(learner, 5, g)
-    audited = sum(learner._counters.audited) - audited0
-    exited = sum(learner._counters.exits[:2]) - exits0
+    audited = sum(learner.traffic.audited) - audited0
+    exited = sum(learner.traffic.exits[:2]) - exits0
     assert audited > 0.15 * exited
     for _ in range(200):  # until the evidence reaches the target ...
-        if len(learner._evidence) >= 600:
+        if len(learner.evidence) >= 600:
             break
         run(learner, 1, g)
-    assert learner._audit_share() == pytest.approx(0.05)  # ... then back to audit_rate
+    assert learner.evidence.audit_share() == pytest.approx(0.05)  # ... then back to audit_rate
     off = OnlineDistiller(toy_wrap(), quick(audit_rate=0.05, evidence_target=0))
-    assert off._audit_share() == pytest.approx(0.05)
+    assert off.evidence.audit_share() == pytest.approx(0.05)
 
 
 def test_audits_are_drawn_among_held_out_contents_only():
@@ -254,15 +259,15 @@ def test_audits_are_drawn_among_held_out_contents_only():
     assert any(t < math.inf for t in eem.thresholds)
     for _ in range(10):
         x = stream(64, g)
-        held_out = learner._split_is_calibration(x)
-        audited_before = list(learner._counters.audited)
-        evidence_before = learner._evidence.added
+        held_out = learner.split.is_calibration(x)
+        audited_before = list(learner.traffic.audited)
+        evidence_before = learner.evidence.ring.added
         res = learner.step(x)
         early = res.exit_index < eem.num_exits
-        audited = sum(learner._counters.audited) - sum(audited_before)
+        audited = sum(learner.traffic.audited) - sum(audited_before)
         # Every audited early exit is held out, so it (and every held-out sample that ran to the
         # end because it was audited) became evidence; nothing else did.
-        assert learner._evidence.added - evidence_before >= audited
+        assert learner.evidence.ring.added - evidence_before >= audited
         assert audited <= int((early & held_out).sum())
 
 
@@ -296,31 +301,33 @@ def test_gate_data_is_recorded_before_rows_can_teach():
         learner.step(stream(64, g))
         # Every row in replay had the student's view of it recorded first; rows still pending
         # (recorded later, in one block) are not in replay, so no training step has seen them.
-        assert learner._gate_data.added == learner._replay.added
-        assert learner._counters.trained_samples == learner._replay.added
-    assert learner._pending_rows > 0  # blocks grow once replay holds a few hundred rows
+        assert learner.gate_data.ring.added == learner.trainer.replay.added
+        assert learner.trainer.trained_samples == learner.trainer.replay.added
+    assert learner.gate_data.pending_rows > 0  # blocks grow once replay holds a few hundred rows
     learner.calibrate()  # a calibration records and releases whatever is pending
-    assert learner._pending_rows == 0
-    assert learner._gate_data.added == learner._replay.added
+    assert learner.gate_data.pending_rows == 0
+    assert learner.gate_data.ring.added == learner.trainer.replay.added
 
 
 def test_a_gate_that_cannot_be_fitted_falls_back_instead_of_failing_serving():
     learner = OnlineDistiller(toy_wrap(), quick())
     g = torch.Generator().manual_seed(2)
     run(learner, 10, g)
-    learner._gate_data.data["features"][0, 0, 0] = float("nan")  # a poisoned record
-    gate, note = learner._fit_gate()
+    learner.gate_data.ring.data["features"][0, 0, 0] = float("nan")  # a poisoned record
+    gate, note = GateData.fit(learner.gate_data.snapshot())
     assert not gate.fitted and "not fitted" in note and "NaN" in note
     run(learner, 5, g)  # serving and calibration go on
 
 
-def test_gate_wrap_keeps_the_wrappers_gate():
+@pytest.mark.parametrize("choice", ["fixed", "wrap"])  # "wrap": the older spelling
+def test_gate_fixed_keeps_the_wrappers_gate(choice):
     eem = ee.wrap(Toy().eval(), exits=["stage1", "stage2"], input_size=(3, 8, 8), gate="margin")
-    learner = OnlineDistiller(eem, quick(gate="wrap"))
+    learner = OnlineDistiller(eem, quick(gate=choice))
+    assert learner.config.gate == "fixed"
     run(learner, 20, torch.Generator().manual_seed(2))
     assert any(t < math.inf for t in eem.thresholds)
     assert type(eem.gate).__name__ == "MarginGate"
-    assert learner._gate_data is None  # nothing recorded for a gate that is not learned
+    assert learner.gate_data.ring is None  # nothing recorded for a gate that is not learned
 
 
 def test_base_model_bit_identical_and_mode_kept():
@@ -367,9 +374,9 @@ def test_replay_and_evidence_memory_is_bounded():
     run(learner, 40, g)
     stats = learner.stats()
     assert stats["memory_bytes"] == first
-    assert stats["replay"] <= learner._replay.capacity < 5000
-    assert learner._replay.added > learner._replay.capacity  # the ring did wrap around
-    assert len(learner._recent) < 100
+    assert stats["replay"] <= learner.trainer.replay.capacity < 5000
+    assert learner.trainer.replay.added > learner.trainer.replay.capacity  # it wrapped around
+    assert len(learner.traffic.recent) < 100
 
 
 def test_fit_on_a_finite_loader():
@@ -442,9 +449,8 @@ def test_an_exit_that_costs_more_than_it_saves_is_switched_off():
     late = stats["exits"][1]
     assert late["state"] == "switched off" and "costs" in late["reason"]
     assert eem.thresholds[1] == math.inf
-    assert (
-        eem._heads_to_evaluate(eem.thresholds, False, eem.gate)[1] is False
-    )  # head no longer runs
+    # Its head no longer runs when serving.
+    assert heads_evaluated(gates_open(eem.thresholds), eem.gate.needs_history)[1] is False
 
     eem2 = toy_wrap(expensive_first=False)  # the same exit before the conv pays for itself
     learner2 = OnlineDistiller(eem2, quick())
@@ -528,16 +534,17 @@ def test_background_mode_hammered_by_serving_threads():
     eem = toy_wrap()
     learner = OnlineDistiller(eem, quick(background=True, recalibrate_every=128))
     installed: list[tuple[nn.ModuleList, dict[str, torch.Tensor]]] = []
-    publish = learner._publish
+    make_candidate = learner.calibrator.candidate
 
-    def recording_publish(candidate):
+    def recording_candidate(*args, **kwargs):  # every calibrated candidate (a superset of those
+        candidate = make_candidate(*args, **kwargs)  # published)
         installed.append(
             (candidate.heads, {k: v.clone() for k, v in candidate.heads.state_dict().items()})
         )
-        publish(candidate)
+        return candidate
 
-    learner._publish = recording_publish
-    student_ptrs = {p.data_ptr() for p in learner._student.parameters()}
+    learner.calibrator.candidate = recording_candidate
+    student_ptrs = {p.data_ptr() for p in learner.trainer.student.parameters()}
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -580,13 +587,13 @@ def test_background_exception_surfaces_on_next_step():
     def broken() -> None:
         raise RuntimeError("disk on fire")
 
-    learner._train_step = broken
+    learner.trainer.train_step = broken
     g = torch.Generator().manual_seed(12)
     try:
         with pytest.raises(BackgroundTrainingError, match="disk on fire"):
             for _ in range(200):
                 learner.step(stream(64, g))
-                learner._thread.join(timeout=0.05)
+                learner.worker.join(timeout=0.05)
     finally:
         learner.close()
 
@@ -609,6 +616,9 @@ def test_save_resume_continues_exactly(tmp_path):
     assert_same(mid_state, snapshot(resumed))
     results = [resumed.step(x) for x in batches[8:]]
     assert_same(snapshot(straight), snapshot(resumed))
+    # Same thresholds and the same stats, figure for figure, as a learner that never stopped.
+    assert resumed.eem.thresholds == straight.eem.thresholds
+    assert json.dumps(resumed.stats()) == json.dumps(straight.stats())
     for got, want in zip(results, expected[8:], strict=True):  # served answers identical too
         assert torch.equal(got.exit_index, want.exit_index)
         assert torch.equal(got.logits, want.logits)
@@ -679,3 +689,154 @@ def test_interrupted_save_leaves_previous_file_intact(tmp_path, monkeypatch):
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["l.safetensors"]  # no temp file left
     OnlineDistiller.load(Toy().eval(), path)
+
+
+def test_state_keeps_the_version_1_layout():
+    # Files saved before the learner was split into parts must keep loading: same record keys,
+    # same counters, same tensor names.
+    learner = OnlineDistiller(toy_wrap(), quick())
+    run(learner, 8, torch.Generator().manual_seed(18))
+    tensors, state = learner.state_dict()
+    assert list(state) == [
+        "version",
+        "config",
+        "counters",
+        "credit",
+        "param_groups",
+        "rings",
+        "reports",
+        "expected_mac_saving",
+        "phase",
+        "last_loss",
+        "recent",  # new, optional: version 1 readers ignore it
+    ]
+    assert state["version"] == 1
+    assert list(state["counters"]) == [
+        "samples",
+        "exits",
+        "exits_since_publish",
+        "samples_since_publish",
+        "audited",
+        "audited_agree",
+        "audited_since_publish",
+        "audited_agree_since_publish",
+        "macs",
+        "macs_since_publish",
+        "train_steps",
+        "trained_samples",
+        "calibrations",
+        "last_calibration",
+        "drift_alarms",
+        "serve_seconds",
+        "learn_seconds",
+        "epoch",
+    ]
+    assert list(state["rings"]) == ["replay", "evidence", "gate_data"]
+    prefixes = {key.split(".")[0] for key in tensors}
+    assert prefixes <= {
+        "student",
+        "opt",
+        "rng",
+        "replay",
+        "evidence",
+        "gate_data",
+        "monitor",
+        "pending",
+    }
+    assert {"rng.audit", "rng.train", "monitor.0", "monitor.1"} <= set(tensors)
+    # JSON keeps plain strings for states and phase.
+    record = json.loads(json.dumps(state))
+    assert {r["state"] for r in record["reports"]} <= {"open", "closed", "switched off"}
+    assert record["phase"] == learner.stats()["phase"]
+
+
+# ---------------------------------------------------------------------------------------- parts
+def test_content_split_is_deterministic_per_content():
+    split = ContentSplit(seed=0, calibration_fraction=0.4)
+    x = torch.rand(2000, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    side = split.is_calibration(x)
+    # The same content lands on the same side whatever batch it comes in, in any order.
+    order = torch.randperm(2000, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(split.is_calibration(x[order]), side[order])
+    assert torch.equal(split.is_calibration(x[:7].clone()), side[:7])
+    assert torch.equal(ContentSplit(0, 0.4).is_calibration(x), side)  # a pure function of the seed
+    assert abs(side.float().mean().item() - 0.4) < 0.05
+    assert not torch.equal(ContentSplit(1, 0.4).is_calibration(x), side)
+    # Other channel counts are folded onto three hash channels.
+    assert split.is_calibration(torch.rand(4, 1, 8, 8)).shape == (4,)
+
+
+def test_drift_pvalue_is_the_binomial_upper_tail():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for target in (0.9, 0.95, 0.99, 0.999):
+        for n in (1, 2, 17, 100, 400):
+            for failures in range(1, n + 1, max(1, n // 25)):
+                want = float(scipy_stats.binom.sf(failures - 1, n, 1.0 - target))
+                assert drift_pvalue(n, failures, target) == want, (target, n, failures)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_drift_monitor_alarms_exactly_when_the_binomial_test_says(pooled):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    target, alpha, n = 0.95, 1e-3, 200
+    for failures in range(0, 40):
+        monitor = DriftMonitor(2, window=n, target=target, alpha=alpha, pooled=pooled)
+        for i in range(n):
+            monitor.record(1, i >= failures)
+        alarm = monitor.check()
+        significant = failures > 0 and scipy_stats.binom.sf(failures - 1, n, 1 - target) < alpha
+        assert (alarm is not None) == significant, failures
+        if alarm is not None:
+            assert alarm == type(alarm)(-1 if pooled else 1, n, failures)
+    # The window forgets: only the latest ``window`` audits count.
+    monitor = DriftMonitor(1, window=50, target=target, alpha=alpha, pooled=False)
+    for ok in [False] * 50 + [True] * 50:
+        monitor.record(0, ok)
+    assert monitor.counts(0) == (50, 50) and monitor.check() is None
+    tensors, state = monitor.state_dict()
+    other = DriftMonitor(1, window=50, target=target, alpha=alpha, pooled=False)
+    other.load_state_dict(tensors, state)
+    assert other.counts(0) == (50, 50) and list(other.windows[0]) == list(monitor.windows[0])
+
+
+def test_trainer_state_round_trips_and_continues_identically():
+    import threading as th
+
+    eem = toy_wrap()
+    cfg = quick(batch_size=16)
+    locks = (th.RLock(), th.RLock())
+    trainer = HeadTrainer(eem.heads, cfg, *locks)
+    g = torch.Generator().manual_seed(19)
+    zs = [torch.randn(200, 3, generator=g), torch.randn(200, 3, generator=g)]
+    teacher = torch.randn(200, 3, generator=g)
+    fields = {f"z{i}": ((3,), torch.float32) for i in range(2)}
+    trainer.build(fields, 3, capacity=150, device=torch.device("cpu"))
+    trainer.add(zs, teacher)
+    for _ in range(5):
+        trainer.claim_step()
+        trainer.train_step()
+    tensors, state = trainer.state_dict()
+    resumed = HeadTrainer(eem.heads, cfg, th.RLock(), th.RLock())
+    resumed.load_state_dict(tensors, json.loads(json.dumps(state)))
+    assert (resumed.credit, resumed.train_steps, resumed.trained_samples) == (
+        trainer.credit,
+        trainer.train_steps,
+        trainer.trained_samples,
+    )
+    for _ in range(5):  # the same minibatches, the same optimizer moments: the same heads
+        trainer.train_step()
+        resumed.train_step()
+    for a, b in zip(trainer.student.parameters(), resumed.student.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert trainer.last_loss == resumed.last_loss
+
+
+def test_phase_and_exit_states_are_typed_but_report_as_before():
+    assert str(PhaseStatus(Phase.WARM_UP)) == "warm-up"
+    drift = PhaseStatus(Phase.DRIFT, "exit 0 agreed on 1/2 audited samples")
+    assert PhaseStatus.parse(str(drift)) == drift
+    learner = OnlineDistiller(toy_wrap(), quick())
+    stats = learner.stats()
+    assert stats["phase"] == "warm-up"
+    assert [type(e["state"]) for e in stats["exits"]] == [str, str]  # plain JSON strings
+    assert stats["exits"][0]["state"] == ee.distill.ExitState.CLOSED == "closed"

@@ -1,5 +1,11 @@
 """Online self-distillation of exit heads from live traffic (see :class:`OnlineDistiller`).
 
+One job per module: ``config`` (the knobs), ``evidence`` (content split, audits, evidence ring),
+``trainer`` (student heads, optimizer, replay), ``gate_data`` (the learned gate's data),
+``calibrator`` (evidence -> candidate policy), ``drift`` (drift monitor), ``traffic`` (counts),
+``schedule`` (calibration schedule, time budget, phase), ``stats`` (the stats record), ``worker``
+(background thread) and ``learner`` (:class:`OnlineDistiller`, which coordinates them).
+
 Example:
     >>> import timm, earlyexit as ee
     >>> eem = ee.wrap(timm.create_model("resnet18").eval())
@@ -7,14 +13,23 @@ Example:
     >>> res = learner.step(batch)  # doctest: +SKIP
 """
 
+from ..errors import BackgroundTrainingError
 from .buffers import TensorRing
+from .calibrator import Candidate, ExitState
 from .config import DistillConfig
-from .learner import BackgroundTrainingError, OnlineDistiller, distillation_loss
+from .learner import OnlineDistiller
+from .schedule import Phase
+from .stats import LearnerStats
+from .trainer import distillation_loss
 
 __all__ = [
     "BackgroundTrainingError",
+    "Candidate",
     "DistillConfig",
+    "ExitState",
+    "LearnerStats",
     "OnlineDistiller",
+    "Phase",
     "TensorRing",
     "distillation_loss",
 ]

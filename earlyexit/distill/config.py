@@ -5,29 +5,45 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ..errors import ConfigError
 
-_STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-_METHODS = ("ltt", "clopper_pearson")
+#: How thresholds are tested: fixed-sequence Learn-then-Test, or Clopper-Pearson per exit.
+CalibrationMethod = Literal["ltt", "clopper_pearson"]
+#: ``"joint"``: one threshold, agreement pooled over every early answer; ``"per_exit"``: each exit.
+CalibrationMode = Literal["joint", "per_exit"]
+#: ``"learned"``: fit a gate while learning; ``"fixed"``: keep the gate given to ``ee.wrap``.
+GateChoice = Literal["learned", "fixed"]
+#: dtype of the features stored in the replay and evidence buffers.
+StorageDtype = Literal["float32", "float16", "bfloat16"]
+
+_STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
+_METHODS: tuple[str, ...] = get_args(CalibrationMethod)
+_MODES: tuple[str, ...] = get_args(CalibrationMode)
+_GATES: tuple[str, ...] = get_args(GateChoice)
+#: Older spellings still accepted (saved configs, scripts): ``"wrap"`` read like the function.
+_GATE_ALIASES = {"wrap": "fixed"}
 
 
 @dataclass
 class DistillConfig:
     """How an :class:`~earlyexit.distill.OnlineDistiller` learns and when its gates open.
 
-    Guarantee:
-        target_agreement: required agreement with the full model among the samples that leave at
-            each exit (argmax equal), e.g. 0.99.
-        confidence: probability that the guarantee holds for every exit at once (Learn-then-Test
-            with a Bonferroni split over exits).
+    Guarantee (what is promised depends on ``calibration_mode``):
+        target_agreement: required agreement with the full model (argmax equal) among the samples
+            that leave early, e.g. 0.99. In the default ``"joint"`` mode it is the agreement pooled
+            over all early answers (one exit may be below it if another is above); in
+            ``"per_exit"`` mode it holds at each exit separately.
+        confidence: probability that the guarantee holds: for the pooled agreement in ``"joint"``
+            mode (one Learn-then-Test sequence), for every exit at once in ``"per_exit"`` mode
+            (the level split over exits, Bonferroni).
         calibration_method: ``"ltt"`` (fixed-sequence tests) or ``"clopper_pearson"``
             (per-exit mode only).
-        calibration_mode: ``"joint"``: one threshold for every exit, agreement pooled over all
-            early answers is guaranteed (evidence of every exit counts towards one test, so gates
-            open with far less traffic); ``"per_exit"``: every exit on its own, each guaranteed
-            (level split over exits; needs more evidence).
+        calibration_mode: ``"joint"`` (default): one threshold for every exit, agreement pooled
+            over all early answers is guaranteed (evidence of every exit counts towards one test,
+            so gates open with far less traffic; the drift monitor pools too); ``"per_exit"``:
+            every exit on its own, each guaranteed (level split over exits; needs more evidence).
 
     Evidence:
         audit_rate: share of early-exiting samples that still run to the end, so agreement is
@@ -50,7 +66,8 @@ class DistillConfig:
             from its confidence and the previous head's, fitted on training-side traffic the heads
             had not yet learned from) and serves it with the heads; its scores are log-odds of
             agreement, on one scale at every exit, which is what the shared threshold of joint
-            calibration assumes. ``"wrap"``: keep the gate given to :func:`earlyexit.wrap`.
+            calibration assumes. ``"fixed"``: keep the gate given to :func:`earlyexit.wrap`
+            (``"wrap"``, the older spelling, is accepted and read as ``"fixed"``).
         gate_samples: most recent training-side samples the learned gate is fitted on.
 
     Learning:
@@ -99,9 +116,9 @@ class DistillConfig:
 
     target_agreement: float = 0.99
     confidence: float = 0.95
-    calibration_method: str = "ltt"
-    calibration_mode: str = "joint"
-    gate: str = "learned"
+    calibration_method: CalibrationMethod = "ltt"
+    calibration_mode: CalibrationMode = "joint"
+    gate: GateChoice = "learned"
     gate_samples: int = 8192
     audit_rate: float = 0.05
     audit_boost: float = 0.25
@@ -118,7 +135,7 @@ class DistillConfig:
     train_time_budget: float | None = 0.12
     replay_samples: int = 20000
     max_memory_bytes: int | None = 256 * 2**20
-    storage_dtype: str = "float32"
+    storage_dtype: StorageDtype = "float32"
     warmup_samples: int = 512
     recalibrate_every: int = 512
     auto_switch_off: bool = True
@@ -179,13 +196,15 @@ class DistillConfig:
             raise ConfigError(
                 f"calibration_method must be one of {_METHODS}, got {self.calibration_method!r}"
             )
-        if self.calibration_mode not in ("joint", "per_exit"):
+        if self.calibration_mode not in _MODES:
             raise ConfigError(
                 f"calibration_mode must be 'joint' or 'per_exit', got {self.calibration_mode!r}"
             )
-        if self.gate not in ("learned", "wrap"):
+        if isinstance(self.gate, str) and self.gate in _GATE_ALIASES:
+            self.gate = _GATE_ALIASES[self.gate]  # type: ignore[assignment]
+        if self.gate not in _GATES:
             raise ConfigError(
-                f"gate must be 'learned' (fit a gate while learning) or 'wrap' (keep the gate "
+                f"gate must be 'learned' (fit a gate while learning) or 'fixed' (keep the gate "
                 f"given to ee.wrap), got {self.gate!r}"
             )
         if self.storage_dtype not in _STORAGE_DTYPES:

@@ -1,0 +1,239 @@
+"""Policy calibration: from held-out evidence, heads and a gate to a :class:`Candidate` policy.
+
+The heads' scores on the evidence are recomputed (heads change, so stored scores would be stale),
+exits that save nothing are switched off (decided on every 4th evidence row), and thresholds are
+chosen by Learn-then-Test (:mod:`earlyexit.calibration`) on the other rows, tested once. The
+result is a :class:`Candidate`: heads and the thresholds calibrated for exactly those heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..calibration import (
+    TOLERATED_FAILURES,
+    CalibrationResult,
+    calibrate_joint,
+    calibrate_thresholds,
+    empirical_joint_thresholds,
+    min_evidence,
+    simulate_exits,
+)
+from ..gates import Gate, GateContext
+from ..model import EarlyExitModel
+from .config import DistillConfig
+from .trainer import agreement, classify_all
+
+#: Every this-many-th evidence row chooses which exits stay on; the others test the thresholds.
+SELECT_EVERY = 4
+
+
+class ExitState(str, Enum):
+    """What an exit does now (its ``"state"`` in ``OnlineDistiller.stats()["exits"]``)."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+    SWITCHED_OFF = "switched off"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def typed_report(report: dict[str, Any]) -> dict[str, Any]:
+    """An exit report read from JSON, with its ``"state"`` as an :class:`ExitState` again."""
+    return {**report, "state": ExitState(report["state"])}
+
+
+@dataclass
+class Candidate:
+    """Heads and the thresholds calibrated for exactly those heads, ready to be published.
+
+    ``reports`` says, per exit, its :class:`ExitState`, why, and what the evidence showed;
+    ``epoch`` is the drift epoch of the evidence (a candidate from a voided epoch is dropped).
+    """
+
+    heads: nn.ModuleList
+    gate: Gate
+    thresholds: tuple[float, ...]
+    reports: list[dict[str, Any]]
+    expected_mac_saving: float
+    evidence: int
+    epoch: int
+
+
+class PolicyCalibrator:
+    """Turns held-out evidence into a :class:`Candidate` for ``eem`` (whose costs it reads).
+
+    Stateless between calls (nothing to save).
+
+    Example:
+        >>> calibrator = PolicyCalibrator(eem, DistillConfig())  # doctest: +SKIP
+        >>> candidate = calibrator.candidate(heads, gate, note, evidence, epoch=0)  # doctest: +SKIP
+        >>> candidate.thresholds  # doctest: +SKIP
+    """
+
+    def __init__(self, eem: EarlyExitModel, config: DistillConfig) -> None:
+        self.eem = eem
+        self.config = config
+
+    def evidence_needed(self) -> int:
+        """Fewest evidence rows the most lenient test needs: below it nothing can open."""
+        cfg = self.config
+        return min_evidence(cfg.target_agreement, 1.0 - cfg.confidence, TOLERATED_FAILURES)
+
+    def closed(self, have: int, epoch: int) -> Candidate:
+        """The candidate while evidence is short: the served heads and gate, every gate closed."""
+        num_exits = self.eem.num_exits
+        reason = f"closed: {have} evidence samples, {self.evidence_needed()} needed"
+        reports = [{"state": ExitState.CLOSED, "reason": reason} for _ in range(num_exits)]
+        return Candidate(
+            self.eem.heads, self.eem.gate, (math.inf,) * num_exits, reports, 0.0, 0, epoch
+        )
+
+    def candidate(
+        self,
+        heads: nn.ModuleList,
+        gate: Gate,
+        gate_note: str,
+        evidence: dict[str, Tensor],
+        epoch: int,
+    ) -> Candidate:
+        """Choose which exits pay on a quarter of ``evidence``, then calibrate ``heads`` under
+        ``gate`` on the rest (``evidence``: ``z0 .. z{E-1}`` and the teacher's labels)."""
+        cfg = self.config
+        num_exits = self.eem.num_exits
+        need = self.evidence_needed()
+        scores, agree = self.score_evidence(heads, gate, evidence)
+        # Exits are chosen on every SELECT_EVERY-th evidence row and the rest tests the thresholds
+        # once: testing several exit sets on the same rows and serving the cheapest would spend
+        # the confidence level once per set. The split depends only on row positions and counts.
+        enabled, switched = [True] * num_exits, {}
+        rows = torch.arange(scores.shape[0])
+        choose = rows % SELECT_EVERY == 0
+        if cfg.auto_switch_off and int((~choose).sum()) >= need:
+            enabled, switched = self.select_exits(scores[choose], agree[choose], gate)
+            scores, agree = scores[~choose], agree[~choose]
+        result = self.calibrate(scores, agree, enabled)
+        cost = self.expected_cost(scores, result.thresholds, gate)
+        base = float(self.eem.base_macs)
+        where = simulate_exits(scores, list(result.thresholds))
+        n = max(int(where.numel()), 1)
+        reports = []
+        for e, detail in enumerate(result.exits):
+            report = {
+                "state": ExitState.OPEN if detail.threshold < math.inf else ExitState.CLOSED,
+                "reason": switched.get(e, detail.reason),
+                "evidence_reached": detail.reached,
+                "evidence_exiting": detail.exiting,
+                "evidence_agreement": detail.agreement,
+                "evidence_lower_bound": detail.lower_bound,
+                "expected_exit_rate": float((where == e).sum()) / n,
+                "gate": gate_note,
+            }
+            if e in switched:
+                report["state"] = ExitState.SWITCHED_OFF
+            reports.append(report)
+        saving = 1.0 - cost / base
+        return Candidate(
+            heads, gate, result.thresholds, reports, saving, int(scores.shape[0]), epoch
+        )
+
+    def score_evidence(
+        self, heads: nn.ModuleList, gate: Gate, data: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Gate scores ``[N, E]`` and agreement ``[N, E]`` of ``heads`` on stored evidence."""
+        teacher = data["teacher"]
+        rows = torch.arange(teacher.shape[0], device=teacher.device)
+        logits = classify_all(heads, [data[f"z{i}"] for i in range(len(heads))])
+        with torch.no_grad():
+            scores = [
+                gate.score(out, GateContext(i, rows, logits[:i])).float().cpu()
+                for i, out in enumerate(logits)
+            ]
+        return torch.stack(scores, dim=1), agreement(logits, teacher).cpu()
+
+    def expected_cost(self, scores: Tensor, thresholds: Sequence[float], gate: Gate) -> float:
+        """Mean MACs per sample of serving ``scores`` at ``thresholds`` (heads and gate included)."""
+        where = simulate_exits(scores, list(thresholds))
+        path = torch.tensor(self.eem.path_macs(tuple(thresholds), gate=gate), dtype=torch.float64)
+        return float(path[where].mean()) if where.numel() else float(path[-1])
+
+    def calibrate(self, scores: Tensor, agree: Tensor, enabled: list[bool]) -> CalibrationResult:
+        """Thresholds by Learn-then-Test: one shared threshold with agreement pooled over exits
+        (``"joint"``), or one per exit, each guaranteed (``"per_exit"``)."""
+        cfg = self.config
+        if cfg.calibration_mode == "joint":
+            return calibrate_joint(
+                scores, agree, cfg.target_agreement, cfg.confidence, enabled=enabled
+            )
+        return calibrate_thresholds(
+            scores,
+            agree,
+            cfg.target_agreement,
+            cfg.confidence,
+            method=cfg.calibration_method,
+            enabled=enabled,
+        )
+
+    def select_exits(
+        self, scores: Tensor, agree: Tensor, gate: Gate
+    ) -> tuple[list[bool], dict[int, str]]:
+        """Automatic exit selection: which exits pay for their heads, and why the others do not.
+
+        Greedy on the evidence rows set aside for choosing (never those tested next): put every
+        exit still on at the most lenient shared threshold whose agreement on these rows meets the
+        target, drop the open exit whose removal saves the most MACs (or that saves nothing),
+        repeat. A point estimate suffices here: the guarantee comes from the test that follows.
+        """
+        num_exits = self.eem.num_exits
+        enabled = [True] * num_exits
+        switched: dict[int, str] = {}
+        target = self.config.target_agreement
+
+        def cost_of(trial: list[bool]) -> tuple[tuple[float, ...], float]:
+            thresholds = empirical_joint_thresholds(scores, agree, target, enabled=trial)
+            return thresholds, self.expected_cost(scores, thresholds, gate)
+
+        thresholds, cost = cost_of(enabled)
+        base = float(self.eem.base_macs)
+        while True:
+            best: tuple[float, int, tuple[float, ...]] | None = None
+            for e in range(num_exits):
+                if not enabled[e] or thresholds[e] == math.inf:
+                    continue
+                trial = enabled.copy()
+                trial[e] = False
+                thresholds_e, cost_e = cost_of(trial)
+                gain = (cost_e - cost) / base  # net saving this exit brings (negative: it costs)
+                # An exit that brings nothing (gain 0: e.g. nobody leaves there) goes too: its
+                # gate would still cost wall-clock on every sample reaching it.
+                if gain <= self.config.min_exit_gain and (best is None or cost_e < best[0]):
+                    best = (cost_e, e, thresholds_e)
+            if best is None:
+                return enabled, switched
+            cost_e, e, thresholds_e = best
+            switched[e] = (
+                "switched off: it saves nothing on held-out evidence (no sample would leave "
+                "there), and its gate would still run on every sample reaching it"
+                if cost - cost_e < 0.5
+                else f"switched off: without it the path costs {cost - cost_e:.0f} MACs/sample "
+                f"less on held-out evidence; it saves {(cost_e - cost) / base:+.4f} of the base "
+                f"model net (its head costs {self.eem.head_macs[e]} MACs on every sample "
+                "reaching it)"
+            )
+            enabled[e] = False
+            thresholds, cost = thresholds_e, cost_e
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Nothing to save: the calibrator keeps no state between calls."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+        """Nothing to restore (see :meth:`state_dict`)."""

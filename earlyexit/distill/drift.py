@@ -1,0 +1,120 @@
+"""The drift monitor: is audited agreement provably below the target?
+
+Each audited early answer is checked against the full model. The monitor keeps the latest
+``drift_window`` of these per exit and tests "agreement < target" with a one-sided binomial test
+at level ``drift_alpha``: per exit, or pooled over exits when the guarantee itself is pooled
+(``calibration_mode="joint"``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..calibration import binomial_tail_pvalue
+
+
+@dataclass(frozen=True)
+class DriftAlarm:
+    """Agreement provably below target: ``exit`` (-1: pooled over exits) agreed on
+    ``n - failures`` of ``n`` audited samples."""
+
+    exit: int
+    n: int
+    failures: int
+
+    @property
+    def where(self) -> str:
+        """Which answers drifted, in words."""
+        return "early exits (pooled)" if self.exit < 0 else f"exit {self.exit}"
+
+
+def drift_pvalue(n: int, failures: int, target: float) -> float:
+    """P(at least ``failures`` disagreements among ``n`` | agreement exactly ``target``).
+
+    Small: agreement is below the target. The upper tail of Binom(n, 1 - target) is the lower tail
+    of the agreements, Binom(n, target), at ``n - failures``.
+
+    Example:
+        >>> round(drift_pvalue(400, 12, 0.99), 4)
+        0.0008
+    """
+    eps = 1.0 - target
+    return binomial_tail_pvalue(n - failures, n, 1.0 - eps)
+
+
+class DriftMonitor:
+    """Per-exit windows of audited agreement and the alarm test.
+
+    Example:
+        >>> monitor = DriftMonitor(num_exits=1, window=100, target=0.99, alpha=1e-3, pooled=False)
+        >>> for ok in [True] * 90 + [False] * 10:
+        ...     monitor.record(0, ok)
+        >>> monitor.check()
+        DriftAlarm(exit=0, n=100, failures=10)
+    """
+
+    def __init__(
+        self, num_exits: int, window: int, target: float, alpha: float, pooled: bool
+    ) -> None:
+        self.target = target
+        self.alpha = alpha
+        self.pooled = pooled
+        self.windows: list[deque[bool]] = [deque(maxlen=window) for _ in range(num_exits)]
+        self.alarms = 0  # alarms raised, all time
+
+    def record(self, exit_: int, agreed: bool) -> None:
+        """An audited early answer at ``exit_`` and whether the full model agreed."""
+        self.windows[exit_].append(bool(agreed))
+
+    def counts(self, exit_: int) -> tuple[int, int]:
+        """(audited, agreeing) in the window of ``exit_``."""
+        window = self.windows[exit_]
+        return len(window), sum(window)
+
+    def check(self) -> DriftAlarm | None:
+        """The first window whose agreement is provably below target (p < ``alpha``), if any."""
+        windows: list[tuple[int, Iterable[bool]]] = list(enumerate(self.windows))
+        if self.pooled:  # the guarantee is pooled: so is the alarm
+            windows = [(-1, [ok for window in self.windows for ok in window])]
+        for e, window in windows:
+            window = list(window)
+            n = len(window)
+            if n == 0:
+                continue
+            failures = n - sum(window)
+            if failures == 0:
+                continue
+            if drift_pvalue(n, failures, self.target) < self.alpha:
+                return DriftAlarm(e, n, failures)
+        return None
+
+    def acknowledge(self) -> None:
+        """Count an alarm that was acted on and empty the windows (only new audits count)."""
+        self.alarms += 1
+        self.clear()
+
+    def clear(self) -> None:
+        """Empty every window."""
+        for window in self.windows:
+            window.clear()
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Checkpoint tensors (each window, oldest first) and the alarm count."""
+        tensors = {
+            f"monitor.{e}": torch.tensor(list(window), dtype=torch.bool)
+            for e, window in enumerate(self.windows)
+        }
+        return tensors, {"counters": {"drift_alarms": self.alarms}}
+
+    def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        for e, window in enumerate(self.windows):
+            window.clear()
+            window.extend(tensors[f"monitor.{e}"].tolist())
+        self.alarms = int(state["counters"]["drift_alarms"])

@@ -1,0 +1,148 @@
+"""Which served samples become calibration evidence, and the evidence kept.
+
+Two decisions, both blind to what the heads say about a sample:
+
+* :class:`ContentSplit`: a seeded hash of each image's content sends it, once and for all, to the
+  training side (it may teach the heads) or the calibration side (it may only be evidence), so a
+  repeated request never leaks training data into the evidence.
+* :class:`Evidence`: the audit coins (which early-answered, held-out samples still run to the end
+  so their answer can be checked) and the ring of held-out samples the thresholds are tested on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .buffers import TensorRing, ring_from_state, ring_state
+from .config import DistillConfig
+
+#: Side of the pooled thumbnail hashed to route a sample's content to train or calibration.
+HASH_SIDE = 8
+
+
+class ContentSplit:
+    """Seeded content hash: True where an image is held out for calibration.
+
+    Content-based, so the same image always lands on the same side; about
+    ``calibration_fraction`` of contents are held out.
+
+    Example:
+        >>> split = ContentSplit(seed=0, calibration_fraction=0.4)
+        >>> x = torch.rand(5, 3, 16, 16)
+        >>> torch.equal(split.is_calibration(x), split.is_calibration(x.clone()))
+        True
+    """
+
+    def __init__(self, seed: int, calibration_fraction: float) -> None:
+        self.calibration_fraction = calibration_fraction
+        # A pure function of the seed: rebuilt, never saved.
+        self.projection = torch.randn(
+            3 * HASH_SIDE * HASH_SIDE,
+            generator=torch.Generator().manual_seed(seed + 2),
+            dtype=torch.float64,
+        )
+
+    def is_calibration(self, x: Tensor) -> Tensor:
+        """``[B]`` bool (on the CPU): whether each image's content is held out for calibration."""
+        thumb = F.adaptive_avg_pool2d(x.detach().float(), HASH_SIDE)
+        if thumb.shape[1] != 3:  # fold any channel count onto three hash channels
+            thumb = torch.stack([thumb[:, i::3].sum(dim=1) for i in range(3)], dim=1)
+        value = thumb.flatten(1).double().cpu() @ self.projection
+        u = torch.frac(value.abs() * 7919.0)  # the fine digits of a random projection: ~uniform
+        return u < self.calibration_fraction
+
+
+class Evidence:
+    """Audit sampling and the ring of held-out evidence (most recent ``evidence_samples``).
+
+    The ring is built at the first sample (when the shapes of the features are known), see
+    :meth:`build`. Not thread-safe: the learner calls it under its lock.
+
+    Example:
+        >>> evidence = Evidence(DistillConfig(audit_rate=0.05, audit_boost=0.25))
+        >>> evidence.audit_share()  # no evidence yet: the boosted share
+        0.25
+    """
+
+    def __init__(self, config: DistillConfig) -> None:
+        self.config = config
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.ring: TensorRing | None = None
+
+    # ------------------------------------------------------------------ audits
+    def audit_share(self) -> float:
+        """Share of traffic audited now: ``audit_rate``, raised towards ``audit_boost`` while the
+        held-out evidence is short of ``evidence_target`` (the bound that decides how far gates
+        may open tightens with every evidence sample; once there is enough, audits cost more than
+        they teach)."""
+        cfg = self.config
+        have, target = 0, cfg.evidence_target
+        if self.ring is not None:  # a memory cap may hold fewer than the target
+            have, target = len(self.ring), min(target, self.ring.capacity)
+        shortfall = max(0.0, 1.0 - have / target) if target else 0.0
+        return cfg.audit_rate + max(0.0, cfg.audit_boost - cfg.audit_rate) * shortfall
+
+    def draw_audits(self, calibration_side: Tensor, gates_closed: bool) -> Tensor:
+        """``[B]`` bool: the samples to run to the end even if a head answers them.
+
+        With every gate closed everything runs to the end anyway (all of it is evidence or
+        teaches). Otherwise only held-out contents are audited, at the rate that audits
+        :meth:`audit_share` of all traffic: every audited sample is then evidence (auditing a
+        sample whose content may only teach would pay the full model for nothing).
+        """
+        batch = calibration_side.shape[0]
+        if gates_closed:
+            return torch.ones(batch, dtype=torch.bool)
+        rate = min(1.0, self.audit_share() / self.config.calibration_fraction)
+        coin = torch.rand(batch, generator=self.rng) < rate
+        return coin & calibration_side
+
+    # ------------------------------------------------------------------ the ring
+    def build(
+        self,
+        fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        capacity: int,
+        device: torch.device,
+    ) -> None:
+        """Allocate the ring: features ``z{i}`` of every exit and the teacher's label."""
+        self.ring = TensorRing(capacity, {**fields, "teacher": ((), torch.long)}, device)
+
+    def __len__(self) -> int:
+        return len(self.ring) if self.ring is not None else 0
+
+    def add(self, zs: list[Tensor], label: Tensor) -> None:
+        """Keep held-out samples: their features at every exit and the full model's answer."""
+        assert self.ring is not None, "build() first"
+        self.ring.add(**{f"z{i}": z for i, z in enumerate(zs)}, teacher=label)
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """A copy of every row kept (``z0 .. z{E-1}``, ``teacher``), safe to use unlocked."""
+        assert self.ring is not None, "build() first"
+        return {k: v.clone() for k, v in self.ring.view().items()}
+
+    def clear(self) -> None:
+        """Forget the evidence (after drift it no longer describes the traffic)."""
+        if self.ring is not None:
+            self.ring.clear()
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Checkpoint tensors (audit random state, ring rows) and JSON (ring description)."""
+        tensors: dict[str, Tensor] = {"rng.audit": self.rng.get_state()}
+        rings: dict[str, Any] = {}
+        if self.ring is not None:
+            ring_tensors, rings["evidence"] = ring_state("evidence", self.ring)
+            tensors.update(ring_tensors)
+        return tensors, {"rings": rings}
+
+    def load_state_dict(
+        self, tensors: dict[str, Tensor], state: dict[str, Any], device: torch.device
+    ) -> None:
+        """Restore :meth:`state_dict` (``state`` may describe other rings too)."""
+        self.rng.set_state(tensors["rng.audit"])
+        meta = state["rings"].get("evidence")
+        self.ring = None if meta is None else ring_from_state("evidence", meta, tensors, device)

@@ -1,0 +1,92 @@
+"""When the learner calibrates, how much time learning has taken, and what phase it is in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from torch import Tensor
+
+
+class Phase(str, Enum):
+    """What the learner is doing (the first word of ``OnlineDistiller.stats()["phase"]``)."""
+
+    WARM_UP = "warm-up"  # no calibration has opened a gate yet
+    SERVING = "serving"  # at least one gate is open
+    CLOSED = "closed"  # gates were open, evidence no longer supports any
+    DRIFT = "drift"  # the drift monitor closed every gate
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class PhaseStatus:
+    """The phase and a sentence on why (e.g. which exit drifted and by how much).
+
+    Example:
+        >>> str(PhaseStatus(Phase.CLOSED, "evidence no longer supports any gate"))
+        'closed: evidence no longer supports any gate'
+        >>> PhaseStatus.parse("serving")
+        PhaseStatus(phase=<Phase.SERVING: 'serving'>, detail='')
+    """
+
+    phase: Phase
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.phase.value}: {self.detail}" if self.detail else self.phase.value
+
+    @classmethod
+    def parse(cls, text: str) -> PhaseStatus:
+        """Read back what :meth:`__str__` wrote (saved learners keep the sentence)."""
+        word, _, detail = text.partition(": ")
+        return cls(Phase(word), detail)
+
+
+@dataclass
+class Schedule:
+    """Calibration schedule, drift epoch and the wall-clock behind the learning time budget.
+
+    Example:
+        >>> schedule = Schedule()
+        >>> schedule.calibration_due(samples=600, warmup=512, every=512)
+        True
+        >>> schedule.calibration_due(samples=700, warmup=512, every=512)  # 600 was the last
+        False
+    """
+
+    calibrations: int = 0
+    last_calibration: int = 0  # samples served at the last scheduled calibration
+    serve_seconds: float = 0.0  # wall-clock of serving passes (the time budget's reference)
+    learn_seconds: float = 0.0  # wall-clock of learning: bookkeeping, training, calibrations
+    epoch: int = 0  # bumped by a drift alarm: older evidence and candidates are void
+
+    def calibration_due(self, samples: int, warmup: int, every: int) -> bool:
+        """Whether a calibration is due after ``samples`` served (and mark it done if so)."""
+        due = samples >= warmup and samples - self.last_calibration >= every
+        if due:
+            self.last_calibration = samples
+        return due
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """No tensors; the counts and clocks (JSON, in the shared ``counters`` record)."""
+        return {}, {
+            "counters": {
+                "calibrations": self.calibrations,
+                "last_calibration": self.last_calibration,
+                "serve_seconds": self.serve_seconds,
+                "learn_seconds": self.learn_seconds,
+                "epoch": self.epoch,
+            }
+        }
+
+    def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (other keys of the ``counters`` record are ignored)."""
+        counters = state["counters"]
+        self.calibrations = int(counters["calibrations"])
+        self.last_calibration = int(counters["last_calibration"])
+        self.serve_seconds = float(counters["serve_seconds"])
+        self.learn_seconds = float(counters["learn_seconds"])
+        self.epoch = int(counters["epoch"])

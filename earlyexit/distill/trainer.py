@@ -1,0 +1,252 @@
+"""The head trainer: a shadow copy of the exit heads, distilled from the full model's logits.
+
+:class:`HeadTrainer` owns the student (heads only the trainer touches; served heads are copies of
+it), its AdamW optimizer, the replay ring of stored features and teacher logits, the random stream
+that samples replay minibatches, and the optimizer steps owed to the traffic stored. The backbone
+is never run, trained or put in training mode here: heads learn from the pooled input ``z`` stored
+when the sample was served.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .buffers import TensorRing, ring_from_state, ring_state
+from .config import DistillConfig
+
+#: Optimizer steps a lagging background trainer may owe before new traffic stops adding more.
+MAX_OWED_STEPS = 64.0
+
+
+def distillation_loss(
+    student: Tensor, teacher: Tensor, temperature: float = 2.0, hard_label_weight: float = 0.0
+) -> Tensor:
+    """KL(teacher || student) on temperature-softened distributions, times ``T**2`` (so gradients
+    keep their scale across temperatures), optionally mixed with cross-entropy on the teacher's
+    argmax.
+
+    Example:
+        >>> t = torch.randn(4, 10)
+        >>> float(distillation_loss(t.clone(), t)) < 1e-6
+        True
+    """
+    t = temperature
+    s_log = F.log_softmax(student.float() / t, dim=-1)
+    t_log = F.log_softmax(teacher.float() / t, dim=-1)
+    loss = F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * (t * t)
+    if hard_label_weight > 0:
+        hard = F.cross_entropy(student.float(), teacher.argmax(dim=-1))
+        loss = (1.0 - hard_label_weight) * loss + hard_label_weight * hard
+    return loss
+
+
+def classify_all(heads: Sequence[nn.Module], zs: Sequence[Tensor]) -> list[Tensor]:
+    """Every head's logits on its stored input ``z`` (no backbone pass, no autograd)."""
+    with torch.no_grad():
+        return [head.classify(z.float()) for head, z in zip(heads, zs, strict=True)]
+
+
+def agreement(logits: Sequence[Tensor], target: Tensor) -> Tensor:
+    """``[N, E]`` bool: whether each head's argmax is the full model's answer ``target``."""
+    return torch.stack([out.argmax(dim=-1) == target for out in logits], dim=1)
+
+
+class HeadTrainer:
+    """Student heads, optimizer, replay and the steps owed; one AdamW step at a time.
+
+    ``lock`` guards the replay ring and the counts, ``train_lock`` the student and the optimizer
+    (the learner shares both with its other parts; a background thread trains while serving goes
+    on).
+
+    Example:
+        >>> trainer = HeadTrainer(eem.heads, DistillConfig(), lock, train_lock)  # doctest: +SKIP
+        >>> trainer.add(zs, teacher_logits)  # stores rows, owes steps  # doctest: +SKIP
+        >>> trainer.train_step()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        heads: nn.ModuleList,
+        config: DistillConfig,
+        lock: threading.RLock,
+        train_lock: threading.RLock,
+    ) -> None:
+        self.config = config
+        self._lock = lock
+        self._train_lock = train_lock
+        self.student = copy.deepcopy(heads)
+        self.student.train()
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(
+            self.student.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.rng = torch.Generator().manual_seed(config.seed + 1)
+        self.replay: TensorRing | None = None  # built at the first sample (z shapes known then)
+        self.credit = 0.0  # optimizer steps owed to the traffic stored
+        self.step_seconds = 0.0  # running mean of one training step's wall-clock
+        self.last_loss: float | None = None
+        self.train_steps = 0
+        self.trained_samples = 0  # samples stored for training (drives the credit and the lr)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the student (and so every ring) lives."""
+        return next(self.student.parameters(), torch.zeros(())).device
+
+    def build(
+        self,
+        fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        num_classes: int,
+        capacity: int,
+        device: torch.device,
+    ) -> None:
+        """Allocate the replay ring: features ``z{i}`` of every exit and the teacher's logits."""
+        self.replay = TensorRing(
+            capacity, {**fields, "teacher": ((num_classes,), torch.float32)}, device
+        )
+
+    # ------------------------------------------------------------------ credit and schedule
+    def add(self, zs: list[Tensor], teacher: Tensor) -> None:
+        """Store training rows and owe the optimizer steps they pay for (call under the lock)."""
+        assert self.replay is not None, "build() first"
+        n = teacher.shape[0]
+        self.replay.add(**{f"z{i}": z for i, z in enumerate(zs)}, teacher=teacher)
+        self.trained_samples += n
+        owed = self.credit + n * self.config.replay_ratio / self.config.batch_size
+        # A trainer that falls behind skips steps rather than lagging ever further.
+        self.credit = min(owed, MAX_OWED_STEPS)
+
+    def may_train(self, learn_seconds: float, serve_seconds: float) -> bool:
+        """A step is owed (replay ratio) and affordable: learning so far plus one more step stays
+        within ``train_time_budget`` of the serving wall-clock (not overshot by a step a batch)."""
+        if self.credit < 1.0:
+            return False
+        budget = self.config.train_time_budget
+        return budget is None or learn_seconds + self.step_seconds <= budget * serve_seconds
+
+    def claim_step(self) -> None:
+        """Take one owed step (the caller then runs :meth:`train_step`)."""
+        self.credit -= 1.0
+
+    def record_step_seconds(self, took: float) -> None:
+        """Update the running mean of a step's wall-clock (the budget check's estimate)."""
+        self.step_seconds = (
+            took if self.step_seconds == 0.0 else 0.9 * self.step_seconds + 0.1 * took
+        )
+
+    def forget(self) -> None:
+        """Drop the replay rows and the steps owed (heads then learn only from new traffic)."""
+        if self.replay is not None:
+            self.replay.clear()
+        self.credit = 0.0
+
+    # ------------------------------------------------------------------ training
+    def current_lr(self) -> float:
+        """``lr``, halved every ``lr_half_life`` samples stored (constant when 0)."""
+        half_life = self.config.lr_half_life
+        if half_life <= 0:
+            return self.config.lr
+        return self.config.lr * 0.5 ** (self.trained_samples / half_life)
+
+    def train_step(self) -> None:
+        """One AdamW step of every head on a replay minibatch (stored z, never the backbone)."""
+        with self._lock:
+            replay = self.replay
+            if replay is None or len(replay) == 0:
+                return
+            batch = replay.sample(min(self.config.batch_size, len(replay)), self.rng)
+        with self._train_lock:
+            lr = self.current_lr()
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            teacher = batch["teacher"]
+            loss = torch.zeros((), device=teacher.device)
+            with torch.enable_grad():
+                for i, head in enumerate(self.student):
+                    z = batch[f"z{i}"].float()
+                    loss = loss + distillation_loss(
+                        head.classify(z),
+                        teacher,
+                        self.config.temperature,
+                        self.config.hard_label_weight,
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+            with self._lock:
+                self.train_steps += 1
+                self.last_loss = float(loss.detach()) / max(len(self.student), 1)
+
+    def classify(self, zs: Sequence[Tensor]) -> list[Tensor]:
+        """The student's logits at every exit on stored features (no autograd)."""
+        with self._train_lock:
+            return classify_all(self.student, zs)
+
+    def copy_student(self, training: bool) -> nn.ModuleList:
+        """A frozen-in-time copy of the student, to calibrate and serve (call under the
+        train lock, so no step runs halfway through the copy)."""
+        heads = copy.deepcopy(self.student)
+        heads.train(training)
+        return heads
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Checkpoint tensors (student, optimizer state, random state, replay rows) and JSON
+        (credit, optimizer settings, replay description, counts, last loss)."""
+        tensors: dict[str, Tensor] = {}
+        for k, v in self.student.state_dict().items():
+            tensors[f"student.{k}"] = v.detach().clone()
+        opt = self.optimizer.state_dict()
+        for pid, pstate in opt["state"].items():
+            for key, value in pstate.items():
+                tensors[f"opt.{pid}.{key}"] = torch.as_tensor(value).clone()
+        tensors["rng.train"] = self.rng.get_state()
+        rings: dict[str, Any] = {}
+        if self.replay is not None:
+            ring_tensors, rings["replay"] = ring_state("replay", self.replay)
+            tensors.update(ring_tensors)
+        state = {
+            "counters": {"train_steps": self.train_steps, "trained_samples": self.trained_samples},
+            "credit": self.credit,
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]
+            ],
+            "rings": rings,
+            "last_loss": self.last_loss,
+        }
+        return tensors, state
+
+    def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (``state`` may hold other parts' keys too)."""
+        student = {k[len("student.") :]: v for k, v in tensors.items() if k.startswith("student.")}
+        self.student.load_state_dict(student, strict=True)
+        opt = self.optimizer.state_dict()
+        opt_state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, pid, name = key.split(".", 2)
+                opt_state.setdefault(int(pid), {})[name] = value.clone()
+        groups = []
+        for saved, current in zip(state["param_groups"], opt["param_groups"], strict=True):
+            # JSON turned tuples (AdamW's betas) into lists: give them their type back.
+            restored = {
+                k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()
+            }
+            groups.append({**restored, "params": current["params"]})
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        self.rng.set_state(tensors["rng.train"])
+        meta = state["rings"].get("replay")
+        if meta is not None:
+            self.replay = ring_from_state("replay", meta, tensors, self.device)
+        self.train_steps = int(state["counters"]["train_steps"])
+        self.trained_samples = int(state["counters"]["trained_samples"])
+        self.credit = float(state["credit"])
+        self.last_loss = state["last_loss"]
