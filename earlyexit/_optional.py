@@ -47,10 +47,10 @@ class MissingDemoPackageError(EarlyExitError, ImportError):
     """
 
 
-def _missing(module: str, feature: str) -> MissingDemoPackageError:
-    top = module.partition(".")[0]
-    package = DEMO_PACKAGES.get(top, top)
-    return MissingDemoPackageError(f"{feature} needs {package}: {DEMO_EXTRA_INSTALL}")
+def _missing(modules: list[str], feature: str) -> MissingDemoPackageError:
+    tops = (m.partition(".")[0] for m in modules)
+    packages = ", ".join(DEMO_PACKAGES.get(top, top) for top in tops)
+    return MissingDemoPackageError(f"{feature} needs {packages}: {DEMO_EXTRA_INSTALL}")
 
 
 def import_demo_package(module: str, feature: str) -> ModuleType:
@@ -68,7 +68,7 @@ def import_demo_package(module: str, feature: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise _missing(module, feature) from exc
+        raise _missing([module], feature) from exc
 
 
 def require_demo_packages(modules: Iterable[str], feature: str) -> None:
@@ -78,15 +78,19 @@ def require_demo_packages(modules: Iterable[str], feature: str) -> None:
     check first, so that a missing package stops them at once rather than at the end.
 
     Raises:
-        MissingDemoPackageError: for the first module that cannot be found.
+        MissingDemoPackageError: naming every module that cannot be found, e.g.
+            ``"<feature> needs matplotlib, scikit-learn: pip install 'earlyexit[demo]'"``.
 
     Example:
         >>> require_demo_packages(["matplotlib"], "the demo's plot")  # doctest: +SKIP
     """
+    missing = []
     for module in modules:
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):  # a blocking import hook, or a broken module entry
             found = False
         if not found:
-            raise _missing(module, feature)
+            missing.append(module)
+    if missing:
+        raise _missing(missing, feature)
