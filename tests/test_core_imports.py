@@ -126,7 +126,7 @@ DEMO_SCRIPT = PRELUDE + textwrap.dedent(
     import torch
 
     from earlyexit._optional import MissingDemoPackageError
-    from earlyexit.cartography import DifficultyRouter, plot_data_map
+    from earlyexit.cartography import CartographyMeter, DifficultyRouter, plot_data_map
     from earlyexit.cli import main
     from earlyexit.evaluation import plot_tradeoff
     from earlyexit.evaluation.workloads import load_workload
@@ -149,6 +149,8 @@ DEMO_SCRIPT = PRELUDE + textwrap.dedent(
 
 
     report, out = sys.argv[1], sys.argv[2]
+    meter = CartographyMeter(num_exits=1)
+    meter.update(torch.tensor([0, 1]), torch.tensor([[0.9], [0.2]]))
     print(json.dumps({
         "found": found,
         "digits": error_of(lambda: load_workload("digits", traffic_size=4, eval_size=4)),
@@ -157,7 +159,7 @@ DEMO_SCRIPT = PRELUDE + textwrap.dedent(
         "router": error_of(
             lambda: DifficultyRouter().fit(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
         ),
-        "data_map": error_of(lambda: plot_data_map(None, out + "/map.png")),
+        "data_map": error_of(lambda: plot_data_map(meter.compute(), out + "/map.png")),
         "cli_demo": cli(["demo", "--workload", "digits", "--out", out, "--no-progress"]),
         "cli_demo_fashion": cli(["demo", "--out", out, "--no-progress"]),
         "cli_run": cli(["run", "--model", "timm:resnet18", "--data", out, "--no-progress"]),
