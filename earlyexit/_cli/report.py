@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._optional import MissingDemoPackageError
+    from ..errors import MissingDemoPackageError
     from ..evaluation.plot import plot_tradeoff
     from ..evaluation.report import REQUIRED_KEYS, load_report, render_markdown
 

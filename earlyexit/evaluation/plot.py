@@ -35,7 +35,7 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path, *, dpi: int = 120) -
     operating point a red diamond, the full model a black square at (1, 1).
 
     matplotlib comes with ``pip install 'earlyexit[demo]'``; without it this raises
-    :class:`~earlyexit._optional.MissingDemoPackageError` (an ``ImportError``) saying so.
+    :class:`~earlyexit.MissingDemoPackageError` (an ``ImportError``) saying so.
 
     Example:
         >>> plot_tradeoff(load_report("run.json"), "run.png")  # doctest: +SKIP
