@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._optional import import_demo_package
 from .distill.offline import fit_head, head_logits
 from .errors import ConfigError
 
@@ -306,9 +307,10 @@ class DifficultyRouter:
 
     def fit(self, z: Tensor, hard: Tensor) -> DifficultyRouter:
         """Fit on ``[N, ...]`` features and ``[N]`` bool hard labels."""
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
+        feature = "DifficultyRouter"
+        LogisticRegression = import_demo_package("sklearn.linear_model", feature).LogisticRegression
+        make_pipeline = import_demo_package("sklearn.pipeline", feature).make_pipeline
+        StandardScaler = import_demo_package("sklearn.preprocessing", feature).StandardScaler
 
         y = hard.cpu().numpy().astype(int)
         if y.min() == y.max():
@@ -345,10 +347,9 @@ def plot_data_map(
     Example:
         >>> plot_data_map(dm, "benchmarks/results/data_map.png")  # doctest: +SKIP
     """
-    import matplotlib
-
+    matplotlib = import_demo_package("matplotlib", "plot_data_map")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = import_demo_package("matplotlib.pyplot", "plot_data_map")
 
     conf, var = data_map.summary(exit)
     regions = data_map.regions(exit)

@@ -8,7 +8,8 @@ in without touching the others. Subcommands import timm/torchvision/fvcore insid
 
 Exit codes (also in ``earlyexit --help``): 0 ok, 1 unexpected error, 2 usage error (bad option or
 malformed value), 3 a file is missing, 4 unknown model, 5 invalid input (weights that do not fit
-the model, an input size it cannot take, a file that is not a report), 130 interrupted.
+the model, an input size it cannot take, a file that is not a report), 6 a package the command
+needs is not installed (the demo packages: ``pip install 'earlyexit[demo]'``), 130 interrupted.
 
 Example:
     >>> main(["profile", "timm:resnet18", "--input-size", "64", "--json"])  # doctest: +SKIP
@@ -26,11 +27,13 @@ from types import ModuleType
 from ._cli.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
+    EXIT_MISSING_PACKAGE,
     EXIT_OK,
     EXIT_USAGE,
     CliError,
     exit_codes_text,
 )
+from .errors import MissingDemoPackageError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "register_subcommand"]
 
@@ -124,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         print(f"earlyexit {args.command}: error: {err}", file=sys.stderr)
         return err.code
+    except MissingDemoPackageError as err:  # a demo-only package is not installed
+        print(f"earlyexit {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_MISSING_PACKAGE
     except BrokenPipeError:  # e.g. `earlyexit profile ... | head`: the reader left; not an error
         import os
 

@@ -34,6 +34,14 @@ class ShippedFileError(EarlyExitError, OSError):
     """A data or weights file the package ships is missing or corrupt (reinstall restores it)."""
 
 
+class MissingDemoPackageError(EarlyExitError, ImportError):
+    """A feature needs a package of the ``earlyexit[demo]`` extra that is not installed.
+
+    An ``ImportError``, so ``except ImportError`` keeps catching it; the message names the feature,
+    the package and the install command.
+    """
+
+
 class UntrustedPredictionError(EarlyExitError, RuntimeError):
     """The final supervisor rejected at least one prediction (policy ``"raise"``).
 

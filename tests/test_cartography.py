@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -91,23 +92,68 @@ def test_offline_driver_learns_and_maps_separable_and_noisy_samples():
     assert (dm.regions(exit=1) == HARD).float().mean() > 0.4
 
 
+def _teacher_class_probability(heads, z, teacher_logits):
+    """Per exit, each sample's probability of the teacher's class under ``heads`` (eval mode)."""
+    target = teacher_logits.argmax(-1)[:, None]
+    with torch.no_grad():
+        return torch.stack(
+            [
+                h.eval().classify(zi).softmax(-1).gather(1, target).squeeze(1)
+                for h, zi in zip(heads, z, strict=True)
+            ],
+            dim=1,
+        )
+
+
 @pytest.mark.slow
-def test_offline_driver_with_eem_heads_and_router(resnet, tmp_path):
+def test_offline_driver_with_eem_heads(resnet, tmp_path):
     eem = ee.wrap(resnet, input_size=(3, 64, 64))
     x = batch(n=24, seed=4)
     _, trace = eem.trace(x)
     z = [r.z[torch.argsort(r.rows)] for r in trace.exits]
+    teacher = trace.final_logits
+    untrained = copy.deepcopy(eem.heads)
     before = [p.clone() for p in eem.heads.parameters()]
-    _heads, dm = train_heads_offline(z, trace.final_logits, eem.heads, epochs=3, batch_size=8)
+    heads, dm = train_heads_offline(z, teacher, eem.heads, epochs=3, batch_size=8)
     assert all(torch.equal(a, b) for a, b in zip(before, eem.heads.parameters(), strict=True))
-    assert dm.confidence.shape == (24, eem.num_exits)
-    hard = dm.regions() == HARD
-    if 0 < int(hard.sum()) < 24:
-        router = DifficultyRouter().fit(z[0], hard)
-        p = router.predict_proba(z[0])
-        assert p.shape == (24,) and ((p >= 0) & (p <= 1)).all()
-    with pytest.raises(ConfigError, match="both"):
-        DifficultyRouter().fit(z[0], torch.zeros(24, dtype=torch.bool))
+    assert dm.ids.tolist() == list(range(24))
+    assert dm.count.tolist() == [[3] * eem.num_exits] * 24
+    # It learnt: at every exit the trained heads give the teacher's class more probability.
+    start = _teacher_class_probability(untrained, z, teacher).mean(0)
+    end = _teacher_class_probability(heads, z, teacher).mean(0)
+    assert (end > start).all(), (start, end)
+    # With one checkpoint the data map is exactly that checkpoint's heads on the features.
+    heads1, dm1 = train_heads_offline(z, teacher, eem.heads, epochs=1, batch_size=8)
+    assert torch.equal(dm1.confidence, _teacher_class_probability(heads1, z, teacher))
+    assert torch.equal(dm1.variability, torch.zeros(24, eem.num_exits))
     path = tmp_path / "map.png"
     plot_data_map(dm, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_router_learns_the_hard_region_of_a_data_map():
+    # Half the samples sit in clusters of their teacher class (learnable: easy), half are noise
+    # with a random teacher class (never learnt: hard), so the map always has both regions.
+    g = torch.Generator().manual_seed(0)
+    n, k, half = 60, 3, 30
+    labels = torch.randint(0, k, (n,), generator=g)
+    centres = torch.randn(k, 8, generator=g) * 3
+    z = centres[labels] + 0.3 * torch.randn(n, 8, generator=g)
+    z[half:] = torch.randn(half, 8, generator=g)
+    teacher = torch.nn.functional.one_hot(labels, k).float() * 6
+    _, dm = train_heads_offline([z], teacher, epochs=6, lr=3e-2, batch_size=8)
+    regions = dm.regions(exit=0)
+    hard = regions == HARD
+    assert not hard[:half].any() and int((regions[:half] == EASY).sum()) >= half // 2
+    assert int(hard[half:].sum()) >= half // 2  # most noise samples are hard
+    router = DifficultyRouter().fit(z, hard)
+    p = router.predict_proba(z)
+    assert p.shape == (n,) and ((p >= 0) & (p <= 1)).all()
+    assert p[hard].min() > p[:half].max()  # every hard sample ranks above every clean one
+    assert not router.route(z[:half]).any()
+    # New samples from the clusters are not sent to the deep end; most new noise samples are.
+    fresh = centres[torch.randint(0, k, (40,), generator=g)] + 0.3 * torch.randn(40, 8, generator=g)
+    assert not router.route(fresh).any()
+    assert router.route(torch.randn(40, 8, generator=g)).float().mean() > 0.5
+    with pytest.raises(ConfigError, match="both"):
+        DifficultyRouter().fit(z, torch.zeros(n, dtype=torch.bool))

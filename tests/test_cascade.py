@@ -95,18 +95,35 @@ def test_agreement_gate_votes_among_ensemble_members():
 
 def test_calibrate_and_simulate_agree_with_serving():
     x = batch(n=64, seed=3)
+    labels = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(7))
     cascade = Cascade([tiny(0), tiny(5), tiny(6)], gate="margin")
-    rec = cascade.record(x, labels=torch.randint(0, 10, (64,)))
+    rec = cascade.record(x, labels=labels)
     assert rec.logits.shape == (64, 3, 10) and rec.scores.shape == (64, 3)
     cal = cascade.calibrate(rec, target=0.5, confidence=0.6)
     assert len(cal.thresholds) == 2 and cascade.thresholds == cal.thresholds
-    for thresholds in ([0.05, 0.02], list(cascade.thresholds), [math.inf, -math.inf]):
+    with torch.no_grad():
+        last = tiny(6)(x).argmax(-1)  # the last tier on its own, outside the cascade
+    # Halfway between two neighbouring recorded scores, so that about half the rows pass each
+    # gate (a threshold on a score itself could tip either way between batch sizes).
+    middle = [float(s[31] + s[32]) / 2 for s in rec.scores[:, :2].sort(dim=0).values.T]
+    mixes = []
+    for thresholds in ([0.05, 0.02], list(cascade.thresholds), [math.inf, -math.inf], middle):
         sim = cascade.simulate(rec, thresholds)
         cascade.set_thresholds(thresholds)
         res = cascade.predict(x)
         assert sim["exit_index"].tolist() == res.exit_index.tolist()
         assert sim["cost"] == pytest.approx(float(cascade.last_cost.mean()))
-        assert 0.0 <= sim["agreement"] <= 1.0 and "accuracy" in sim
+        # Agreement and accuracy counted from what serving answered, against the last tier run
+        # alone and the labels: counts out of 64 are exact in floating point.
+        served = res.logits.argmax(-1)
+        assert sim["agreement"] == int((served == last).sum()) / 64
+        assert sim["accuracy"] == int((served == labels).sum()) / 64
+        assert sim["accuracy_last"] == int((last == labels).sum()) / 64
+        counts = torch.bincount(res.exit_index, minlength=3).tolist()
+        assert sim["tier_rates"] == [c / 64 for c in counts]
+        mixes.append((counts, sim["agreement"]))
+    counts, agreement = mixes[-1]  # the middle thresholds: every tier answers some rows
+    assert min(counts) > 0 and 0.0 < agreement < 1.0
     assert cascade.simulate(rec, [math.inf, math.inf])["cost_saving"] < 0  # pays every tier
     with pytest.raises(ConfigError, match="2 thresholds"):
         cascade.set_thresholds([0.5])

