@@ -63,10 +63,10 @@ from earlyexit.costs.placement import (  # noqa: E402
     heads_paid,
     optimise_placement,
     sample_costs,
-    simulate_exits,
 )
 from earlyexit.evaluation.workloads import load_digits_backbone, load_workload  # noqa: E402
 from earlyexit.gates import gate_names, gate_scores, make_gate  # noqa: E402
+from earlyexit.routing import simulate_exits  # noqa: E402
 from earlyexit.supervisors import (  # noqa: E402
     Supervisor,
     accepted_accuracy_curve,

@@ -423,5 +423,4 @@ __all__ = [
     "clopper_pearson_lower",
     "empirical_joint_thresholds",
     "min_evidence",
-    "simulate_exits",
 ]

@@ -18,9 +18,9 @@ from earlyexit.costs.placement import (
     optimise_placement,
     path_costs,
     sample_costs,
-    simulate_exits,
 )
 from earlyexit.errors import ConfigError
+from earlyexit.routing import simulate_exits
 
 # Two exits, three stages of 100/200/300 MACs, heads of 10 and 20 MACs.
 PROFILE = StageProfile(

@@ -440,5 +440,4 @@ __all__ = [
     "optimise_placement",
     "path_costs",
     "sample_costs",
-    "simulate_exits",
 ]

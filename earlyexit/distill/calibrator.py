@@ -24,10 +24,10 @@ from ..calibration import (
     calibrate_thresholds,
     empirical_joint_thresholds,
     min_evidence,
-    simulate_exits,
 )
 from ..gates import Gate, GateContext
 from ..model import EarlyExitModel
+from ..routing import simulate_exits
 from .config import DistillConfig
 from .trainer import agreement, classify_all
 
