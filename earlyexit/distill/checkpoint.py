@@ -22,6 +22,7 @@ from ..errors import CheckpointError, ConfigError
 from ..gates import make_gate
 from ..io import fingerprint, read_checkpoint, restore
 from ..model import EarlyExitModel
+from .traffic import SAVED_KEYS as TRAFFIC_KEYS
 
 #: Newest learner state version this code writes and reads.
 STATE_VERSION = 1
@@ -41,16 +42,7 @@ _RECORD_KEYS = (
 )
 #: Keys of the ``counters record (several parts count), in the order version 1 writes them.
 _COUNTER_KEYS = (
-    "samples",
-    "exits",
-    "exits_since_publish",
-    "samples_since_publish",
-    "audited",
-    "audited_agree",
-    "audited_since_publish",
-    "audited_agree_since_publish",
-    "macs",
-    "macs_since_publish",
+    *TRAFFIC_KEYS,  # samples, exits, audits and MACs, all time and since the last publish
     "train_steps",
     "trained_samples",
     "calibrations",

@@ -18,7 +18,7 @@ from torch import Tensor
 STATS_WINDOW = 2048
 
 #: Keys of :class:`TrafficCounters` in the ``counters`` record of a saved learner.
-_SAVED = (
+SAVED_KEYS = (
     "samples",
     "exits",
     "exits_since_publish",
@@ -125,7 +125,7 @@ class TrafficCounters:
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """No tensors; the saved counts (JSON, in the shared ``counters`` record) and the recent
         window (``recent``: ``[samples, per-path counts, MACs]`` per batch, oldest first)."""
-        counters = {key: getattr(self, key) for key in _SAVED}
+        counters = {key: getattr(self, key) for key in SAVED_KEYS}
         recent = [[batch, list(counts), spent] for batch, counts, spent in self.recent]
         return {}, {"counters": counters, "recent": recent}
 
@@ -133,7 +133,7 @@ class TrafficCounters:
         """Restore :meth:`state_dict` (other keys of the ``counters`` record are ignored). A
         state without ``recent`` (saved before it was kept) starts an empty window."""
         counters = state["counters"]
-        for key in _SAVED:
+        for key in SAVED_KEYS:
             value = counters[key]
             setattr(self, key, list(value) if isinstance(value, list) else int(value))
         self.recent = deque(
