@@ -23,7 +23,7 @@ class ModelServer:
 
     Bounded: it rejects bodies over ``max_body_bytes``, stops by itself after ``max_requests``
     requests or ``lifetime`` seconds, and always on leaving the ``with`` block. Loopback only: a
-    test and benchmark helper, not a production server.
+    fixture for tests and benchmarks, not a production server.
 
     Example:
         >>> with ModelServer(torch.nn.Linear(4, 2), max_requests=1) as server:  # doctest: +SKIP
