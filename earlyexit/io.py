@@ -12,7 +12,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +26,12 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (but an open file cannot be deleted there)
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .heads import HeadFactory
@@ -52,21 +60,113 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
     return {"architecture": arch.hexdigest(), "weights": weights.hexdigest()}
 
 
+#: A save's temporary file older than this (seconds), that no process holds locked, was left by a
+#: save that was killed; the next save of the same target deletes it.
+STALE_TEMPORARY_S = 600.0
+
+
+def checked_target(path: str | os.PathLike[str]) -> Path:
+    """``path`` as the file a save writes to; :class:`ConfigError` when it cannot be one.
+
+    Example:
+        >>> checked_target("out/heads.safetensors").name
+        'heads.safetensors'
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"expected a file path to save to, got {type(path).__name__}")
+    text = os.fsdecode(os.fspath(path))
+    if not text:
+        raise ConfigError("expected a file path to save to, got an empty path")
+    target = Path(text)
+    if target.name in ("", "..") or target.is_dir():
+        raise ConfigError(
+            f"{text!r} is a folder; expected a file path to save to, "
+            f"e.g. {str(target / 'heads.safetensors')!r}"
+        )
+    return target
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    target = Path(path)
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    The bytes go to a temporary ``.NAME.XXXXXXXX.tmp`` beside the target, which is renamed over
+    the target once it is on disk. A process killed mid-save leaves its temporary behind; the
+    next save of the same target deletes it. A temporary counts as left behind only when it is
+    older than :data:`STALE_TEMPORARY_S` *and* no process holds its lock (a writer locks its
+    temporary from creation to rename, and a killed process's locks vanish with it), so one
+    process never deletes another's save in progress.
+
+    Raises:
+        ConfigError: ``path`` is empty or names a folder.
+
+    Example:
+        >>> write_atomic("out/data.bin", b"payload")  # doctest: +SKIP
+    """
+    target = checked_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)  # first: a killed save's leftover may hold the disk space
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            locked = _try_lock(handle.fileno())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+            if locked:  # renamed while still locked: no cleaner ever sees it unlocked
+                os.replace(tmp, target)
+        if not locked:
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on an open file without waiting; ``False`` if another open file
+    holds one, or locks are not available here (no ``fcntl``, a filesystem without locks)."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete temporaries of ``target`` left behind by killed saves (see :func:`write_atomic`).
+
+    Only names of exactly this target's pattern match: ``.NAME.`` + a dot-free tag + ``.tmp``
+    cannot be another target's temporary (its tag would have to contain a dot). Any failure
+    leaves the file in place: cleaning up never fails a save.
+    """
+    pattern = re.compile(re.escape(f".{target.name}.") + r"[A-Za-z0-9_]+\.tmp")
+    try:
+        names = [e.name for e in os.scandir(target.parent) if pattern.fullmatch(e.name)]
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        with contextlib.suppress(OSError):
+            _remove_if_stale(target.parent / name, now)
+
+
+def _remove_if_stale(path: Path, now: float) -> None:
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < STALE_TEMPORARY_S:
+        return
+    if fcntl is None:
+        os.unlink(path)  # Windows refuses to delete a file that a live save holds open
+        return
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        # Locked: a save is writing it. Unlocked: its writer is gone, unless the file was
+        # renamed over the target meanwhile, hence the check that the name is still this file.
+        if _try_lock(fd) and os.path.samestat(os.fstat(fd), os.lstat(path)):
+            os.unlink(path)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def save_checkpoint(
