@@ -7,24 +7,27 @@ threshold ``i`` and returns the feature of the remaining rows only, so every lat
 fewer rows. When no row remains the hook raises a private exception that stops the forward pass.
 Outside such a call the hooks return ``None`` and change nothing, on any thread.
 
-One module on purpose (~600 lines): the hook, the state of a served call and the wrapper that
-installs both are one mechanism; the exit rule and path costs it applies live in
-:mod:`earlyexit.routing`.
+One module on purpose (~700 lines): the hook, the state of a served call and the wrapper that
+installs both (and reinstalls them on a copy) are one mechanism; the exit rule and path costs it
+applies live in :mod:`earlyexit.routing`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .backbones import FeatureLayout
-from .errors import InputError
+from .errors import InputError, UnsupportedModelError
 from .gates import Gate, GateContext
 from .heads import ExitHead
 from .routing import (
@@ -116,6 +119,14 @@ class ExitTrace:
     exits: list[ExitRecord | None]
     final_rows: Tensor
     final_logits: Tensor | None
+
+
+_NOT_SCRIPTABLE = (
+    "torch.jit.script/trace cannot capture an EarlyExitModel: its exits drop rows from the batch "
+    "mid-forward, depending on the data, which a static graph cannot express. To keep or ship "
+    "it, use eem.save(path) and earlyexit.load(model, path); to script or trace the full model, "
+    "use eem.base_model."
+)
 
 
 class _StopForward(Exception):
@@ -233,14 +244,54 @@ def _all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def _exit_hook(runtime: _HookRuntime, index: int):
-    def hook(module: nn.Module, args: object, output: object) -> Tensor | None:
-        run = runtime.run
-        if run is None:  # not our call, or another thread: stay inert
-            return None
-        return run.at_exit(index, output)
+class _ExitHook:
+    """The forward hook at exit ``index``: hands the module's output to the call being served.
 
-    return hook
+    A class rather than a closure so that a base model carrying it can be copied or pickled. A
+    copy carries no runtime (a thread-local cannot be copied, and must not be shared: the copy
+    would serve the original's calls), so it is inert, and :func:`_strip_copied_hooks` removes it
+    when a wrapper is rebuilt on the copied model.
+    """
+
+    __slots__ = ("index", "runtime")
+
+    def __init__(self, runtime: _HookRuntime | None, index: int) -> None:
+        self.runtime = runtime
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: object, output: object) -> Tensor | None:
+        runtime = self.runtime
+        run = None if runtime is None else runtime.run
+        if run is None:  # not our call, another thread, or a copied hook: stay inert
+            return None
+        return run.at_exit(self.index, output)
+
+    def __reduce__(self) -> tuple[type, tuple[None, int]]:
+        return (_ExitHook, (None, self.index))
+
+
+def _strip_copied_hooks(model: nn.Module) -> None:
+    """Remove the inert exit hooks a copied or unpickled base model carries over from the wrappers
+    of the original model, so that a wrapper rebuilt on it runs only its own hooks."""
+    for module in model.modules():
+        stale = [key for key, hook in module._forward_hooks.items() if _is_copied_hook(hook)]
+        for key in stale:
+            del module._forward_hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
+
+
+def _is_copied_hook(hook: object) -> bool:
+    return isinstance(hook, _ExitHook) and hook.runtime is None
+
+
+def _register_hooks(
+    model: nn.Module, exits: Sequence[ExitPoint], runtime: _HookRuntime
+) -> list[RemovableHandle]:
+    return [
+        model.get_submodule(point.name).register_forward_hook(_ExitHook(runtime, i))
+        for i, point in enumerate(exits)
+    ]
 
 
 def _remove_handles(handles: list) -> None:
@@ -255,6 +306,11 @@ class EarlyExitModel(nn.Module):
     Only the heads are registered submodules (``parameters()``, ``state_dict()`` and ``train()``
     see only them); the base model is held beside them and never modified. ``to()``/``cuda()``/
     ``half()`` move or cast the heads *and* the base model, since they are served together.
+
+    ``copy.deepcopy(eem)``, ``pickle`` and ``torch.save(eem)`` give an independent wrapper with
+    its own copy of the base model and its own hooks (``torch.load`` then needs
+    ``weights_only=False``; :meth:`save` and :func:`earlyexit.load` keep only the heads and need
+    no pickle). ``torch.jit.script``/``trace`` are refused: exits change the batch mid-forward.
 
     Example:
         >>> import timm, torch, earlyexit as ee
@@ -304,11 +360,15 @@ class EarlyExitModel(nn.Module):
         self.base_macs = int(base_macs)
         self._exits = tuple(exits)
         self._thresholds: tuple[float, ...] = (math.inf,) * len(self._exits)
+        _strip_copied_hooks(base_model)
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        """A fresh runtime and this wrapper's own hooks on its base model."""
         self._runtime = _HookRuntime()
-        self._handles: list = []
-        for i, point in enumerate(self._exits):
-            module = base_model.get_submodule(point.name)
-            self._handles.append(module.register_forward_hook(_exit_hook(self._runtime, i)))
+        self._handles: list[RemovableHandle] = _register_hooks(
+            self.base_model, self._exits, self._runtime
+        )
         # Hooks must not outlive the wrapper: remove them when it is garbage collected.
         self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
 
@@ -367,6 +427,8 @@ class EarlyExitModel(nn.Module):
         (``accepted=False``), raise :class:`~earlyexit.supervisors.UntrustedPredictionError`, or are
         answered by its fallback. :meth:`trace` only flags (learning must not be interrupted).
         """
+        if torch.jit.is_tracing():
+            raise UnsupportedModelError(_NOT_SCRIPTABLE)
         result, _ = self._serve(x, capture=False, audit=None)
         if self.supervisor is not None:
             result = self.supervisor.enforce(x, result)
@@ -387,6 +449,8 @@ class EarlyExitModel(nn.Module):
             >>> eem.check_input(x)  # doctest: +SKIP
             >>> result, trace = eem.trace(x, audit=audit, input_checked=True)  # doctest: +SKIP
         """
+        if torch.jit.is_tracing():
+            raise UnsupportedModelError(_NOT_SCRIPTABLE)
         if audit is not None:
             if not isinstance(audit, Tensor) or audit.dtype != torch.bool or audit.dim() != 1:
                 raise InputError("audit must be a 1-D bool tensor with one entry per sample")
@@ -595,18 +659,51 @@ class EarlyExitModel(nn.Module):
         self.base_model._apply(fn, recurse)
         return self
 
+    # ------------------------------------------------------------------ copies
+    # copy.deepcopy, pickle and torch.save copy the heads, the gate and the base model; the copy
+    # installs its own hooks on its own base model (the original's hooks arrive there as inert
+    # copies and are stripped), so the two serve, learn and remove() independently.
+    _UNCOPIED = ("_runtime", "_handles", "_finalizer")
+
+    def __getstate__(self) -> dict[str, object]:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._UNCOPIED}
+        state["_removed"] = not self._handles  # a removed wrapper's copy is removed too
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        state = dict(state)
+        removed = bool(state.pop("_removed", False))
+        super().__setstate__(state)
+        _strip_copied_hooks(self.base_model)
+        self._install_hooks()
+        if removed:
+            self.remove()
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        # torch.jit.script calls this first: fail here, before it fails deep inside.
+        raise UnsupportedModelError(_NOT_SCRIPTABLE)
+
     def extra_repr(self) -> str:
         names = ", ".join(e.name for e in self._exits)
         return f"family={self.family!r}, exits=[{names}], gate={self.gate!r}"
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write heads, thresholds, config and the base model's fingerprint to one safetensors file
         (atomically: an interrupted save leaves the previous file intact).
+
+        This is the portable way to keep a wrapper: ``earlyexit.load(model, path)`` rebuilds it on
+        the base model and checks it is the same one. (``torch.save(eem)`` pickles the whole
+        object, base model included; reading it back needs ``torch.load(f, weights_only=False)``,
+        which must only be used on files you trust.)
+
+        Raises:
+            ConfigError: ``path`` is empty or names a folder.
 
         Example:
             >>> eem.save("heads.safetensors")  # doctest: +SKIP
         """
-        from .io import save_early_exit_model
+        from .io import checked_target, save_early_exit_model
 
+        checked_target(path)  # before hashing the base model's weights
         save_early_exit_model(self, path)

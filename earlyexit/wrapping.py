@@ -253,7 +253,8 @@ def wrap(
     """Attach exit heads to a timm or torchvision classifier, without modifying it.
 
     Args:
-        model: the classifier (its weights, buffers and train/eval mode are never changed).
+        model: the classifier (its weights, buffers and train/eval mode are never changed); the
+            original module, not ``torch.compile(model)``.
         exits: ``"auto"`` (``num_exits`` exits spread evenly by MACs over the backbone), or a list
             of module names and/or indices into :func:`exit_candidates`.
         head: ``"linear"``, ``"mlp"``, ``"conv"`` (see :mod:`earlyexit.heads`), another registered
@@ -280,6 +281,11 @@ def wrap(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"wrap expects a torch.nn.Module classifier, got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+        raise UnsupportedModelError(
+            "wrap got a torch.compile'd module: wrap the original model instead, ee.wrap(m) "
+            "rather than ee.wrap(torch.compile(m)) (the original is also at compiled._orig_mod)"
+        )
     try:
         adapter = find_adapter(model)
     except UnsupportedModelError:

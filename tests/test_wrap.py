@@ -494,3 +494,12 @@ def test_exit_indices_fall_back_where_nonzero_static_is_missing(resnet, monkeypa
     assert model_module._STATIC_NONZERO == {"cpu": False}
     assert torch.equal(got.exit_index, want.exit_index) and torch.equal(got.logits, want.logits)
     assert set(got.exit_index.tolist()) == {0, eem.num_exits}  # the batch really split
+
+
+def test_wrapping_a_compiled_model_says_to_wrap_the_original(resnet):
+    compiled = torch.compile(resnet)  # compiles lazily: nothing runs here
+    with pytest.raises(ee.UnsupportedModelError, match=r"wrap the original model.*_orig_mod"):
+        ee.wrap(compiled, input_size=(3, 64, 64))
+    with pytest.raises(ee.UnsupportedModelError, match=r"torch\.compile"):
+        ee.wrap(compiled, exits=["layer1"], input_size=(3, 64, 64))  # names skip the adapter
+    assert ee.wrap(compiled._orig_mod, input_size=(3, 64, 64)).num_exits > 0
