@@ -52,6 +52,7 @@ def scan_folder(root: str | Path) -> FolderScan:
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is a file.
         InputError: no image files were found.
 
     Example:
@@ -59,6 +60,8 @@ def scan_folder(root: str | Path) -> FolderScan:
         >>> len(scan.files), scan.classes[:3]  # doctest: +SKIP
     """
     base = Path(root)
+    if base.is_file():
+        raise NotADirectoryError(f"{base} is a file; expected a folder of images")
     if not base.is_dir():
         raise FileNotFoundError(f"no such folder: {base}")
 
@@ -89,7 +92,7 @@ class ImageStream:
     """Re-iterable batches ``x`` (or ``(x, y)`` when labelled) of preprocessed images.
 
     ``len()`` is the number of files (some may turn out unreadable and are skipped, counted in
-    ``skipped``).
+    ``skipped``). ``name`` says which images these are in messages (``"held-out"``).
     """
 
     def __init__(
@@ -100,12 +103,14 @@ class ImageStream:
         *,
         batch_size: int = 32,
         skipped: SkipLog | None = None,
+        name: str = "",
     ) -> None:
         self.files = files
         self.labels = labels
         self.transform = transform
         self.batch_size = batch_size
         self.skipped = skipped if skipped is not None else SkipLog()
+        self.name = name
         self._seen_bad: set[str] = set()
 
     @property
@@ -126,6 +131,25 @@ class ImageStream:
                 self._seen_bad.add(str(path))
                 self.skipped.files.append((str(path), f"{type(err).__name__}: {err}"))
             return None
+
+    def require_readable(self) -> None:
+        """Raise :class:`~earlyexit.InputError`, naming the files, unless at least one image
+        reads. Reads until the first image that does (usually the first file): a stream whose
+        every file is broken is a data problem to report before any work, not an empty result.
+
+        Example:
+            >>> evaluation.require_readable()  # doctest: +SKIP
+        """
+        if any(self._load(path) is not None for path in self.files):
+            return
+        which = f"{self.name} " if self.name else ""
+        if not self.files:
+            raise InputError(f"there are no {which}images")
+        bad = {path: reason for path, reason in self.skipped.files}
+        raise InputError(
+            f"none of the {len(self.files)} {which}image file(s) could be read; replace or remove "
+            f"the unreadable files: {_describe_unreadable(self.files, bad)}"
+        )
 
     def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         images: list[Tensor] = []
@@ -163,15 +187,48 @@ def split_stream(
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(order) * eval_fraction))
     if len(order) - n_eval < 1:
-        raise InputError(f"{len(order)} images are too few to split into traffic and evaluation")
+        raise InputError(_too_few_to_split(scan.files, transform, eval_fraction))
     skipped = SkipLog()
 
-    def part(indices: list[int]) -> ImageStream:
+    def part(indices: list[int], name: str) -> ImageStream:
         files = [scan.files[i] for i in indices]
         labels = None if scan.labels is None else [scan.labels[i] for i in indices]
-        return ImageStream(files, labels, transform, batch_size=batch_size, skipped=skipped)
+        return ImageStream(
+            files, labels, transform, batch_size=batch_size, skipped=skipped, name=name
+        )
 
-    return part(order[n_eval:]), part(order[:n_eval])
+    return part(order[n_eval:], "traffic"), part(order[:n_eval], "held-out")
+
+
+def _too_few_to_split(
+    files: list[Path], transform: Callable[[Any], Tensor], eval_fraction: float
+) -> str:
+    """Why ``files`` cannot be split, saying how many of them are readable (only reached for a
+    handful of files, or an ``eval_fraction`` close to 1, so reading them all here is cheap)."""
+    probe = ImageStream(files, None, transform)
+    readable = sum(probe._load(path) is not None for path in files)
+    bad = dict(probe.skipped.files)
+    if len(files) == 1:
+        found = (
+            f"the only image, {files[0]}, is unreadable ({bad[str(files[0])]})"
+            if bad
+            else f"there is only one image ({files[0]})"
+        )
+        return f"{found}: at least 2 readable images are needed, one to serve and one to evaluate"
+    unreadable = f"; unreadable: {_describe_unreadable(files, bad)}" if bad else ""
+    return (
+        f"{len(files)} images ({readable} readable) are too few to split into traffic and "
+        f"evaluation with eval_fraction={eval_fraction}: lower it or add images{unreadable}"
+    )
+
+
+def _describe_unreadable(files: list[Path], reasons: dict[str, str], limit: int = 5) -> str:
+    """``"a.jpg (why), b.jpg (why) and 3 more"`` for the unreadable ones among ``files``."""
+    bad = [
+        f"{path} ({_without(reasons[str(path)], path)})" for path in files if str(path) in reasons
+    ]
+    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+    return ", ".join(bad[:limit]) + more
 
 
 def model_transform(
@@ -225,3 +282,8 @@ def model_transform(
             ),
         ]
     )
+
+
+def _without(reason: str, path: Path) -> str:
+    """``reason`` without the file's own name (PIL repeats it: ``cannot identify image file 'x'``)."""
+    return reason.replace(f" '{path}'", "").replace(f" {path}", "")

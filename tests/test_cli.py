@@ -163,3 +163,73 @@ def test_python_dash_m_entry_point():
         timeout=120,
     )
     assert done.returncode == 0 and "profile" in done.stdout
+
+
+# ------------------------------------------------------------------ data problems are not bugs
+RUN = ["run", "--model", "timm:resnet18", "--num-classes", "10", "--input-size", "32",
+       "--seed", "0", "--eval-fraction", "0.2", "--no-latency", "--no-progress"]  # fmt: skip
+
+
+def _image_folder(root: Path, n: int) -> list[Path]:
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [root / f"{i:02d}.png" for i in range(n)]
+    for i, path in enumerate(paths):
+        Image.new("RGB", (16, 16), (i * 20, 80, 160)).save(path)
+    return paths
+
+
+@pytest.mark.parametrize("split", ["held-out", "traffic"])
+def test_run_names_the_files_when_a_split_has_no_readable_image(capsys, tmp_path, split):
+    from earlyexit.data import scan_folder, split_stream
+
+    data = tmp_path / "images"
+    _image_folder(data, 10)
+    traffic, held_out = split_stream(scan_folder(data), lambda image: image, seed=0)
+    broken = (held_out if split == "held-out" else traffic).files
+    for path in broken:
+        path.write_bytes(b"not an image")
+    code, out, err = run(capsys, *RUN, "--data", str(data), "--out", str(tmp_path / "out"))
+    assert code == 5 and out == ""
+    assert f"none of the {len(broken)} {split} image file(s) could be read" in err
+    assert all(str(path) in err for path in broken[:5])
+    assert "unexpected" not in err
+
+
+def test_run_on_a_file_says_it_is_a_file(capsys, tmp_path):
+    image = _image_folder(tmp_path / "images", 1)[0]
+    code, _, err = run(capsys, *RUN, "--data", str(image))
+    assert code == 5 and f"{image} is a file" in err and "not found" not in err
+
+
+def test_run_on_a_folder_of_one_unreadable_image_says_so(capsys, tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    (data / "only.jpg").write_bytes(b"\xff\xd8 truncated")
+    code, _, err = run(capsys, *RUN, "--data", str(data))
+    assert code == 5 and "the only image" in err and "only.jpg" in err and "unreadable" in err
+    assert "too few" not in err
+    _image_folder(data, 1)  # one readable, one not: says how many of them read
+    code, _, err = run(capsys, *RUN, "--data", str(data), "--eval-fraction", "0.9")
+    assert code == 5 and "2 images (1 readable) are too few" in err and "only.jpg" in err
+
+
+def test_report_errors_name_the_file(capsys, tmp_path):
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(bytes(range(256)))
+    code, out, err = run(capsys, "report", str(binary))
+    assert code == 5 and out == "" and str(binary) in err and "not JSON" in err
+    code, _, err = run(capsys, "report", str(tmp_path))
+    assert code == 5 and f"{tmp_path} is a folder" in err
+    wrong_kinds = json.loads(_report_file(tmp_path).read_text())
+    wrong_kinds["mac_saving"] = "lots"
+    wrong_kinds["exits"][0]["exit_rate"] = "x"
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(wrong_kinds))
+    code, _, err = run(capsys, "report", str(edited), "--no-plot")
+    assert code == 5 and str(edited) in err and "wrong kind" in err
+    wrong_kinds["exits"] = [1, 2]
+    edited.write_text(json.dumps(wrong_kinds))
+    code, _, err = run(capsys, "report", str(edited))
+    assert code == 5 and "exit 0 is not an object" in err

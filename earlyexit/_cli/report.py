@@ -54,16 +54,29 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"report file not found: {src}", EXIT_MISSING_FILE) from None
     except ValueError as err:
         raise CliError(str(err), EXIT_BAD_INPUT) from None
+    except OSError as err:  # e.g. no permission: the file's problem, not a bug
+        raise CliError(f"cannot read {src}: {err.strerror or err}", EXIT_BAD_INPUT) from None
     out = Path(args.out) if args.out else src.parent
     stem = args.name or src.stem
     out.mkdir(parents=True, exist_ok=True)
     png = None
-    if not args.no_plot:
-        try:
-            png = plot_tradeoff(report, out / f"{stem}.png")
-        except MissingDemoPackageError as err:
-            raise CliError(f"{err} (or pass --no-plot)", EXIT_MISSING_PACKAGE) from None
-    markdown = render_markdown(report, plot_name=png.name if png else None)
+    try:
+        if not args.no_plot:
+            try:
+                png = plot_tradeoff(report, out / f"{stem}.png")
+            except MissingDemoPackageError as err:
+                raise CliError(f"{err} (or pass --no-plot)", EXIT_MISSING_PACKAGE) from None
+        markdown = render_markdown(report, plot_name=png.name if png else None)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        # load_report checked the keys; a value of the wrong kind (a string for a rate, ...)
+        # means a hand-edited or foreign file. --debug still shows the traceback.
+        if args.debug:
+            raise
+        raise CliError(
+            f"{src} has the keys of a report but values of the wrong kind "
+            f"({type(err).__name__}: {err}); was it edited by hand?",
+            EXIT_BAD_INPUT,
+        ) from None
     md = out / f"{stem}.md"
     md.write_text(markdown)
     if args.json:

@@ -118,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.pipeline import serve_and_evaluate
 
     data = Path(args.data)
+    if data.is_file():
+        raise CliError(
+            f"--data takes a folder of images, but {data} is a file: put the images in a folder "
+            "(one sub-folder per class when they are labelled)",
+            EXIT_BAD_INPUT,
+        )
     if not data.is_dir():
         raise CliError(f"data folder not found: {data}", EXIT_MISSING_FILE)
     # The report's PNG is drawn at the end: check for matplotlib before minutes of serving.
@@ -143,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
         )
+        # Before minutes of serving: a split whose every file is broken is bad data, to be
+        # reported by name (reading stops at the first image that reads).
+        traffic.require_readable()
+        evaluation.require_readable()
     except InputError as err:
         raise CliError(str(err), EXIT_BAD_INPUT) from None
     labelled = scan.labels is not None

@@ -179,16 +179,20 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not JSON, or a required key missing.
+        ValueError: a folder, not JSON, or a required key missing.
 
     Example:
         >>> load_report("benchmarks/results/demo_digits.json")["mac_saving"]  # doctest: +SKIP
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a report file")
     if not path.is_file():
         raise FileNotFoundError(f"no report at {path}")
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not JSON (not UTF-8 text: {err})") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not JSON: {err}") from None
     if not isinstance(report, dict):
@@ -196,7 +200,11 @@ def load_report(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in report]
     if missing:
         raise ValueError(f"{path} is not an earlyexit report: missing {', '.join(missing)}")
+    if not isinstance(report["exits"], list):
+        raise ValueError(f"{path}: exits is not a list: {str(report['exits'])[:60]}")
     for i, e in enumerate(report["exits"]):
+        if not isinstance(e, dict):
+            raise ValueError(f"{path}: exit {i} is not an object: {str(e)[:60]}")
         absent = [k for k in _EXIT_KEYS if k not in e]
         if absent:
             raise ValueError(f"{path}: exit {i} lacks {', '.join(absent)}")
