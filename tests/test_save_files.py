@@ -3,8 +3,9 @@ by a save that was killed (the next save of the same target removes them)."""
 
 from __future__ import annotations
 
-import fcntl
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 import earlyexit as ee
 from earlyexit.errors import ConfigError
 from earlyexit.io import STALE_TEMPORARY_S, write_atomic
+
+fcntl = pytest.importorskip("fcntl")  # the lock a save holds: POSIX
 
 
 @pytest.fixture
@@ -114,3 +117,39 @@ def test_write_atomic_still_replaces_and_cleans_up_on_failure(tmp_path):
     with pytest.raises(TypeError):
         write_atomic(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"two" and sorted(os.listdir(target.parent)) == ["file.bin"]
+
+
+_STUCK_SAVE = """
+import os, sys, time
+from earlyexit import io
+def stuck(src, dst):  # written, fsynced and locked, never renamed: as if killed right here
+    print(src, flush=True)
+    time.sleep(600)
+io.os.replace = stuck
+io.write_atomic(sys.argv[1], b"x" * 1000)
+"""
+
+
+def test_a_killed_save_is_cleaned_up_but_not_while_it_runs(tmp_path):
+    target = tmp_path / "heads.safetensors"
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    saver = subprocess.Popen(
+        [sys.executable, "-c", _STUCK_SAVE, str(target)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        temporary = Path(saver.stdout.readline().strip())
+        assert temporary.name.startswith(f".{target.name}.") and temporary.exists()
+        then = time.time() - 10 * STALE_TEMPORARY_S
+        os.utime(temporary, (then, then))  # old, but its process is alive: kept
+        write_atomic(target, b"first")
+        assert temporary.exists()
+    finally:
+        saver.kill()  # SIGKILL: no cleanup runs in the saver
+        saver.wait(timeout=60)
+    write_atomic(target, b"second")
+    assert not temporary.exists() and target.read_bytes() == b"second"
+    assert sorted(tmp_path.iterdir()) == [target]
