@@ -145,7 +145,7 @@ class ImageStream:
         which = f"{self.name} " if self.name else ""
         if not self.files:
             raise InputError(f"there are no {which}images")
-        bad = {path: reason for path, reason in self.skipped.files}
+        bad = dict(self.skipped.files)
         raise InputError(
             f"none of the {len(self.files)} {which}image file(s) could be read; replace or remove "
             f"the unreadable files: {_describe_unreadable(self.files, bad)}"
@@ -210,7 +210,7 @@ def _too_few_to_split(
     bad = dict(probe.skipped.files)
     if len(files) == 1:
         found = (
-            f"the only image, {files[0]}, is unreadable ({bad[str(files[0])]})"
+            f"the only image, {files[0]}, is unreadable ({_without(bad[str(files[0])], files[0])})"
             if bad
             else f"there is only one image ({files[0]})"
         )
@@ -229,6 +229,11 @@ def _describe_unreadable(files: list[Path], reasons: dict[str, str], limit: int 
     ]
     more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
     return ", ".join(bad[:limit]) + more
+
+
+def _without(reason: str, path: Path) -> str:
+    """``reason`` without the file's own name (PIL repeats it: ``cannot identify image file 'x'``)."""
+    return reason.replace(f" '{path}'", "").replace(f" {path}", "")
 
 
 def model_transform(
@@ -282,8 +287,3 @@ def model_transform(
             ),
         ]
     )
-
-
-def _without(reason: str, path: Path) -> str:
-    """``reason`` without the file's own name (PIL repeats it: ``cannot identify image file 'x'``)."""
-    return reason.replace(f" '{path}'", "").replace(f" {path}", "")
