@@ -47,6 +47,7 @@ __all__ = [
     "ExitRecord",
     "ExitResult",
     "ExitTrace",
+    "distrust_non_finite",
     "exit_path_macs",
     "heads_evaluated",
 ]
@@ -78,9 +79,14 @@ class ExitResult:
     Attributes:
         logits: ``[B, num_classes]`` logits of the head (or final classifier) that answered.
         exit_index: ``[B]`` int64; ``i < num_exits``: exit ``i`` answered, ``num_exits``: the full model.
-        confidence: ``[B]`` float32, the gate score that decided.
+        confidence: ``[B]`` float32, the gate score that decided (NaN where the answering
+            logits are not finite).
         accepted: ``[B]`` bool, the final supervisor's verdict (all True without a supervisor;
             early answers are always accepted: the supervisor watches the full model's output).
+            A full-model answer whose logits are not all finite (NaN/Inf: a finite but extreme
+            input can overflow a model) is never accepted, with or without a supervisor. An early
+            exit never answers with non-finite logits: such a row scores NaN, which passes no
+            gate, so it runs on to the full model.
     """
 
     logits: Tensor
@@ -185,6 +191,8 @@ class _Run:
             self.history.append(logits)
             return None
         scores = self.gate.score(logits, GateContext(i, self.rows, self.history)).float()
+        # Some gates score NaN logits (patience, agreement): no row leaves on non-finite logits.
+        scores = distrust_non_finite(scores, logits)
         self.history.append(logits)
         if self.capture:
             self.records[i] = ExitRecord(self.rows, z, logits, scores)
@@ -242,6 +250,17 @@ def _all_finite(x: Tensor) -> bool:
     if bool(torch.isfinite(total)):
         return True
     return bool(torch.isfinite(x).all())
+
+
+def distrust_non_finite(scores: Tensor, logits: Tensor) -> Tensor:
+    """``scores`` with NaN where a row of ``logits`` is not all finite: a NaN score passes no gate
+    (:func:`earlyexit.routing.leaves`), so no answer is given on such logits.
+
+    Example:
+        >>> distrust_non_finite(torch.tensor([0.9, 0.8]), torch.tensor([[1.0, 0.0], [math.inf, 0.0]]))
+        tensor([0.9000,    nan])
+    """
+    return scores.masked_fill(~torch.isfinite(logits).all(dim=-1), math.nan)
 
 
 class _ExitHook:
@@ -542,17 +561,20 @@ class EarlyExitModel(nn.Module):
                 rows, logits = rows[undecided], final[undecided]
                 history = [h[undecided] if h is not None else None for h in history]
             scores = run.gate.score(logits, GateContext(self.num_exits, rows, history)).float()
+            # A non-finite answer is served flagged, never as a confident class.
+            finite = torch.isfinite(logits).all(dim=-1)
+            scores = scores.masked_fill(~finite, math.nan)
             if not answers and self.supervisor is None:
                 # Nobody left early (gates closed, or none confident): the model's own output, as
                 # is, with no scatter into a new tensor.
                 exit_index = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
-                result = ExitResult(
-                    final, exit_index, scores, torch.ones_like(exit_index, dtype=torch.bool)
-                )
+                result = ExitResult(final, exit_index, scores, finite)
                 return result, ExitTrace(run.records, run.rows, final)
             answers.append((rows, logits, self.num_exits, scores))
             if self.supervisor is not None:
-                accepted_parts.append((rows, self.supervisor.accept(logits)))
+                accepted_parts.append((rows, self.supervisor.accept(logits) & finite))
+            else:
+                accepted_parts.append((rows, finite))
         dtype = final.dtype if final is not None else answers[0][1].dtype
         device = x.device
         out_logits, exit_index, confidence = scatter_answers(

@@ -730,6 +730,7 @@ def test_state_keeps_the_version_1_layout():
         "serve_seconds",
         "learn_seconds",
         "epoch",
+        "non_finite_dropped",  # new, optional: older files lack it (read as 0)
     ]
     assert list(state["rings"]) == ["replay", "evidence", "gate_data"]
     prefixes = {key.split(".")[0] for key in tensors}

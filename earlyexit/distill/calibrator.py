@@ -26,7 +26,7 @@ from ..calibration import (
     min_evidence,
 )
 from ..gates import Gate, GateContext
-from ..model import EarlyExitModel
+from ..model import EarlyExitModel, distrust_non_finite
 from ..routing import simulate_exits
 from .config import DistillConfig
 from .trainer import agreement, classify_all
@@ -153,8 +153,11 @@ class PolicyCalibrator:
         rows = torch.arange(teacher.shape[0], device=teacher.device)
         logits = classify_all(heads, [data[f"z{i}"] for i in range(len(heads))])
         with torch.no_grad():
+            # As served: logits that are not finite score NaN and let nothing out.
             scores = [
-                gate.score(out, GateContext(i, rows, logits[:i])).float().cpu()
+                distrust_non_finite(
+                    gate.score(out, GateContext(i, rows, logits[:i])).float(), out
+                ).cpu()
                 for i, out in enumerate(logits)
             ]
         return torch.stack(scores, dim=1), agreement(logits, teacher).cpu()

@@ -51,6 +51,7 @@ _COUNTER_KEYS = (
     "serve_seconds",
     "learn_seconds",
     "epoch",
+    "non_finite_dropped",  # added later: older files lack it (read as 0)
 )
 _RING_NAMES = ("replay", "evidence", "gate_data")
 #: Records the parts share, each part adding its own entries.

@@ -68,11 +68,25 @@ class GateData:
 
     def take_pending(self) -> tuple[list[Tensor], Tensor] | None:
         """The pending rows as one block (features per exit, teacher logits), now released."""
-        pending, self.pending, self.pending_rows = self.pending, [], 0
+        block = self.peek_pending()
+        self.release_pending(len(self.pending))
+        return block
+
+    def peek_pending(self) -> tuple[list[Tensor], Tensor] | None:
+        """The pending rows as one block (features per exit, teacher logits), still pending:
+        release them with :meth:`release_pending` once they are recorded (nothing is lost if
+        recording fails)."""
+        pending = self.pending
         if not pending:
             return None
         zs = [torch.cat([chunk[0][i] for chunk in pending]) for i in range(len(pending[0][0]))]
         return zs, torch.cat([chunk[1] for chunk in pending])
+
+    def release_pending(self, chunks: int) -> None:
+        """Drop the oldest ``chunks`` held batches (those :meth:`peek_pending` returned; rows held
+        since stay pending)."""
+        released, self.pending = self.pending[:chunks], self.pending[chunks:]
+        self.pending_rows -= sum(chunk[1].shape[0] for chunk in released)
 
     def record(self, logits: list[Tensor], target: Tensor) -> None:
         """Record the student's per-exit ``logits`` on rows whose full-model answer is ``target``."""

@@ -46,8 +46,9 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +59,7 @@ from ..errors import BackgroundTrainingError, CheckpointError, ConfigError, Inpu
 from ..gates import Gate
 from ..io import save_early_exit_model
 from ..model import EarlyExitModel, ExitResult, ExitTrace
-from .buffers import ring_layout
+from .buffers import STORAGE_DTYPES, TensorRing, ring_layout
 from .calibrator import Candidate, ExitState, PolicyCalibrator, typed_report
 from .checkpoint import STATE_VERSION, compose_state, read_learner_checkpoint
 from .config import DistillConfig
@@ -68,13 +69,31 @@ from .gate_data import GateData
 from .schedule import Phase, PhaseStatus, Schedule
 from .stats import LearnerStats
 from .traffic import TrafficCounters, spent_macs
-from .trainer import HeadTrainer, distillation_loss
+from .trainer import HeadTrainer, distillation_loss, finite_rows
+from .undo import StepUndo
 from .worker import BackgroundWorker
 
 # Kept importable from here (their older home).
 __all__ = ["STATE_VERSION", "BackgroundTrainingError", "OnlineDistiller", "distillation_loss"]
 
 _T = TypeVar("_T")
+
+#: Attributes of the traffic counters and the schedule a step may change (all but the sizes).
+TRAFFIC_STATE = tuple(f.name for f in fields(TrafficCounters) if f.name != "num_exits")
+SCHEDULE_STATE = tuple(f.name for f in fields(Schedule))
+
+
+class _SortedRows(NamedTuple):
+    """What one served batch brings to the learner (see ``OnlineDistiller._sort_rows``)."""
+
+    counts: list[int]  # samples per path (E + 1)
+    spent: int  # MACs spent serving them
+    audits: list[tuple[int, bool]]  # (exit, agreed with the full model) per usable audited row
+    dropped: int  # rows that ran to the end with a non-finite teacher or features
+    zs: list[Tensor] | None = None  # features at every exit of the rows that ran to the end
+    teacher: Tensor | None = None  # their full-model logits
+    evidence: Tensor | None = None  # which of them are evidence
+    train: Tensor | None = None  # which of them teach
 
 
 class OnlineDistiller:
@@ -155,6 +174,7 @@ class OnlineDistiller:
         self._collect_evidence = True
         self._calibration_due = False
         self._ready: Candidate | None = None
+        self._undo: StepUndo | None = None  # set while a synchronous step runs
         if config.background:
             self.worker.start()
 
@@ -163,8 +183,16 @@ class OnlineDistiller:
         """Serve a batch of live traffic and learn from it; returns the served :class:`ExitResult`.
 
         A bad batch (wrong shape, dtype or device, NaN/Inf, empty) raises
-        :class:`~earlyexit.InputError` before any state of the learner changes. In background mode
-        a failure of the trainer thread is raised here as :class:`BackgroundTrainingError`.
+        :class:`~earlyexit.InputError` before any state of the learner changes. A call that raises
+        later (serving, bookkeeping, training or calibrating failed) leaves no trace either: in
+        synchronous mode every part is put back as it was (:mod:`.undo`); in background mode the
+        batch is recorded only once everything it needs has been computed, and a failure of the
+        trainer thread is raised on the next call as :class:`BackgroundTrainingError`.
+
+        Rows whose teacher (the full model's logits) or stored head inputs are not finite (a
+        finite but extreme input can overflow a model) are served flagged (``accepted=False``)
+        and never teach, calibrate, feed the learned gate's data or the drift monitor; they are
+        counted in ``stats()["non_finite_dropped"]``.
 
         Example:
             >>> res = learner.step(torch.randn(32, 3, 224, 224))  # doctest: +SKIP
@@ -180,14 +208,43 @@ class OnlineDistiller:
             rng_state = self.evidence.rng.get_state()
             audit = self.evidence.draw_audits(calibration_side, gates_closed)
         audit, calibration_side = audit.to(x.device), calibration_side.to(x.device)
-        started = time.perf_counter()
         try:
+            started = time.perf_counter()
             result, trace = self.eem.trace(x, audit=audit, input_checked=True)
+            served = time.perf_counter() - started
+            if self.worker.running:
+                self._learn_from(x, result, trace, audit, calibration_side, served, step_started)
+            else:
+                # One synchronous step learns at a time, and undoes itself if it fails.
+                with self._train_lock:
+                    self._undo = self._begin_undo()
+                    try:
+                        self._learn_from(
+                            x, result, trace, audit, calibration_side, served, step_started
+                        )
+                    except BaseException:
+                        with self._lock:
+                            self._undo.undo()
+                        raise
+                    finally:
+                        self._undo = None
         except BaseException:
             with self._lock:
                 self.evidence.rng.set_state(rng_state)  # a failed call leaves no trace
             raise
-        served = time.perf_counter() - started
+        return result
+
+    def _learn_from(
+        self,
+        x: Tensor,
+        result: ExitResult,
+        trace: ExitTrace,
+        audit: Tensor,
+        calibration_side: Tensor,
+        served: float,
+        step_started: float,
+    ) -> None:
+        """Record the served batch, count its time, then train or calibrate if due."""
         self._learn(x, result, trace, audit, calibration_side)
         with self._lock:
             self.schedule.serve_seconds += served
@@ -195,7 +252,6 @@ class OnlineDistiller:
             # against the same budget as training, so the budget bounds the whole overhead.
             self.schedule.learn_seconds += time.perf_counter() - step_started - served
         self._after_batch()
-        return result
 
     def fit(self, loader: Iterable[Any], epochs: int = 1) -> dict[str, Any]:
         """Learn from a finite unlabeled stream (the same machinery as :meth:`step`); returns stats.
@@ -276,44 +332,24 @@ class OnlineDistiller:
         calibration_side: Tensor,
     ) -> None:
         """Count the batch, check its audited answers, and route what ran to the end to the
-        evidence (held-out contents that were audited) or to training (the other contents)."""
-        num_exits = self.eem.num_exits
-        batch = x.shape[0]
-        exit_index = result.exit_index.cpu()
-        path = self.eem.path_macs()
-        final_rows = trace.final_rows
+        evidence (held-out contents that were audited) or to training (the other contents).
+
+        Everything is computed first; the learner changes only once nothing is left to fail."""
+        rows = self._sort_rows(x, result, trace, audit, calibration_side)
         with self._lock:
-            counts = torch.bincount(exit_index, minlength=num_exits + 1).tolist()
-            audited_full = audit.cpu() & (exit_index < num_exits)
-            self.traffic.record_batch(counts, spent_macs(exit_index, audited_full, path, num_exits))
-            if final_rows.numel() == 0 or trace.final_logits is None:
+            if rows.zs is not None:
+                self._ensure_buffers(rows.zs, rows.teacher)
+            self.traffic.record_batch(rows.counts, rows.spent)
+            self.traffic.non_finite_dropped += rows.dropped
+            for e, ok in rows.audits:
+                self.traffic.record_audit(e, ok)
+                self.drift.record(e, ok)
+            if rows.zs is None:
                 return
-            teacher = trace.final_logits.detach()
-            position = torch.full((batch,), -1, dtype=torch.long, device=final_rows.device)
-            position[final_rows] = torch.arange(final_rows.numel(), device=final_rows.device)
-            # Agreement of audited early answers with the full model: the drift monitor's input.
-            audited_rows = torch.nonzero(audited_full.to(final_rows.device)).flatten()
-            if audited_rows.numel():
-                early = result.logits[audited_rows].argmax(dim=-1)
-                full = teacher[position[audited_rows]].argmax(dim=-1)
-                agree = (early == full).cpu()
-                where = exit_index[audited_rows.cpu()]
-                for e, ok in zip(where.tolist(), agree.tolist(), strict=True):
-                    self.traffic.record_audit(e, ok)
-                    self.drift.record(e, ok)
-            # Features of every exit for the samples that ran to the end.
-            zs = []
-            for record in trace.exits:
-                if record is None:  # cannot happen with trace(); guard for custom models
-                    return
-                pos = torch.full((batch,), -1, dtype=torch.long, device=record.rows.device)
-                pos[record.rows] = torch.arange(record.rows.numel(), device=record.rows.device)
-                zs.append(record.z[pos[final_rows]].detach())
-            self._ensure_buffers(zs, teacher)
-            held_out = calibration_side[final_rows]
-            evidence = audit[final_rows] & held_out
-            train = ~held_out
+            zs, teacher = rows.zs, rows.teacher
+            evidence, train = rows.evidence, rows.train
             if self._collect_evidence and bool(evidence.any()):
+                self._before_write(self.evidence.ring, int(evidence.sum()))
                 self.evidence.add([z[evidence] for z in zs], teacher[evidence].argmax(dim=-1))
             if bool(train.any()):
                 rows_z, rows_teacher = [z[train] for z in zs], teacher[train]
@@ -321,23 +357,127 @@ class OnlineDistiller:
                     # Held back from replay until the student's view of them is recorded.
                     self.gate_data.hold(rows_z, rows_teacher)
                 else:
+                    self._before_write(self.trainer.replay, rows_teacher.shape[0])
                     self.trainer.add(rows_z, rows_teacher)
-            if audited_rows.numel():
+            if rows.audits:
                 alarm = self.drift.check()
                 if alarm is not None:
                     self._on_drift(alarm)
 
+    def _sort_rows(
+        self,
+        x: Tensor,
+        result: ExitResult,
+        trace: ExitTrace,
+        audit: Tensor,
+        calibration_side: Tensor,
+    ) -> _SortedRows:
+        """What one served batch brings, computed without changing anything: the counts, the
+        audited answers' agreement and, for the rows that ran to the end and are finite, their
+        features, teacher logits and whether they are evidence or teach."""
+        num_exits = self.eem.num_exits
+        batch = x.shape[0]
+        exit_index = result.exit_index.cpu()
+        path = self.eem.path_macs()
+        final_rows = trace.final_rows
+        counts = torch.bincount(exit_index, minlength=num_exits + 1).tolist()
+        audited_full = audit.cpu() & (exit_index < num_exits)
+        spent = spent_macs(exit_index, audited_full, path, num_exits)
+        if final_rows.numel() == 0 or trace.final_logits is None:
+            return _SortedRows(counts, spent, [], 0)
+        teacher = trace.final_logits.detach()
+        # Features of every exit for the samples that ran to the end.
+        zs: list[Tensor] | None = []
+        for record in trace.exits:
+            if record is None:  # cannot happen with trace(); guard for custom models
+                zs = None
+                break
+            pos = torch.full((batch,), -1, dtype=torch.long, device=record.rows.device)
+            pos[record.rows] = torch.arange(record.rows.numel(), device=record.rows.device)
+            zs.append(record.z[pos[final_rows]].detach())
+        # A row whose teacher or stored features are not finite teaches nothing (it would make the
+        # student's weights NaN for good) and says nothing about agreement.
+        usable = finite_rows(teacher, torch.float32)
+        storage = STORAGE_DTYPES[self.config.storage_dtype]
+        for z in zs or []:
+            usable = usable & finite_rows(z, storage)
+        dropped = int((~usable).sum())
+        position = torch.full((batch,), -1, dtype=torch.long, device=final_rows.device)
+        position[final_rows] = torch.arange(final_rows.numel(), device=final_rows.device)
+        # Agreement of audited early answers with the full model: the drift monitor's input.
+        audited_rows = torch.nonzero(audited_full.to(final_rows.device)).flatten()
+        audits: list[tuple[int, bool]] = []
+        if audited_rows.numel():
+            if dropped:
+                audited_rows = audited_rows[usable[position[audited_rows]]]
+            early = result.logits[audited_rows].argmax(dim=-1)
+            full = teacher[position[audited_rows]].argmax(dim=-1)
+            agree = (early == full).cpu()
+            where = exit_index[audited_rows.cpu()]
+            audits = list(zip(where.tolist(), agree.tolist(), strict=True))
+        if zs is None:
+            return _SortedRows(counts, spent, audits, dropped)
+        held_out = calibration_side[final_rows]
+        evidence = audit[final_rows] & held_out
+        train = ~held_out
+        if dropped:
+            evidence, train = evidence & usable, train & usable
+        return _SortedRows(counts, spent, audits, dropped, zs, teacher, evidence, train)
+
     def _ensure_buffers(self, zs: list[Tensor], teacher: Tensor) -> None:
-        """Allocate replay, evidence and gate data at the first sample, within the memory cap."""
+        """Allocate replay, evidence and gate data at the first sample, within the memory cap
+        (all three or none: an allocation that fails leaves the learner as it was)."""
         if self.trainer.replay is not None:
             return
         learned_gate = self.config.gate == "learned"
         fields, caps = ring_layout(self.config, zs, teacher.shape[1], learned_gate)
         device = teacher.device
-        self.trainer.build(fields, teacher.shape[1], caps["replay"], device)
-        self.evidence.build(fields, caps["evidence"], device)
-        if learned_gate:
-            self.gate_data.build(caps["gate"], device)
+        try:
+            self.trainer.build(fields, teacher.shape[1], caps["replay"], device)
+            self.evidence.build(fields, caps["evidence"], device)
+            if learned_gate:
+                self.gate_data.build(caps["gate"], device)
+        except BaseException:
+            self.trainer.replay = self.evidence.ring = self.gate_data.ring = None
+            raise
+
+    def _begin_undo(self) -> StepUndo:
+        """Keep what a synchronous step may change, so a step that fails can be undone."""
+        undo = StepUndo()
+        undo.keep_attributes(self.traffic, TRAFFIC_STATE)
+        undo.keep_attributes(self.drift, ("windows", "alarms"))
+        undo.keep_attributes(self.schedule, SCHEDULE_STATE)
+        undo.keep_attributes(
+            self.trainer,
+            ("replay", "credit", "step_seconds", "last_loss", "train_steps", "trained_samples"),
+        )
+        undo.keep_attributes(self.trainer, ("rng",))
+        undo.keep_attributes(self.evidence, ("ring",))
+        undo.keep_attributes(self.gate_data, ("ring", "pending", "pending_rows"))
+        undo.keep_attributes(
+            self, ("_reports", "_expected_saving", "_phase", "_calibration_due", "_ready")
+        )
+        eem = self.eem
+        heads, gate, thresholds = eem.heads, eem.gate, eem.thresholds
+
+        def serve_as_before() -> None:
+            eem.set_thresholds([math.inf] * eem.num_exits)  # never old thresholds on new heads
+            eem.heads = heads
+            eem.gate = gate
+            eem.set_thresholds(thresholds)
+
+        undo.keep(serve_as_before)
+        return undo
+
+    def _before_write(self, ring: TensorRing | None, rows: int) -> None:
+        """A ring is about to take ``rows`` rows: keep what they overwrite (synchronous steps)."""
+        if self._undo is not None:
+            self._undo.ring_write(ring, rows)
+
+    def _before_clear(self, ring: TensorRing | None) -> None:
+        """A ring is about to be cleared: keep where it was (synchronous steps)."""
+        if self._undo is not None:
+            self._undo.ring_clear(ring)
 
     def _after_batch(self) -> None:
         """Schedule training and calibration (inline, or hand them to the background thread)."""
@@ -380,6 +520,8 @@ class OnlineDistiller:
 
     # ------------------------------------------------------------------ training and the gate
     def _train_step(self) -> None:
+        if self._undo is not None:  # the step's first update: keep the student as it was
+            self._undo.keep_module(self.trainer.student, self.trainer.optimizer)
         started = time.perf_counter()
         self._timed(self.trainer.train_step)
         took = time.perf_counter() - started
@@ -389,17 +531,23 @@ class OnlineDistiller:
     def _flush_pending(self) -> None:
         """Record how the student sees the training rows held back since the last flush (it has
         never trained on them: the learned gate's training data), then let them into replay.
-        Done in blocks of a few hundred rows: one pass per block, not a dozen tiny ones."""
-        with self._lock:
-            block = self.gate_data.take_pending()
-        if block is None:
-            return
-        zs, teacher = block
-        target = teacher.argmax(dim=-1)
-        logits = self.trainer.classify(zs)
-        with self._lock:
-            self.gate_data.record(logits, target)
-            self.trainer.add(zs, teacher)
+        Done in blocks of a few hundred rows: one pass per block, not a dozen tiny ones. The
+        rows stay pending until the student has seen them (a failure there loses none)."""
+        with self._train_lock:  # one flush at a time: a block is recorded once
+            with self._lock:
+                taken = len(self.gate_data.pending)
+                block = self.gate_data.peek_pending()
+            if block is None:
+                return
+            zs, teacher = block
+            target = teacher.argmax(dim=-1)
+            logits = self.trainer.classify(zs)
+            with self._lock:
+                self.gate_data.release_pending(taken)
+                self._before_write(self.gate_data.ring, teacher.shape[0])
+                self.gate_data.record(logits, target)
+                self._before_write(self.trainer.replay, teacher.shape[0])
+                self.trainer.add(zs, teacher)
 
     def _fit_gate(self) -> tuple[Gate, str]:
         """The gate to calibrate and serve with the next heads, and a word on how it was chosen."""
@@ -421,7 +569,7 @@ class OnlineDistiller:
             if have < need:
                 return self.calibrator.closed(have, epoch)
             data = self.evidence.snapshot()
-        heads = self.trainer.copy_student(self.eem.training)
+        heads = self.trainer.copy_student(self.eem.training, like=self.eem.heads)
         gate, gate_note = self._fit_gate()
         return self.calibrator.candidate(heads, gate, gate_note, data, epoch)
 
@@ -460,8 +608,11 @@ class OnlineDistiller:
         were learning from); gates reopen once new evidence supports them (call under _lock)."""
         self.schedule.epoch += 1
         self.eem.set_thresholds([math.inf] * self.eem.num_exits)
+        self._before_clear(self.evidence.ring)
         self.evidence.clear()
         if self.config.forget_on_drift and self.trainer.replay is not None:
+            self._before_clear(self.trainer.replay)
+            self._before_clear(self.gate_data.ring)
             self.trainer.forget()
             # How confidence maps to agreement may have moved too.
             self.gate_data.forget()
@@ -514,8 +665,10 @@ class OnlineDistiller:
         lower bound at ``confidence``), ``thresholds``, ``mac_saving`` (1 - MACs actually spent on
         the last ~2048 samples, audits included, over the base model's), ``expected_mac_saving``
         (the current policy on held-out evidence), ``exits`` (per exit: state, the reason for it,
-        the numbers above), and buffer/training counters. Built from a
-        :class:`~earlyexit.distill.stats.LearnerStats`.
+        the numbers above), buffer/training counters, and ``non_finite_dropped`` (samples that
+        ran to the end with a non-finite teacher or stored features: served flagged, never used
+        to teach, calibrate, fit the gate or watch for drift; saved with the learner). Built from
+        a :class:`~earlyexit.distill.stats.LearnerStats`.
 
         Example:
             >>> learner.stats()["mac_saving"]  # doctest: +SKIP
@@ -578,6 +731,7 @@ class OnlineDistiller:
                 loss=self.trainer.last_loss,
                 calibrations=self.schedule.calibrations,
                 drift_alarms=self.drift.alarms,
+                non_finite_dropped=traffic.non_finite_dropped,
             ).to_dict()
 
     # ------------------------------------------------------------------ persistence

@@ -46,6 +46,7 @@ class LearnerStats:
     loss: float | None
     calibrations: int
     drift_alarms: int
+    non_finite_dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict, keys in field order (exit states as strings)."""

@@ -30,6 +30,8 @@ SAVED_KEYS = (
     "macs",
     "macs_since_publish",
 )
+#: Counters added since version 1 was first written: absent from older files (read as 0).
+LATER_KEYS = ("non_finite_dropped",)
 
 
 @dataclass
@@ -54,6 +56,8 @@ class TrafficCounters:
     audited_agree_since_publish: list[int] = field(default_factory=list)
     macs: int = 0  # serving MACs actually spent (audited samples at full cost)
     macs_since_publish: int = 0
+    # Rows that ran to the end with a non-finite teacher or features: served flagged, never learned.
+    non_finite_dropped: int = 0
     # (samples, per-path counts, MACs) of the latest batches: recent exit rates and saving.
     recent: deque[tuple[int, list[int], int]] = field(default_factory=deque)
     recent_samples: int = 0
@@ -125,17 +129,20 @@ class TrafficCounters:
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """No tensors; the saved counts (JSON, in the shared ``counters`` record) and the recent
         window (``recent``: ``[samples, per-path counts, MACs]`` per batch, oldest first)."""
-        counters = {key: getattr(self, key) for key in SAVED_KEYS}
+        counters = {key: getattr(self, key) for key in (*SAVED_KEYS, *LATER_KEYS)}
         recent = [[batch, list(counts), spent] for batch, counts, spent in self.recent]
         return {}, {"counters": counters, "recent": recent}
 
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (other keys of the ``counters`` record are ignored). A
-        state without ``recent`` (saved before it was kept) starts an empty window."""
+        state without ``recent`` (saved before it was kept) starts an empty window; one without
+        a counter of :data:`LATER_KEYS` starts it at 0."""
         counters = state["counters"]
         for key in SAVED_KEYS:
             value = counters[key]
             setattr(self, key, list(value) if isinstance(value, list) else int(value))
+        for key in LATER_KEYS:
+            setattr(self, key, int(counters.get(key, 0)))
         self.recent = deque(
             (int(batch), [int(n) for n in counts], int(spent))
             for batch, counts, spent in state.get("recent", [])

@@ -5,6 +5,11 @@ it), its AdamW optimizer, the replay ring of stored features and teacher logits,
 that samples replay minibatches, and the optimizer steps owed to the traffic stored. The backbone
 is never run, trained or put in training mode here: heads learn from the pooled input ``z`` stored
 when the sample was served.
+
+Precision: the student and its optimizer state are kept in float32 whatever the served model's
+dtype (AdamW steps on float16/bfloat16 weights lose small updates, and a CPU float16 model mixes
+dtypes with the float32 rows kept in replay); copies handed out to be calibrated and served are
+cast back to the served heads' dtype and device, so what is calibrated is exactly what serves.
 """
 
 from __future__ import annotations
@@ -47,10 +52,52 @@ def distillation_loss(
     return loss
 
 
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (float32 when it has none): the
+    dtype its input must have.
+
+    Example:
+        >>> parameter_dtype(nn.Linear(2, 2).half())
+        torch.float16
+    """
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def training_precision(module: nn.Module) -> nn.Module:
+    """``module`` with its 16-bit floating-point parameters and buffers in float32 (in place;
+    float32 and float64 ones are kept as they are).
+
+    Example:
+        >>> training_precision(nn.Linear(2, 2).bfloat16()).weight.dtype
+        torch.float32
+    """
+    return module._apply(
+        lambda t: t.float() if t.is_floating_point() and t.element_size() < 4 else t
+    )
+
+
 def classify_all(heads: Sequence[nn.Module], zs: Sequence[Tensor]) -> list[Tensor]:
-    """Every head's logits on its stored input ``z`` (no backbone pass, no autograd)."""
+    """Every head's logits on its stored input ``z`` (no backbone pass, no autograd); ``z`` is
+    cast to the head's own dtype (stored rows may be float16/float32, heads float32 or half)."""
     with torch.no_grad():
-        return [head.classify(z.float()) for head, z in zip(heads, zs, strict=True)]
+        return [
+            head.classify(z.to(parameter_dtype(head))) for head, z in zip(heads, zs, strict=True)
+        ]
+
+
+def finite_rows(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[N]`` bool: whether every entry of each row of ``values`` is finite once stored as
+    ``dtype`` (a float32 feature beyond float16's range is Inf when stored in float16).
+
+    Example:
+        >>> finite_rows(torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [1e5, 0.0]]), torch.float16)
+        tensor([ True, False, False])
+    """
+    stored = values if values.dtype == dtype else values.to(dtype)
+    return torch.isfinite(stored).flatten(1).all(dim=1)
 
 
 def agreement(logits: Sequence[Tensor], target: Tensor) -> Tensor:
@@ -81,7 +128,8 @@ class HeadTrainer:
         self.config = config
         self._lock = lock
         self._train_lock = train_lock
-        self.student = copy.deepcopy(heads)
+        # Float32 master weights (see the module notes); a float32 model's heads are copied as is.
+        self.student = training_precision(copy.deepcopy(heads))
         self.student.train()
         for p in self.student.parameters():
             p.requires_grad_(True)
@@ -162,16 +210,23 @@ class HeadTrainer:
             replay = self.replay
             if replay is None or len(replay) == 0:
                 return
+            rng_state = self.rng.get_state()
             batch = replay.sample(min(self.config.batch_size, len(replay)), self.rng)
+        try:
+            self._step_on(batch)
+        except BaseException:
+            with self._lock:  # a step that failed before updating anything draws nothing
+                self.rng.set_state(rng_state)
+            raise
+
+    def _step_on(self, batch: dict[str, Tensor]) -> None:
+        """The loss and backward pass first (what can fail), then the update and the counts."""
         with self._train_lock:
-            lr = self.current_lr()
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
             teacher = batch["teacher"]
             loss = torch.zeros((), device=teacher.device)
             with torch.enable_grad():
                 for i, head in enumerate(self.student):
-                    z = batch[f"z{i}"].float()
+                    z = batch[f"z{i}"].to(parameter_dtype(head))
                     loss = loss + distillation_loss(
                         head.classify(z),
                         teacher,
@@ -180,6 +235,9 @@ class HeadTrainer:
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                lr = self.current_lr()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
                 self.optimizer.step()
             with self._lock:
                 self.train_steps += 1
@@ -190,10 +248,18 @@ class HeadTrainer:
         with self._train_lock:
             return classify_all(self.student, zs)
 
-    def copy_student(self, training: bool) -> nn.ModuleList:
+    def copy_student(self, training: bool, like: nn.Module | None = None) -> nn.ModuleList:
         """A frozen-in-time copy of the student, to calibrate and serve (call under the
-        train lock, so no step runs halfway through the copy)."""
+        train lock, so no step runs halfway through the copy), in the dtype and on the device of
+        ``like`` (the served heads: serving feeds them features of that dtype) when given."""
         heads = copy.deepcopy(self.student)
+        if like is not None:
+            served = next((p for p in like.parameters() if p.is_floating_point()), None)
+            if served is not None and (served.dtype, served.device) != (
+                parameter_dtype(heads),
+                self.device,
+            ):
+                heads.to(device=served.device, dtype=served.dtype)
         heads.train(training)
         return heads
 
