@@ -169,6 +169,17 @@ def test_a_failed_step_leaves_no_trace(monkeypatch, part, method):
         assert torch.equal(p, q)
 
 
+def test_a_failed_first_step_leaves_a_new_learner(monkeypatch):
+    # The first batch allocates the rings: a failure after that leaves none allocated.
+    learner = OnlineDistiller(toy_wrap(), quick())
+    before = full_state(learner)
+    monkeypatch.setattr(learner.evidence, "add", _raise)
+    with pytest.raises(RuntimeError, match="injected"):
+        learner.step(stream(64, torch.Generator().manual_seed(4)))
+    assert learner.trainer.replay is None and learner.evidence.ring is None
+    assert_identical(before, full_state(learner))
+
+
 def test_a_failed_step_keeps_pending_rows(monkeypatch):
     # The case: the student failed on the pending rows, which were already dropped.
     learner = OnlineDistiller(toy_wrap(), quick())

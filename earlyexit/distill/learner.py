@@ -3,8 +3,8 @@
 The learner only coordinates its parts, each in its own module: which traffic is evidence
 (:mod:`.evidence`), the head trainer (:mod:`.trainer`) and the learned gate's data
 (:mod:`.gate_data`), the policy calibrator (:mod:`.calibrator`), the drift monitor
-(:mod:`.drift`), traffic counts (:mod:`.traffic`), the schedule (:mod:`.schedule`) and the
-background thread (:mod:`.worker`). Saving a learner saves the state of each part
+(:mod:`.drift`), traffic counts (:mod:`.traffic`), the schedule (:mod:`.schedule`), the
+background thread (:mod:`.worker`) and the undoing of a step that failed (:mod:`.undo`). Saving a learner saves the state of each part
 (:mod:`.checkpoint`). This module is longer than the parts because it is the one place that
 orders their work (what runs under which lock, in which order); it holds no policy of its own.
 
@@ -48,9 +48,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
-import torch
 from torch import Tensor, nn
 
 from .._threads import fixed_threads
@@ -59,17 +58,18 @@ from ..errors import BackgroundTrainingError, CheckpointError, ConfigError, Inpu
 from ..gates import Gate
 from ..io import save_early_exit_model
 from ..model import EarlyExitModel, ExitResult, ExitTrace
-from .buffers import STORAGE_DTYPES, TensorRing, ring_layout
+from .buffers import TensorRing, ring_layout
 from .calibrator import Candidate, ExitState, PolicyCalibrator, typed_report
 from .checkpoint import STATE_VERSION, compose_state, read_learner_checkpoint
 from .config import DistillConfig
 from .drift import DriftAlarm, DriftMonitor
 from .evidence import ContentSplit, Evidence
 from .gate_data import GateData
+from .rows import sort_rows
 from .schedule import Phase, PhaseStatus, Schedule
 from .stats import LearnerStats
-from .traffic import TrafficCounters, spent_macs
-from .trainer import HeadTrainer, distillation_loss, finite_rows
+from .traffic import TrafficCounters
+from .trainer import HeadTrainer, distillation_loss
 from .undo import StepUndo
 from .worker import BackgroundWorker
 
@@ -83,19 +83,6 @@ TRAFFIC_STATE = tuple(f.name for f in fields(TrafficCounters) if f.name != "num_
 SCHEDULE_STATE = tuple(f.name for f in fields(Schedule))
 
 
-class _SortedRows(NamedTuple):
-    """What one served batch brings to the learner (see ``OnlineDistiller._sort_rows``)."""
-
-    counts: list[int]  # samples per path (E + 1)
-    spent: int  # MACs spent serving them
-    audits: list[tuple[int, bool]]  # (exit, agreed with the full model) per usable audited row
-    dropped: int  # rows that ran to the end with a non-finite teacher or features
-    zs: list[Tensor] | None = None  # features at every exit of the rows that ran to the end
-    teacher: Tensor | None = None  # their full-model logits
-    evidence: Tensor | None = None  # which of them are evidence
-    train: Tensor | None = None  # which of them teach
-
-
 class OnlineDistiller:
     """Serve live traffic with an :class:`EarlyExitModel` and learn its exit heads from it.
 
@@ -105,6 +92,10 @@ class OnlineDistiller:
     ``config.confidence``: with the default ``calibration_mode="joint"`` that is the agreement
     pooled over every early answer (one shared threshold; a single exit may fall below the target
     if another is above it), with ``"per_exit"`` it is each exit's own agreement.
+
+    Half-precision models (float16/bfloat16, cast before or after wrapping) learn too: the student
+    and its optimizer are kept in float32, and heads are calibrated and published in the served
+    heads' dtype and device.
 
     Args:
         eem: the wrapped model (from :func:`earlyexit.wrap`); its heads are replaced by trained
@@ -335,7 +326,7 @@ class OnlineDistiller:
         evidence (held-out contents that were audited) or to training (the other contents).
 
         Everything is computed first; the learner changes only once nothing is left to fail."""
-        rows = self._sort_rows(x, result, trace, audit, calibration_side)
+        rows = sort_rows(self.eem, self.config, result, trace, audit, calibration_side)
         with self._lock:
             if rows.zs is not None:
                 self._ensure_buffers(rows.zs, rows.teacher)
@@ -363,66 +354,6 @@ class OnlineDistiller:
                 alarm = self.drift.check()
                 if alarm is not None:
                     self._on_drift(alarm)
-
-    def _sort_rows(
-        self,
-        x: Tensor,
-        result: ExitResult,
-        trace: ExitTrace,
-        audit: Tensor,
-        calibration_side: Tensor,
-    ) -> _SortedRows:
-        """What one served batch brings, computed without changing anything: the counts, the
-        audited answers' agreement and, for the rows that ran to the end and are finite, their
-        features, teacher logits and whether they are evidence or teach."""
-        num_exits = self.eem.num_exits
-        batch = x.shape[0]
-        exit_index = result.exit_index.cpu()
-        path = self.eem.path_macs()
-        final_rows = trace.final_rows
-        counts = torch.bincount(exit_index, minlength=num_exits + 1).tolist()
-        audited_full = audit.cpu() & (exit_index < num_exits)
-        spent = spent_macs(exit_index, audited_full, path, num_exits)
-        if final_rows.numel() == 0 or trace.final_logits is None:
-            return _SortedRows(counts, spent, [], 0)
-        teacher = trace.final_logits.detach()
-        # Features of every exit for the samples that ran to the end.
-        zs: list[Tensor] | None = []
-        for record in trace.exits:
-            if record is None:  # cannot happen with trace(); guard for custom models
-                zs = None
-                break
-            pos = torch.full((batch,), -1, dtype=torch.long, device=record.rows.device)
-            pos[record.rows] = torch.arange(record.rows.numel(), device=record.rows.device)
-            zs.append(record.z[pos[final_rows]].detach())
-        # A row whose teacher or stored features are not finite teaches nothing (it would make the
-        # student's weights NaN for good) and says nothing about agreement.
-        usable = finite_rows(teacher, torch.float32)
-        storage = STORAGE_DTYPES[self.config.storage_dtype]
-        for z in zs or []:
-            usable = usable & finite_rows(z, storage)
-        dropped = int((~usable).sum())
-        position = torch.full((batch,), -1, dtype=torch.long, device=final_rows.device)
-        position[final_rows] = torch.arange(final_rows.numel(), device=final_rows.device)
-        # Agreement of audited early answers with the full model: the drift monitor's input.
-        audited_rows = torch.nonzero(audited_full.to(final_rows.device)).flatten()
-        audits: list[tuple[int, bool]] = []
-        if audited_rows.numel():
-            if dropped:
-                audited_rows = audited_rows[usable[position[audited_rows]]]
-            early = result.logits[audited_rows].argmax(dim=-1)
-            full = teacher[position[audited_rows]].argmax(dim=-1)
-            agree = (early == full).cpu()
-            where = exit_index[audited_rows.cpu()]
-            audits = list(zip(where.tolist(), agree.tolist(), strict=True))
-        if zs is None:
-            return _SortedRows(counts, spent, audits, dropped)
-        held_out = calibration_side[final_rows]
-        evidence = audit[final_rows] & held_out
-        train = ~held_out
-        if dropped:
-            evidence, train = evidence & usable, train & usable
-        return _SortedRows(counts, spent, audits, dropped, zs, teacher, evidence, train)
 
     def _ensure_buffers(self, zs: list[Tensor], teacher: Tensor) -> None:
         """Allocate replay, evidence and gate data at the first sample, within the memory cap

@@ -88,18 +88,6 @@ def classify_all(heads: Sequence[nn.Module], zs: Sequence[Tensor]) -> list[Tenso
         ]
 
 
-def finite_rows(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """``[N]`` bool: whether every entry of each row of ``values`` is finite once stored as
-    ``dtype`` (a float32 feature beyond float16's range is Inf when stored in float16).
-
-    Example:
-        >>> finite_rows(torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [1e5, 0.0]]), torch.float16)
-        tensor([ True, False, False])
-    """
-    stored = values if values.dtype == dtype else values.to(dtype)
-    return torch.isfinite(stored).flatten(1).all(dim=1)
-
-
 def agreement(logits: Sequence[Tensor], target: Tensor) -> Tensor:
     """``[N, E]`` bool: whether each head's argmax is the full model's answer ``target``."""
     return torch.stack([out.argmax(dim=-1) == target for out in logits], dim=1)

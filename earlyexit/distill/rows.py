@@ -1,0 +1,113 @@
+"""What one served batch brings to the learner, sorted before anything is stored.
+
+:func:`sort_rows` turns a traced call into :class:`BatchRows`: samples per path and MACs spent,
+the audited early answers' agreement with the full model, and for the samples that ran to the end
+their features at every exit, the teacher's logits and whether each is evidence or teaches. It
+changes nothing, so the learner stores a batch only once everything about it is known.
+
+A sample whose teacher logits or stored features are not finite (a finite but extreme input can
+overflow a model) is left out of all of it and counted in ``dropped``: one such row in replay
+would make the student's weights NaN for good.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..model import EarlyExitModel, ExitResult, ExitTrace
+from .buffers import STORAGE_DTYPES
+from .config import DistillConfig
+from .traffic import spent_macs
+
+
+class BatchRows(NamedTuple):
+    """What one served batch brings to the learner (see :func:`sort_rows`)."""
+
+    counts: list[int]  # samples per path (E + 1)
+    spent: int  # MACs spent serving them, audits included
+    audits: list[tuple[int, bool]]  # (exit, agreed with the full model) per usable audited row
+    dropped: int  # rows that ran to the end with a non-finite teacher or features
+    zs: list[Tensor] | None = None  # features at every exit of the rows that ran to the end
+    teacher: Tensor | None = None  # their full-model logits
+    evidence: Tensor | None = None  # which of them are evidence
+    train: Tensor | None = None  # which of them teach
+
+
+def finite_rows(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[N]`` bool: whether every entry of each row of ``values`` is finite once stored as
+    ``dtype`` (a float32 feature beyond float16's range is Inf when stored in float16).
+
+    Example:
+        >>> finite_rows(torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [1e5, 0.0]]), torch.float16)
+        tensor([ True, False, False])
+    """
+    stored = values if values.dtype == dtype else values.to(dtype)
+    return torch.isfinite(stored).flatten(1).all(dim=1)
+
+
+def sort_rows(
+    eem: EarlyExitModel,
+    config: DistillConfig,
+    result: ExitResult,
+    trace: ExitTrace,
+    audit: Tensor,
+    calibration_side: Tensor,
+) -> BatchRows:
+    """Sort a batch served by ``eem.trace(x, audit=audit)``: ``calibration_side`` marks the
+    samples whose content is held out (evidence), the others may teach.
+
+    Example:
+        >>> result, trace = eem.trace(x, audit=audit, input_checked=True)  # doctest: +SKIP
+        >>> rows = sort_rows(eem, config, result, trace, audit, held_out)  # doctest: +SKIP
+        >>> rows.counts, rows.dropped  # doctest: +SKIP
+    """
+    num_exits = eem.num_exits
+    batch = result.exit_index.shape[0]
+    exit_index = result.exit_index.cpu()
+    path = eem.path_macs()
+    final_rows = trace.final_rows
+    counts = torch.bincount(exit_index, minlength=num_exits + 1).tolist()
+    audited_full = audit.cpu() & (exit_index < num_exits)
+    spent = spent_macs(exit_index, audited_full, path, num_exits)
+    if final_rows.numel() == 0 or trace.final_logits is None:
+        return BatchRows(counts, spent, [], 0)
+    teacher = trace.final_logits.detach()
+    # Features of every exit for the samples that ran to the end.
+    zs: list[Tensor] | None = []
+    for record in trace.exits:
+        if record is None:  # cannot happen with trace(); guard for custom models
+            zs = None
+            break
+        pos = torch.full((batch,), -1, dtype=torch.long, device=record.rows.device)
+        pos[record.rows] = torch.arange(record.rows.numel(), device=record.rows.device)
+        zs.append(record.z[pos[final_rows]].detach())
+    # Replay keeps teacher logits in float32 and features in the storage dtype: check them so.
+    usable = finite_rows(teacher, torch.float32)
+    storage = STORAGE_DTYPES[config.storage_dtype]
+    for z in zs or []:
+        usable = usable & finite_rows(z, storage)
+    dropped = int((~usable).sum())
+    position = torch.full((batch,), -1, dtype=torch.long, device=final_rows.device)
+    position[final_rows] = torch.arange(final_rows.numel(), device=final_rows.device)
+    # Agreement of audited early answers with the full model: the drift monitor's input.
+    audited_rows = torch.nonzero(audited_full.to(final_rows.device)).flatten()
+    audits: list[tuple[int, bool]] = []
+    if audited_rows.numel():
+        if dropped:
+            audited_rows = audited_rows[usable[position[audited_rows]]]
+        early = result.logits[audited_rows].argmax(dim=-1)
+        full = teacher[position[audited_rows]].argmax(dim=-1)
+        agree = (early == full).cpu()
+        where = exit_index[audited_rows.cpu()]
+        audits = list(zip(where.tolist(), agree.tolist(), strict=True))
+    if zs is None:
+        return BatchRows(counts, spent, audits, dropped)
+    held_out = calibration_side[final_rows]
+    evidence = audit[final_rows] & held_out
+    train = ~held_out
+    if dropped:
+        evidence, train = evidence & usable, train & usable
+    return BatchRows(counts, spent, audits, dropped, zs, teacher, evidence, train)
