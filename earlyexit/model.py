@@ -7,19 +7,17 @@ threshold ``i`` and returns the feature of the remaining rows only, so every lat
 fewer rows. When no row remains the hook raises a private exception that stops the forward pass.
 Outside such a call the hooks return ``None`` and change nothing, on any thread.
 
-One module on purpose (~700 lines): the hook, the state of a served call and the wrapper that
-installs both (and reinstalls them on a copy) are one mechanism; the exit rule and path costs it
-applies live in :mod:`earlyexit.routing`.
+The hooks and the state of one served call live in :mod:`earlyexit.exit_hooks`, the value types
+in :mod:`earlyexit.results`, the exit rule and path costs in :mod:`earlyexit.routing`; this module
+is the wrapper that installs the hooks, serves calls through them and assembles the answers.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
@@ -28,19 +26,30 @@ from torch.utils.hooks import RemovableHandle
 
 from .backbones import FeatureLayout
 from .errors import InputError, UnsupportedModelError
+from .exit_hooks import (
+    ExitRun,
+    HookRuntime,
+    StopForward,
+    all_finite,
+    distrust_non_finite,
+    register_hooks,
+    remove_handles,
+    strip_copied_hooks,
+)
 from .gates import Gate, GateContext
 from .heads import ExitHead
+from .results import ExitPoint, ExitRecord, ExitResult, ExitTrace
 from .routing import (
     check_thresholds,
     exit_path_macs,
     gates_open,
     heads_evaluated,
-    leaves,
     scatter_answers,
 )
 from .supervisors import Supervisor
 
-# Re-exported: the path arithmetic lives in routing; these names were first defined here.
+# Re-exported: the value types, the non-finite rule and the path arithmetic were first defined
+# here; they now live in results, exit_hooks and routing.
 __all__ = [
     "EarlyExitModel",
     "ExitPoint",
@@ -53,270 +62,12 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class ExitPoint:
-    """One early exit.
-
-    Attributes:
-        name: module name in the base model (``model.get_submodule(name)``).
-        index: position of that module among the backbone's candidate exit points
-            (``eem.candidates``), so ``wrap(model, exits=[e.index for e in eem.exits])`` rebuilds it.
-        channels: channels of the feature the head reads.
-        macs: per-sample MACs of a sample that leaves here: the backbone up to this exit plus every
-            head evaluated on the way, this one included, at the model's input size.
-    """
-
-    name: str
-    index: int
-    channels: int
-    macs: int
-
-
-@dataclass
-class ExitResult:
-    """What serving a batch returns; every tensor is in the caller's row order.
-
-    Attributes:
-        logits: ``[B, num_classes]`` logits of the head (or final classifier) that answered.
-        exit_index: ``[B]`` int64; ``i < num_exits``: exit ``i`` answered, ``num_exits``: the full model.
-        confidence: ``[B]`` float32, the gate score that decided (NaN where the answering
-            logits are not finite).
-        accepted: ``[B]`` bool, the final supervisor's verdict (all True without a supervisor;
-            early answers are always accepted: the supervisor watches the full model's output).
-            A full-model answer whose logits are not all finite (NaN/Inf: a finite but extreme
-            input can overflow a model) is never accepted, with or without a supervisor. An early
-            exit never answers with non-finite logits: such a row scores NaN, which passes no
-            gate, so it runs on to the full model.
-    """
-
-    logits: Tensor
-    exit_index: Tensor
-    confidence: Tensor
-    accepted: Tensor
-
-    def __len__(self) -> int:
-        return self.logits.shape[0]
-
-
-@dataclass
-class ExitRecord:
-    """What one exit saw during a traced call (for learning and calibration).
-
-    ``rows`` are caller rows of the samples the head was evaluated on; ``z`` the head's reduced
-    input (``head.reduce(feature)``), ``logits`` its output and ``scores`` the gate scores.
-    """
-
-    rows: Tensor
-    z: Tensor
-    logits: Tensor
-    scores: Tensor
-
-
-@dataclass
-class ExitTrace:
-    """Everything a traced call computed on the way, beyond the served answers.
-
-    Attributes:
-        exits: per exit, an :class:`ExitRecord` (``None`` if the head was not evaluated).
-        final_rows: caller rows that ran to the end (audited samples included).
-        final_logits: the base model's logits for ``final_rows`` (``None`` if none ran to the end).
-    """
-
-    exits: list[ExitRecord | None]
-    final_rows: Tensor
-    final_logits: Tensor | None
-
-
 _NOT_SCRIPTABLE = (
     "torch.jit.script/trace cannot capture an EarlyExitModel: its exits drop rows from the batch "
     "mid-forward, depending on the data, which a static graph cannot express. To keep or ship "
     "it, use eem.save(path) and earlyexit.load(model, path); to script or trace the full model, "
     "use eem.base_model."
 )
-
-
-class _StopForward(Exception):
-    """Raised by an exit hook when every sample of the batch has left: ends the forward pass."""
-
-
-class _HookRuntime(threading.local):
-    """The call being served on this thread, if any. Hooks hold this, never the wrapper itself,
-    so the wrapper can be garbage collected (and its hooks removed) while the model lives on."""
-
-    run: _Run | None = None
-
-
-class _Run:
-    """State of one served call: which caller rows are still running and what was answered."""
-
-    def __init__(
-        self,
-        batch: int,
-        device: torch.device,
-        heads: tuple[ExitHead, ...],
-        thresholds: tuple[float, ...],
-        gate: Gate,
-        evaluate: tuple[bool, ...],
-        capture: bool,
-        audit: Tensor | None,
-    ) -> None:
-        self.rows = torch.arange(batch, device=device)
-        self.decided = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.heads = heads
-        self.thresholds = thresholds
-        self.gate = gate
-        self.evaluate = evaluate
-        self.capture = capture
-        self.audit = audit
-        self.history: list[Tensor | None] = []
-        self.answers: list[tuple[Tensor, Tensor, int, Tensor]] = []
-        self.records: list[ExitRecord | None] = [None] * len(heads)
-
-    def at_exit(self, i: int, feature: object) -> Tensor | None:
-        if not self.evaluate[i]:
-            self.history.append(None)
-            return None
-        if not isinstance(feature, Tensor) or feature.shape[0] != self.rows.shape[0]:
-            raise RuntimeError(
-                f"exit {i} expected a tensor with {self.rows.shape[0]} rows, got "
-                f"{type(feature).__name__} {getattr(feature, 'shape', '')}: this module is not a "
-                "stage boundary of the model"
-            )
-        head = self.heads[i]
-        z = head.reduce(feature)
-        logits = head.classify(z)
-        threshold = self.thresholds[i]
-        if threshold == math.inf and not self.capture:
-            # A closed gate's head runs only as history for a later gate: no score needed.
-            self.history.append(logits)
-            return None
-        scores = self.gate.score(logits, GateContext(i, self.rows, self.history)).float()
-        # Some gates score NaN logits (patience, agreement): no row leaves on non-finite logits.
-        scores = distrust_non_finite(scores, logits)
-        self.history.append(logits)
-        if self.capture:
-            self.records[i] = ExitRecord(self.rows, z, logits, scores)
-        if threshold == math.inf:
-            return None
-        if self.audit is None:
-            # Serving without audits: a row that passes leaves at once, so no remaining row was
-            # decided before and one count is all there is (fewer small ops at batch 1).
-            passed = leaving = leaves(scores, threshold)
-            num_passed = num_leaving = int(passed.sum())
-        else:
-            passed = leaves(scores, threshold) & ~self.decided
-            leaving = passed & ~self.audit[self.rows]
-            # One host sync per exit (on a GPU each sync stalls the launch queue): both counts at
-            # once, then indices of known size, so no boolean mask below needs another.
-            num_passed, num_leaving = torch.stack((passed.sum(), leaving.sum())).tolist()
-        if num_passed == 0:
-            return None
-        passed_rows = _indices(passed, num_passed)
-        self.answers.append((self.rows[passed_rows], logits[passed_rows], i, scores[passed_rows]))
-        self.decided = self.decided | passed
-        if num_leaving == 0:
-            return None
-        remaining = self.rows.shape[0] - num_leaving
-        if remaining == 0:
-            raise _StopForward
-        keep = _indices(~leaving, remaining)
-        self.rows = self.rows[keep]
-        self.decided = self.decided[keep]
-        self.history = [h[keep] if h is not None else None for h in self.history]
-        return feature[keep]
-
-
-_STATIC_NONZERO: dict[str, bool] = {}  # device type -> whether torch.nonzero_static works there
-
-
-def _indices(mask: Tensor, count: int) -> Tensor:
-    """Positions of the ``count`` True entries of ``mask``. With the count known, nonzero_static
-    finds them without another host sync (a boolean-mask index would sync to learn the size);
-    where a torch version or backend lacks it, the plain (syncing) nonzero gives the same."""
-    kind = mask.device.type
-    if _STATIC_NONZERO.get(kind, True):
-        try:
-            return torch.nonzero_static(mask, size=count).squeeze(1)
-        except (AttributeError, NotImplementedError, RuntimeError):
-            _STATIC_NONZERO[kind] = False
-    return torch.nonzero(mask).squeeze(1)
-
-
-def _all_finite(x: Tensor) -> bool:
-    """Whether ``x`` has no NaN/Inf. A NaN or Inf anywhere makes the sum non-finite, so a finite
-    sum (one cheap reduction, no bool tensor of the input's size) settles it; only a non-finite
-    sum (a real NaN/Inf, or a float overflow of huge values) pays the exact elementwise check."""
-    total = x.sum(dtype=torch.float32) if x.element_size() < 4 else x.sum()
-    if bool(torch.isfinite(total)):
-        return True
-    return bool(torch.isfinite(x).all())
-
-
-def distrust_non_finite(scores: Tensor, logits: Tensor) -> Tensor:
-    """``scores`` with NaN where a row of ``logits`` is not all finite: a NaN score passes no gate
-    (:func:`earlyexit.routing.leaves`), so no answer is given on such logits.
-
-    Example:
-        >>> distrust_non_finite(torch.tensor([0.9, 0.8]), torch.tensor([[1.0, 0.0], [math.inf, 0.0]]))
-        tensor([0.9000,    nan])
-    """
-    return scores.masked_fill(~torch.isfinite(logits).all(dim=-1), math.nan)
-
-
-class _ExitHook:
-    """The forward hook at exit ``index``: hands the module's output to the call being served.
-
-    A class rather than a closure so that a base model carrying it can be copied or pickled. A
-    copy carries no runtime (a thread-local cannot be copied, and must not be shared: the copy
-    would serve the original's calls), so it is inert, and :func:`_strip_copied_hooks` removes it
-    when a wrapper is rebuilt on the copied model.
-    """
-
-    __slots__ = ("index", "runtime")
-
-    def __init__(self, runtime: _HookRuntime | None, index: int) -> None:
-        self.runtime = runtime
-        self.index = index
-
-    def __call__(self, module: nn.Module, args: object, output: object) -> Tensor | None:
-        runtime = self.runtime
-        run = None if runtime is None else runtime.run
-        if run is None:  # not our call, another thread, or a copied hook: stay inert
-            return None
-        return run.at_exit(self.index, output)
-
-    def __reduce__(self) -> tuple[type, tuple[None, int]]:
-        return (_ExitHook, (None, self.index))
-
-
-def _strip_copied_hooks(model: nn.Module) -> None:
-    """Remove the inert exit hooks a copied or unpickled base model carries over from the wrappers
-    of the original model, so that a wrapper rebuilt on it runs only its own hooks."""
-    for module in model.modules():
-        stale = [key for key, hook in module._forward_hooks.items() if _is_copied_hook(hook)]
-        for key in stale:
-            del module._forward_hooks[key]
-            module._forward_hooks_with_kwargs.pop(key, None)
-            module._forward_hooks_always_called.pop(key, None)
-
-
-def _is_copied_hook(hook: object) -> bool:
-    return isinstance(hook, _ExitHook) and hook.runtime is None
-
-
-def _register_hooks(
-    model: nn.Module, exits: Sequence[ExitPoint], runtime: _HookRuntime
-) -> list[RemovableHandle]:
-    return [
-        model.get_submodule(point.name).register_forward_hook(_ExitHook(runtime, i))
-        for i, point in enumerate(exits)
-    ]
-
-
-def _remove_handles(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
 
 
 class EarlyExitModel(nn.Module):
@@ -379,17 +130,17 @@ class EarlyExitModel(nn.Module):
         self.base_macs = int(base_macs)
         self._exits = tuple(exits)
         self._thresholds: tuple[float, ...] = (math.inf,) * len(self._exits)
-        _strip_copied_hooks(base_model)
+        strip_copied_hooks(base_model)
         self._install_hooks()
 
     def _install_hooks(self) -> None:
         """A fresh runtime and this wrapper's own hooks on its base model."""
-        self._runtime = _HookRuntime()
-        self._handles: list[RemovableHandle] = _register_hooks(
+        self._runtime = HookRuntime()
+        self._handles: list[RemovableHandle] = register_hooks(
             self.base_model, self._exits, self._runtime
         )
         # Hooks must not outlive the wrapper: remove them when it is garbage collected.
-        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+        self._finalizer = weakref.finalize(self, remove_handles, self._handles)
 
     # ------------------------------------------------------------------ description
     @property
@@ -515,7 +266,7 @@ class EarlyExitModel(nn.Module):
             gate = self.gate
             if self._thresholds is thresholds:
                 break
-        run = _Run(
+        run = ExitRun(
             batch,
             x.device,
             heads,
@@ -531,7 +282,7 @@ class EarlyExitModel(nn.Module):
             with torch.no_grad():
                 try:
                     final = self.base_model(x)
-                except _StopForward:
+                except StopForward:
                     final = None
                 except RuntimeError as err:
                     if tuple(x.shape[2:]) != self.input_size[1:]:
@@ -545,7 +296,7 @@ class EarlyExitModel(nn.Module):
             self._runtime.run = outer
 
     def _assemble(
-        self, run: _Run, final: Tensor | None, batch: int, x: Tensor
+        self, run: ExitRun, final: Tensor | None, batch: int, x: Tensor
     ) -> tuple[ExitResult, ExitTrace]:
         if final is not None and not isinstance(final, Tensor):
             raise TypeError(
@@ -647,7 +398,7 @@ class EarlyExitModel(nn.Module):
             raise InputError(
                 f"this model only takes {h}x{w} images, got {x.shape[2]}x{x.shape[3]}: resize first"
             )
-        if x.numel() and not _all_finite(x):
+        if x.numel() and not all_finite(x):
             raise InputError(
                 "the batch contains NaN or Inf values; clean or drop those samples before serving"
             )
@@ -696,7 +447,7 @@ class EarlyExitModel(nn.Module):
         state = dict(state)
         removed = bool(state.pop("_removed", False))
         super().__setstate__(state)
-        _strip_copied_hooks(self.base_model)
+        strip_copied_hooks(self.base_model)
         self._install_hooks()
         if removed:
             self.remove()

@@ -15,14 +15,14 @@ from conftest import batch
 from torch import nn
 
 import earlyexit as ee
-from earlyexit.model import _ExitHook
+from earlyexit.exit_hooks import ExitHook
 
 SIZE = (3, 64, 64)
 
 
-def _exit_hooks(model: nn.Module) -> list[_ExitHook]:
+def _exit_hooks(model: nn.Module) -> list[ExitHook]:
     return [
-        h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, _ExitHook)
+        h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, ExitHook)
     ]
 
 

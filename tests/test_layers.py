@@ -32,6 +32,8 @@ ROOMS: dict[str, int] = {
     "earlyexit.supervisors": 3,
     "earlyexit.calibration": 3,
     "earlyexit.costs": 4,
+    "earlyexit.results": 5,
+    "earlyexit.exit_hooks": 5,
     "earlyexit.model": 5,
     "earlyexit.wrapping": 6,
     "earlyexit.io": 6,

@@ -311,15 +311,15 @@ def test_bad_input_gets_a_clear_error(resnet, bad, message):
 
 
 def test_nan_check_is_exact_where_a_sum_would_overflow():
-    from earlyexit.model import _all_finite
+    from earlyexit.exit_hooks import all_finite
 
     one_nan = torch.randn(2, 3, 8, 8)
     one_nan[1, 2, 3, 4] = float("nan")
-    assert not _all_finite(one_nan)
-    assert not _all_finite(torch.tensor([1.0, -float("inf")]))
-    assert _all_finite(torch.full((4,), 3e38))  # finite values whose sum overflows float32
-    assert _all_finite(torch.full((2, 3, 64, 64), 60000.0, dtype=torch.float16))  # fp16 sums
-    assert not _all_finite(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))
+    assert not all_finite(one_nan)
+    assert not all_finite(torch.tensor([1.0, -float("inf")]))
+    assert all_finite(torch.full((4,), 3e38))  # finite values whose sum overflows float32
+    assert all_finite(torch.full((2, 3, 64, 64), 60000.0, dtype=torch.float16))  # fp16 sums
+    assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))
 
 
 def test_a_size_the_model_cannot_take_is_a_clear_error():
@@ -477,7 +477,7 @@ class _HalfGate(Gate):
 
 
 def test_exit_indices_fall_back_where_nonzero_static_is_missing(resnet, monkeypatch):
-    from earlyexit import model as model_module
+    from earlyexit import exit_hooks as model_module
 
     eem = ee.wrap(resnet, input_size=(3, 64, 64))
     x = batch(n=8)
