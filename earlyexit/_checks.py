@@ -52,8 +52,8 @@ def expect_int(value: Any, field: str, low: int = 0, high: int = MAX_INT) -> int
         3
     """
     if not is_int(value) or not low <= value <= high:
-        bound = f"<= {high}" if high < MAX_INT else ""
-        raise field_error(field, f"an integer >= {low} {bound}".strip(), value)
+        expected = f"an integer in [{low}, {high}]" if high < MAX_INT else f"an integer >= {low}"
+        raise field_error(field, expected, value)
     return value
 
 
