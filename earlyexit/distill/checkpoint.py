@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import expect_dict, expect_int, expect_number
+from .._checks import expect_dict, expect_int, expect_number, is_int
 from ..errors import CheckpointError, ConfigError
 from ..io import (
     check_base_model,
@@ -71,6 +71,36 @@ _COUNTER_KEYS = (
     "epoch",
 )
 _RING_NAMES = ("replay", "evidence", "gate_data")
+#: Largest float32: numbers a saved config may hold (the optimizer computes in float32).
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Config fields every saved learner holds (those added since may be absent: their defaults).
+_CONFIG_KEYS = (
+    "target_agreement",
+    "confidence",
+    "calibration_method",
+    "audit_rate",
+    "calibration_fraction",
+    "evidence_samples",
+    "lr",
+    "weight_decay",
+    "lr_half_life",
+    "temperature",
+    "hard_label_weight",
+    "batch_size",
+    "replay_ratio",
+    "replay_samples",
+    "max_memory_bytes",
+    "storage_dtype",
+    "warmup_samples",
+    "recalibrate_every",
+    "auto_switch_off",
+    "min_exit_gain",
+    "drift_window",
+    "drift_alpha",
+    "forget_on_drift",
+    "background",
+    "seed",
+)
 #: What the learner's saved tensors are named (``extra.`` removed), by prefix.
 _TENSOR_PREFIXES = (
     "student.",
@@ -134,9 +164,16 @@ def check_learner_state(
     record = expect_dict(state, "state", required)
     expect_int(record["version"], "version", 1, STATE_VERSION)
     try:
-        config = DistillConfig.from_dict(expect_dict(record["config"], "config"))
+        config = DistillConfig.from_dict(expect_dict(record["config"], "config", _CONFIG_KEYS))
     except (ConfigError, TypeError) as err:
         raise CheckpointError(f"field 'config': {err}") from err
+    for key, value in record["config"].items():
+        # DistillConfig takes any finite number; the optimizer, in float32, and the generators
+        # (seeded with seed + 2) do not.
+        if isinstance(value, float):
+            expect_number(value, f"config.{key}", low=-FLOAT32_MAX, high=FLOAT32_MAX)
+        elif is_int(value):
+            expect_int(value, f"config.{key}", 0, 2**62)
     num_exits = len(heads)
     expect_dict(record["counters"], "counters", _COUNTER_KEYS, ())
     check_traffic_state(record, num_exits)

@@ -364,10 +364,11 @@ def check_param_groups(groups: Any, config: DistillConfig) -> None:
     group = expect_dict(groups[0], "param_groups[0]", ("lr", "betas", "eps", "weight_decay"))
     for key, value in group.items():
         where = f"param_groups[0].{key}"
-        if key in ("lr", "initial_lr", "weight_decay", "eps"):
-            expect_number(value, where, low=0.0)
+        if key in ("lr", "initial_lr", "weight_decay", "eps"):  # AdamW computes in float32
+            expect_number(value, where, low=0.0, high=float(torch.finfo(torch.float32).max))
         elif key == "betas":
-            for i, beta in enumerate(expect_list(value, where, 2)):
+            betas = list(value) if isinstance(value, tuple) else value  # in memory: a tuple
+            for i, beta in enumerate(expect_list(betas, where, 2)):
                 expect_number(beta, f"{where}[{i}]", low=0.0, high=1.0)
                 if beta >= 1.0:
                     raise field_error(f"{where}[{i}]", "a number in [0, 1)", beta)
