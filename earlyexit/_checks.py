@@ -155,7 +155,8 @@ def expect_tensor(
     names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
     if tensor.dtype not in dtypes:
         raise CheckpointError(
-            f"tensor {key!r}: expected dtype {names}, got {str(tensor.dtype).removeprefix('torch.')}"
+            f"tensor {key!r}: expected dtype {names}, "
+            f"got {str(tensor.dtype).removeprefix('torch.')}"
         )
     if shape is not None and (
         tensor.dim() != len(shape)

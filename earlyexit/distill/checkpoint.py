@@ -158,7 +158,8 @@ def check_learner_state(
 
     Example:
         >>> tensors, state = learner.state_dict()  # doctest: +SKIP
-        >>> check_learner_state(tensors, state, learner.eem.heads, learner.eem.num_classes)  # doctest: +SKIP
+        >>> heads, classes = learner.eem.heads, learner.eem.num_classes  # doctest: +SKIP
+        >>> config = check_learner_state(tensors, state, heads, classes)  # doctest: +SKIP
     """
     required = tuple(key for key in _RECORD_KEYS if key != "recent")
     record = expect_dict(state, "state", required)
@@ -200,6 +201,8 @@ def check_learner_state(
                 "field 'rings': replay and evidence hold features of other shapes"
             )
         _check_features_fit(heads, z_shapes, num_classes)
+    if z_shapes is None and any(k.startswith("pending.") for k in tensors):
+        raise CheckpointError("pending rows are saved but no buffers are (rows come after them)")
     check_gate_data_state(tensors, record, num_exits, config.gate_samples, z_shapes, num_classes)
     if "replay" in rings:
         layouts = {"replay": replay, "evidence": evidence}

@@ -193,16 +193,8 @@ def check_gate_data_state(
     teacher = expect_tensor(tensors, "pending.teacher", FLOAT_DTYPES, (None, num_classes))
     rows = teacher.shape[0]
     for i in range(num_exits):
-        shape = (
-            rows,
-            *(
-                z_shapes[i]
-                if z_shapes is not None
-                else [None] * (tensors[f"pending.z{i}"].dim() - 1)
-            ),
-        )
-        if len(shape) < 2:
-            raise CheckpointError(
-                f"tensor 'pending.z{i}': expected rows of features, got shape {tuple(tensors[f'pending.z{i}'].shape)}"
-            )
-        expect_tensor(tensors, f"pending.z{i}", FLOAT_DTYPES, shape)
+        key = f"pending.z{i}"
+        row = z_shapes[i] if z_shapes is not None else tuple(tensors[key].shape[1:])
+        if not row:
+            raise CheckpointError(f"tensor {key!r}: expected rows of features, got a vector")
+        expect_tensor(tensors, key, FLOAT_DTYPES, (rows, *row))

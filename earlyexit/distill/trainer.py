@@ -292,7 +292,8 @@ def check_trainer_state(
     field.
 
     Example:
-        >>> check_trainer_state(*trainer.state_dict(), trainer.student, trainer.config)  # doctest: +SKIP
+        >>> tensors, state = trainer.state_dict()  # doctest: +SKIP
+        >>> check_trainer_state(tensors, state, trainer.student, trainer.config)  # doctest: +SKIP
     """
     record = expect_dict(state, "state", ("counters", "credit", "param_groups", "rings"))
     counters = expect_dict(record["counters"], "counters", ("train_steps", "trained_samples"))
@@ -307,8 +308,8 @@ def check_trainer_state(
     saved = {k[len("student.") :] for k in tensors if k.startswith("student.")}
     if saved != set(current):
         raise CheckpointError(
-            f"the saved student does not fit these heads (missing {sorted(set(current) - saved)[:5]}, "
-            f"unexpected {sorted(saved - set(current))[:5]})"
+            "the saved student does not fit these heads (missing "
+            f"{sorted(set(current) - saved)[:5]}, unexpected {sorted(saved - set(current))[:5]})"
         )
     for key, want in current.items():
         dtypes = FLOAT_DTYPES if want.is_floating_point() else (want.dtype,)
@@ -323,8 +324,8 @@ def check_trainer_state(
         pid, name = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
         if not pid.isdigit() or int(pid) >= len(shapes) or name not in _ADAM_STATE:
             raise CheckpointError(
-                f"tensor {key!r} is not AdamW state of these heads (expected opt.<0..{len(shapes) - 1}>."
-                f"<{'|'.join(_ADAM_STATE)}>)"
+                f"tensor {key!r} is not AdamW state of these heads (expected "
+                f"opt.<0..{len(shapes) - 1}>.<{'|'.join(_ADAM_STATE)}>)"
             )
         shape = () if name == "step" else shapes[int(pid)]
         expect_tensor(tensors, key, FLOAT_DTYPES, shape)
