@@ -25,6 +25,7 @@ ROOMS: dict[str, int] = {
     "earlyexit._json": 0,
     "earlyexit._threads": 0,
     "earlyexit._optional": 0,
+    "earlyexit._checks": 0,
     "earlyexit.routing": 1,
     "earlyexit.backbones": 2,
     "earlyexit.heads": 2,

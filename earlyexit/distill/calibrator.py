@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import expect_dict, expect_int, expect_list, expect_str, field_error
 from ..calibration import (
     TOLERATED_FAILURES,
     CalibrationResult,
@@ -44,6 +45,40 @@ class ExitState(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+#: What an exit report may hold (``state`` and ``reason`` always) and the JSON types of each.
+REPORT_FIELDS: dict[str, tuple[type, ...]] = {
+    "state": (str,),
+    "reason": (str,),
+    "evidence_reached": (int,),
+    "evidence_exiting": (int,),
+    "evidence_agreement": (int, float),
+    "evidence_lower_bound": (int, float),
+    "expected_exit_rate": (int, float),
+    "gate": (str,),
+}
+
+
+def check_reports(reports: Any, num_exits: int) -> None:
+    """Check saved exit reports: one per exit, each with a known ``state``, a ``reason`` and
+    only the known keys, of their JSON types (numbers may be NaN: no evidence exited). Raises a
+    :class:`~earlyexit.CheckpointError` naming the field.
+
+    Example:
+        >>> check_reports([{"state": "closed", "reason": "warm-up"}], num_exits=1)
+    """
+    for e, report in enumerate(expect_list(reports, "reports", num_exits)):
+        where = f"reports[{e}]"
+        expect_dict(report, where, ("state", "reason"), tuple(REPORT_FIELDS))
+        expect_str(report["state"], f"{where}.state", tuple(s.value for s in ExitState))
+        for key, value in report.items():
+            types = REPORT_FIELDS[key]
+            if isinstance(value, bool) or not isinstance(value, types):
+                names = " or ".join(t.__name__ for t in types)
+                raise field_error(f"{where}.{key}", f"a {names}", value)
+            if types == (int,):
+                expect_int(value, f"{where}.{key}")
 
 
 def typed_report(report: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import expect_dict, expect_int, expect_tensor, field_error
 from ..calibration import binomial_tail_pvalue
 
 
@@ -113,8 +114,40 @@ class DriftMonitor:
         return tensors, {"counters": {"drift_alarms": self.alarms}}
 
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`, checked first (:func:`check_drift_state`): a bad state
+        changes nothing."""
+        window = self.windows[0].maxlen if self.windows else 0
+        check_drift_state(tensors, state, len(self.windows), window or 0)
         for e, window in enumerate(self.windows):
             window.clear()
             window.extend(tensors[f"monitor.{e}"].tolist())
         self.alarms = int(state["counters"]["drift_alarms"])
+
+
+def check_drift_state(tensors: Any, state: Any, num_exits: int, window: int) -> None:
+    """Check a saved monitor (:meth:`DriftMonitor.state_dict`): one bool window per exit
+    (``monitor.0 ..``), none longer than ``window``, and an alarm count >= 0. Raises a
+    :class:`~earlyexit.CheckpointError` naming the field.
+
+    Example:
+        >>> monitor = DriftMonitor(2, window=10, target=0.9, alpha=1e-3, pooled=True)
+        >>> check_drift_state(*monitor.state_dict(), num_exits=2, window=10)
+    """
+    counters = expect_dict(expect_dict(state, "state", ("counters",))["counters"], "counters")
+    expect_int(
+        expect_dict(counters, "counters", ("drift_alarms",))["drift_alarms"],
+        "counters.drift_alarms",
+    )
+    for e in range(num_exits):
+        saved = expect_tensor(tensors, f"monitor.{e}", (torch.bool,), (None,))
+        if saved.shape[0] > window:
+            raise field_error(
+                f"monitor.{e}", f"at most drift_window={window} audits", saved.shape[0]
+            )
+    extra = sorted(
+        k
+        for k in tensors
+        if k.startswith("monitor.") and k not in {f"monitor.{e}" for e in range(num_exits)}
+    )
+    if extra:
+        raise field_error("monitor", f"windows monitor.0 .. monitor.{num_exits - 1}", extra)

@@ -17,8 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .buffers import TensorRing, ring_from_state, ring_state
+from .._checks import expect_dict
+from ..errors import CheckpointError
+from .buffers import (
+    TensorRing,
+    check_ring_state,
+    feature_fields,
+    ring_from_state,
+    ring_state,
+    saved_fields,
+)
 from .config import DistillConfig
+from .trainer import check_generator_state
 
 #: Side of the pooled thumbnail hashed to route a sample's content to train or calibration.
 HASH_SIDE = 8
@@ -142,7 +152,37 @@ class Evidence:
     def load_state_dict(
         self, tensors: dict[str, Tensor], state: dict[str, Any], device: torch.device
     ) -> None:
-        """Restore :meth:`state_dict` (``state`` may describe other rings too)."""
+        """Restore :meth:`state_dict` (``state`` may describe other rings too), checked first
+        (:func:`check_evidence_state`): a bad state changes nothing."""
+        check_evidence_state(tensors, state, self.config)
         self.rng.set_state(tensors["rng.audit"])
         meta = state["rings"].get("evidence")
         self.ring = None if meta is None else ring_from_state("evidence", meta, tensors, device)
+
+
+def check_evidence_state(
+    tensors: Any, state: Any, config: DistillConfig, num_exits: int | None = None
+) -> None:
+    """Check saved evidence (:meth:`Evidence.state_dict`): the audit random state, and the
+    ring (features ``z0 .. z{E-1}`` in ``config.storage_dtype``, the teacher's int64 label) within
+    ``evidence_samples`` rows, before anything is allocated. Raises a
+    :class:`~earlyexit.CheckpointError` naming the field.
+
+    Example:
+        >>> evidence = Evidence(DistillConfig())
+        >>> check_evidence_state(*evidence.state_dict(), evidence.config)
+    """
+    check_generator_state(tensors, "rng.audit")
+    rings = expect_dict(expect_dict(state, "state", ("rings",))["rings"], "rings")
+    meta = rings.get("evidence")
+    if meta is None:
+        if any(k.startswith("evidence.") for k in tensors):
+            raise CheckpointError(
+                "evidence tensors are saved but 'rings.evidence' does not describe them"
+            )
+        return
+    if num_exits is None:  # on its own: as many feature fields as the file declares
+        num_exits = sum(1 for k in saved_fields(meta, "evidence") if k != "teacher")
+    fields = feature_fields(meta, "evidence", num_exits, config.storage_dtype)
+    fields["teacher"] = ((), torch.int64)
+    check_ring_state("evidence", meta, tensors, fields, config.evidence_samples)

@@ -12,9 +12,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from .._checks import FLOAT_DTYPES, MAX_INT, expect_dict, expect_tensor
+from ..errors import CheckpointError, ConfigError
 from ..gates import AGREEMENT_FEATURES, Gate, LearnedGate, agreement_features, fit_learned_gate
-from .buffers import TensorRing, ring_from_state, ring_state
+from .buffers import (
+    TensorRing,
+    check_ring_state,
+    physical_memory,
+    ring_from_state,
+    ring_state,
+    row_bytes,
+)
 from .trainer import agreement
 
 #: Training rows held back before the student's view of them is recorded at once.
@@ -141,10 +149,66 @@ class GateData:
     def load_state_dict(
         self, tensors: dict[str, Tensor], state: dict[str, Any], device: torch.device
     ) -> None:
-        """Restore :meth:`state_dict` (``state`` may describe other rings too)."""
+        """Restore :meth:`state_dict` (``state`` may describe other rings too), checked first
+        (:func:`check_gate_data_state`): a bad state changes nothing."""
+        check_gate_data_state(tensors, state, self.num_exits)
         meta = state["rings"].get("gate_data")
         self.ring = None if meta is None else ring_from_state("gate_data", meta, tensors, device)
         self.pending, self.pending_rows = [], 0
         if "pending.teacher" in tensors:
             zs = [tensors[f"pending.z{i}"] for i in range(self.num_exits)]
             self.hold(zs, tensors["pending.teacher"])
+
+
+def gate_data_fields(num_exits: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The fields of the gate data ring for ``num_exits`` exits (what :meth:`GateData.build`
+    allocates)."""
+    width = len(AGREEMENT_FEATURES)
+    return {
+        "features": ((num_exits, width), torch.float32),
+        "agree": ((num_exits,), torch.bool),
+    }
+
+
+def check_gate_data_state(
+    tensors: Any,
+    state: Any,
+    num_exits: int,
+    max_capacity: int | None = None,
+    z_shapes: list[tuple[int, ...]] | None = None,
+    num_classes: int | None = None,
+) -> None:
+    """Check saved gate data (:meth:`GateData.state_dict`) before anything is allocated: the
+    ring's fields, capacity (at most ``max_capacity`` rows, never more than this machine's
+    memory) and rows; the pending rows (features of every exit, of ``z_shapes`` when given, and
+    the teacher's logits, ``num_classes`` wide when given, all with the same row count). Raises a
+    :class:`~earlyexit.CheckpointError` naming the field.
+
+    Example:
+        >>> check_gate_data_state(*GateData(num_exits=2).state_dict(), num_exits=2)
+    """
+    rings = expect_dict(expect_dict(state, "state", ("rings",))["rings"], "rings")
+    meta = rings.get("gate_data")
+    fields = gate_data_fields(num_exits)
+    if meta is not None:
+        if max_capacity is None:
+            max_capacity = max(1, min(MAX_INT, physical_memory() // row_bytes(fields)))
+        check_ring_state("gate_data", meta, tensors, fields, max_capacity)
+    elif any(k.startswith("gate_data.") for k in tensors):
+        raise CheckpointError(
+            "gate data tensors are saved but 'rings.gate_data' does not describe them"
+        )
+    pending = sorted(k for k in tensors if k.startswith("pending."))
+    if not pending:
+        return
+    names = [f"pending.z{i}" for i in range(num_exits)] + ["pending.teacher"]
+    if sorted(names) != pending:
+        raise CheckpointError(f"pending rows: expected tensors {names}, got {pending}")
+    teacher = expect_tensor(tensors, "pending.teacher", FLOAT_DTYPES, (None, num_classes))
+    rows = teacher.shape[0]
+    for i in range(num_exits):
+        key = f"pending.z{i}"
+        row = z_shapes[i] if z_shapes is not None else tuple(tensors[key].shape[1:])
+        if not row:
+            raise CheckpointError(f"tensor {key!r}: expected rows of features, got a vector")
+        expect_tensor(tensors, key, FLOAT_DTYPES, (rows, *row))

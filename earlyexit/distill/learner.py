@@ -60,7 +60,12 @@ from ..io import save_early_exit_model
 from ..model import EarlyExitModel, ExitResult, ExitTrace
 from .buffers import TensorRing, ring_layout
 from .calibrator import Candidate, ExitState, PolicyCalibrator, typed_report
-from .checkpoint import STATE_VERSION, compose_state, read_learner_checkpoint
+from .checkpoint import (
+    STATE_VERSION,
+    check_learner_state,
+    compose_state,
+    read_learner_checkpoint,
+)
 from .config import DistillConfig
 from .drift import DriftAlarm, DriftMonitor
 from .evidence import ContentSplit, Evidence
@@ -713,8 +718,11 @@ class OnlineDistiller:
             )
 
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (each part takes its own keys)."""
+        """Restore what :meth:`state_dict` returned (each part takes its own keys). The whole
+        state is checked first (:func:`~earlyexit.distill.checkpoint.check_learner_state`): a
+        bad one raises :class:`~earlyexit.CheckpointError` and changes nothing."""
         with self._train_lock, self._lock:
+            check_learner_state(tensors, state, self.trainer.student, self.eem.num_classes)
             self.trainer.load_state_dict(tensors, state)
             device = self.trainer.device
             self.evidence.load_state_dict(tensors, state, device)

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .._checks import expect_dict, expect_int, expect_number, expect_str, field_error
+
 
 class Phase(str, Enum):
     """What the learner is doing (the first word of ``OnlineDistiller.stats()["phase"]``)."""
@@ -83,10 +85,45 @@ class Schedule:
         }
 
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (other keys of the ``counters`` record are ignored)."""
+        """Restore :meth:`state_dict` (other keys of the ``counters`` record are ignored), checked
+        first (:func:`check_schedule_state`): a bad state changes nothing."""
+        check_schedule_state(state)
         counters = state["counters"]
         self.calibrations = int(counters["calibrations"])
         self.last_calibration = int(counters["last_calibration"])
         self.serve_seconds = float(counters["serve_seconds"])
         self.learn_seconds = float(counters["learn_seconds"])
         self.epoch = int(counters["epoch"])
+
+
+#: Keys of the ``counters`` record a :class:`Schedule` saves.
+SAVED_KEYS = ("calibrations", "last_calibration", "serve_seconds", "learn_seconds", "epoch")
+
+
+def check_schedule_state(state: Any) -> None:
+    """Check the saved counts and clocks of :meth:`Schedule.state_dict`: integers >= 0 and
+    finite seconds >= 0. Raises a :class:`~earlyexit.CheckpointError` naming the field.
+
+    Example:
+        >>> check_schedule_state(Schedule().state_dict()[1])
+    """
+    counters = expect_dict(expect_dict(state, "state", ("counters",))["counters"], "counters")
+    expect_dict(counters, "counters", SAVED_KEYS)
+    for key in ("calibrations", "last_calibration", "epoch"):
+        expect_int(counters[key], f"counters.{key}")
+    for key in ("serve_seconds", "learn_seconds"):
+        expect_number(counters[key], f"counters.{key}", low=0.0)
+
+
+def check_phase(text: Any) -> PhaseStatus:
+    """The phase a saved learner was in (what :class:`PhaseStatus` wrote), checked.
+
+    Example:
+        >>> check_phase("closed: no evidence").phase
+        <Phase.CLOSED: 'closed'>
+    """
+    expect_str(text, "phase")
+    try:
+        return PhaseStatus.parse(text)
+    except ValueError:
+        raise field_error("phase", f"a phase among {[p.value for p in Phase]}", text) from None

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import expect_dict, expect_int, expect_list, field_error
+
 #: Served samples the exit rates and MAC saving of ``OnlineDistiller.stats`` look back on.
 STATS_WINDOW = 2048
 
@@ -136,7 +138,9 @@ class TrafficCounters:
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (other keys of the ``counters`` record are ignored). A
         state without ``recent`` (saved before it was kept) starts an empty window; one without
-        a counter of :data:`LATER_KEYS` starts it at 0."""
+        a counter of :data:`LATER_KEYS` starts it at 0. Checked first
+        (:func:`check_traffic_state`): a bad state changes nothing."""
+        check_traffic_state(state, self.num_exits)
         counters = state["counters"]
         for key in SAVED_KEYS:
             value = counters[key]
@@ -148,6 +152,38 @@ class TrafficCounters:
             for batch, counts, spent in state.get("recent", [])
         )
         self.recent_samples = sum(batch for batch, _, _ in self.recent)
+
+
+def check_traffic_state(state: Any, num_exits: int) -> None:
+    """Check the saved counts of :meth:`TrafficCounters.state_dict` for ``num_exits`` exits:
+    integers >= 0, per-path lists of ``num_exits + 1`` and per-exit lists of ``num_exits``, a
+    recent window whose per-path counts add up to each batch. Raises a
+    :class:`~earlyexit.CheckpointError` naming the field.
+
+    Example:
+        >>> check_traffic_state(TrafficCounters.empty(2).state_dict()[1], num_exits=2)
+    """
+    counters = expect_dict(expect_dict(state, "state", ("counters",))["counters"], "counters")
+    expect_dict(counters, "counters", SAVED_KEYS)
+    lengths = {"exits": num_exits + 1, "exits_since_publish": num_exits + 1}
+    for key in SAVED_KEYS:
+        if key in ("samples", "samples_since_publish", "macs", "macs_since_publish"):
+            expect_int(counters[key], f"counters.{key}")
+            continue
+        values = expect_list(counters[key], f"counters.{key}", lengths.get(key, num_exits))
+        for i, value in enumerate(values):
+            expect_int(value, f"counters.{key}[{i}]")
+    for key in LATER_KEYS:
+        if key in counters:
+            expect_int(counters[key], f"counters.{key}")
+    for i, entry in enumerate(expect_list(state.get("recent", []), "recent")):
+        batch, counts, spent = expect_list(entry, f"recent[{i}]", 3)
+        expect_int(batch, f"recent[{i}][0]")
+        for j, n in enumerate(expect_list(counts, f"recent[{i}][1]", num_exits + 1)):
+            expect_int(n, f"recent[{i}][1][{j}]")
+        if sum(counts) != batch:
+            raise field_error(f"recent[{i}][1]", f"per-path counts adding up to {batch}", counts)
+        expect_int(spent, f"recent[{i}][2]")
 
 
 def spent_macs(

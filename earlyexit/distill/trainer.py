@@ -23,7 +23,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .buffers import TensorRing, ring_from_state, ring_state
+from .._checks import (
+    FLOAT_DTYPES,
+    expect_dict,
+    expect_int,
+    expect_list,
+    expect_number,
+    expect_tensor,
+    field_error,
+)
+from ..errors import CheckpointError
+from .buffers import (
+    TensorRing,
+    check_ring_state,
+    feature_fields,
+    ring_from_state,
+    ring_state,
+    saved_fields,
+)
 from .config import DistillConfig
 
 #: Optimizer steps a lagging background trainer may owe before new traffic stops adding more.
@@ -279,7 +296,9 @@ class HeadTrainer:
         return tensors, state
 
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (``state`` may hold other parts' keys too)."""
+        """Restore :meth:`state_dict` (``state`` may hold other parts' keys too), checked first
+        (:func:`check_trainer_state`): a bad state changes nothing."""
+        check_trainer_state(tensors, state, self.student, self.config)
         student = {k[len("student.") :]: v for k, v in tensors.items() if k.startswith("student.")}
         self.student.load_state_dict(student, strict=True)
         opt = self.optimizer.state_dict()
@@ -304,3 +323,122 @@ class HeadTrainer:
         self.trained_samples = int(state["counters"]["trained_samples"])
         self.credit = float(state["credit"])
         self.last_loss = state["last_loss"]
+
+
+#: What AdamW keeps per parameter (a saved ``opt.{param}.{name}`` tensor).
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+#: Optimizer settings a saved learner may give (the others must be what this learner uses).
+_TUNED_GROUP_KEYS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
+
+
+def check_trainer_state(
+    tensors: Any,
+    state: Any,
+    student: nn.ModuleList,
+    config: DistillConfig,
+    num_classes: int | None = None,
+) -> None:
+    """Check a saved trainer (:meth:`HeadTrainer.state_dict`) against ``student`` (or any heads
+    of the same structure) before anything is loaded or allocated: the student's tensors (names,
+    shapes, floating dtypes), AdamW's state per parameter and its settings, the random state,
+    the counts, and the replay ring within ``config``'s caps (``num_classes``, when known, is
+    the width of its teacher logits). Raises a :class:`~earlyexit.CheckpointError` naming the
+    field.
+
+    Example:
+        >>> tensors, state = trainer.state_dict()  # doctest: +SKIP
+        >>> check_trainer_state(tensors, state, trainer.student, trainer.config)  # doctest: +SKIP
+    """
+    record = expect_dict(state, "state", ("counters", "credit", "param_groups", "rings"))
+    counters = expect_dict(record["counters"], "counters", ("train_steps", "trained_samples"))
+    for key in ("train_steps", "trained_samples"):
+        expect_int(counters[key], f"counters.{key}")
+    expect_number(record["credit"], "credit", low=0.0, high=MAX_OWED_STEPS)
+    loss = record.get("last_loss")
+    if loss is not None:
+        expect_number(loss, "last_loss", finite=False, nan=True)
+    # The student: the heads' tensors, any floating dtype (values are copied into the student).
+    current = student.state_dict()
+    saved = {k[len("student.") :] for k in tensors if k.startswith("student.")}
+    if saved != set(current):
+        raise CheckpointError(
+            "the saved student does not fit these heads (missing "
+            f"{sorted(set(current) - saved)[:5]}, unexpected {sorted(saved - set(current))[:5]})"
+        )
+    for key, want in current.items():
+        dtypes = FLOAT_DTYPES if want.is_floating_point() else (want.dtype,)
+        expect_tensor(tensors, f"student.{key}", dtypes, tuple(want.shape))
+    # AdamW: for each parameter (in the student's order) nothing, or step + both moments.
+    shapes = [tuple(p.shape) for p in student.parameters()]
+    found: dict[int, set[str]] = {}
+    for key in tensors:
+        if not key.startswith("opt."):
+            continue
+        parts = key.split(".", 2)
+        pid, name = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
+        if not pid.isdigit() or int(pid) >= len(shapes) or name not in _ADAM_STATE:
+            raise CheckpointError(
+                f"tensor {key!r} is not AdamW state of these heads (expected "
+                f"opt.<0..{len(shapes) - 1}>.<{'|'.join(_ADAM_STATE)}>)"
+            )
+        shape = () if name == "step" else shapes[int(pid)]
+        expect_tensor(tensors, key, FLOAT_DTYPES, shape)
+        found.setdefault(int(pid), set()).add(name)
+    for pid, names in found.items():
+        if names != set(_ADAM_STATE):
+            raise CheckpointError(
+                f"AdamW state of parameter {pid} lacks {sorted(set(_ADAM_STATE) - names)}"
+            )
+    check_param_groups(record["param_groups"], config)
+    check_generator_state(tensors, "rng.train")
+    meta = expect_dict(record["rings"], "rings").get("replay")
+    if meta is not None:
+        fields = feature_fields(meta, "replay", len(student), config.storage_dtype)
+        teacher = saved_fields(meta, "replay").get("teacher", ((), torch.float32))[0]
+        width = num_classes if num_classes is not None else (teacher[0] if len(teacher) == 1 else 0)
+        fields["teacher"] = ((width,), torch.float32)
+        check_ring_state("replay", meta, tensors, fields, config.replay_samples)
+    elif any(k.startswith("replay.") for k in tensors):
+        raise CheckpointError("replay tensors are saved but 'rings.replay' does not describe them")
+
+
+def check_param_groups(groups: Any, config: DistillConfig) -> None:
+    """Check saved AdamW settings: one group; finite ``lr``, ``eps``, ``weight_decay``, two
+    ``betas`` in [0, 1); every other setting as this learner's AdamW has it (a flag such as
+    ``maximize`` or ``fused`` is not something a file may switch on).
+
+    Example:
+        >>> check_param_groups([{"lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-8,
+        ...     "weight_decay": 0.0}], DistillConfig())
+    """
+    reference = torch.optim.AdamW(
+        [torch.zeros(1, requires_grad=True)], lr=config.lr, weight_decay=config.weight_decay
+    ).param_groups[0]
+    fixed = {k: v for k, v in reference.items() if k not in (*_TUNED_GROUP_KEYS, "params")}
+    groups = expect_list(groups, "param_groups", 1)
+    group = expect_dict(groups[0], "param_groups[0]", ("lr", "betas", "eps", "weight_decay"))
+    for key, value in group.items():
+        where = f"param_groups[0].{key}"
+        if key in ("lr", "initial_lr", "weight_decay", "eps"):  # AdamW computes in float32
+            expect_number(value, where, low=0.0, high=float(torch.finfo(torch.float32).max))
+        elif key == "betas":
+            betas = list(value) if isinstance(value, tuple) else value  # in memory: a tuple
+            for i, beta in enumerate(expect_list(betas, where, 2)):
+                expect_number(beta, f"{where}[{i}]", low=0.0, high=1.0)
+                if beta >= 1.0:
+                    raise field_error(f"{where}[{i}]", "a number in [0, 1)", beta)
+        elif key not in fixed:
+            raise field_error("param_groups[0]", f"AdamW settings among {sorted(reference)}", key)
+        elif value != fixed[key] or type(value) is not type(fixed[key]):
+            raise field_error(where, repr(fixed[key]), value)
+
+
+def check_generator_state(tensors: Any, key: str) -> None:
+    """Check a saved random-number generator state: a CPU generator's uint8 state that one
+    accepts (tried on a scratch generator)."""
+    want = torch.Generator().get_state()
+    saved = expect_tensor(tensors, key, (torch.uint8,), tuple(want.shape))
+    try:
+        torch.Generator().set_state(saved)
+    except RuntimeError as err:
+        raise CheckpointError(f"tensor {key!r} is not a random generator state: {err}") from None
