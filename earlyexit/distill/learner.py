@@ -53,7 +53,6 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 
 from .._threads import fixed_threads
-from ..calibration import clopper_pearson_lower
 from ..errors import BackgroundTrainingError, CheckpointError, ConfigError, InputError
 from ..gates import Gate
 from ..io import save_early_exit_model
@@ -72,7 +71,7 @@ from .evidence import ContentSplit, Evidence
 from .gate_data import GateData
 from .rows import sort_rows
 from .schedule import Phase, PhaseStatus, Schedule
-from .stats import LearnerStats
+from .stats import LearnerStats, audited_agreement, exit_entries
 from .traffic import TrafficCounters
 from .trainer import HeadTrainer, distillation_loss
 from .undo import StepUndo
@@ -617,32 +616,9 @@ class OnlineDistiller:
             num_exits = eem.num_exits
             base = eem.base_macs
             exit_rates = traffic.recent_exit_rates()
-            agreement = []
-            for e in range(num_exits):
-                n, ok = self.drift.counts(e)
-                n_all, ok_all = traffic.audited[e], traffic.audited_agree[e]
-                agreement.append(
-                    {
-                        "audited": n,
-                        "agreement": ok / n if n else None,
-                        "lower_bound": clopper_pearson_lower(ok, n, cfg.confidence) if n else None,
-                        "audited_total": n_all,
-                        "agreement_total": ok_all / n_all if n_all else None,
-                    }
-                )
+            agreement = audited_agreement(self.drift, traffic, num_exits, cfg.confidence)
             thresholds = list(eem.thresholds)
-            exits = []
-            for e, point in enumerate(eem.exits):
-                exits.append(
-                    {
-                        "name": point.name,
-                        "threshold": thresholds[e],
-                        "exit_rate": exit_rates[e],
-                        "head_macs": eem.head_macs[e],
-                        **agreement[e],
-                        **self._reports[e],
-                    }
-                )
+            exits = exit_entries(eem, thresholds, exit_rates, agreement, self._reports)
             replay = self.trainer.replay
             rings = (replay, self.evidence.ring, self.gate_data.ring)
             return LearnerStats(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
+
+from ..calibration import clopper_pearson_lower
 
 
 def _plain(value: Any) -> Any:
@@ -51,3 +54,48 @@ class LearnerStats:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict, keys in field order (exit states as strings)."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def audited_agreement(drift: Any, traffic: Any, num_exits: int, confidence: float) -> list[dict]:
+    """Per exit: audited early answers in the drift window and all time, the share that agreed
+    with the full model, and the window's one-sided lower bound at ``confidence``.
+
+    ``drift`` is the learner's :class:`~earlyexit.distill.drift.DriftMonitor`, ``traffic`` its
+    :class:`~earlyexit.distill.traffic.TrafficCounters`.
+    """
+    out = []
+    for e in range(num_exits):
+        n, ok = drift.counts(e)
+        n_all, ok_all = traffic.audited[e], traffic.audited_agree[e]
+        out.append(
+            {
+                "audited": n,
+                "agreement": ok / n if n else None,
+                "lower_bound": clopper_pearson_lower(ok, n, confidence) if n else None,
+                "audited_total": n_all,
+                "agreement_total": ok_all / n_all if n_all else None,
+            }
+        )
+    return out
+
+
+def exit_entries(
+    eem: Any,
+    thresholds: Sequence[float],
+    exit_rates: Sequence[float],
+    agreement: Sequence[dict],
+    reports: Sequence[dict],
+) -> list[dict[str, Any]]:
+    """The ``exits`` entries of the stats: each exit's name, threshold, recent exit rate, head
+    cost, audited agreement and the calibrator's report (state and reason)."""
+    return [
+        {
+            "name": point.name,
+            "threshold": thresholds[e],
+            "exit_rate": exit_rates[e],
+            "head_macs": eem.head_macs[e],
+            **agreement[e],
+            **reports[e],
+        }
+        for e, point in enumerate(eem.exits)
+    ]
