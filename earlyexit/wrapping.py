@@ -286,6 +286,15 @@ def wrap(
             "wrap got a torch.compile'd module: wrap the original model instead, ee.wrap(m) "
             "rather than ee.wrap(torch.compile(m)) (the original is also at compiled._orig_mod)"
         )
+    if not isinstance(exits, str | Sequence):
+        hint = (
+            f" (for {exits} exits placed for you, use num_exits={exits})"
+            if isinstance(exits, int) and not isinstance(exits, bool)
+            else ""
+        )
+        raise ConfigError(
+            f"exits must be 'auto' or a list of module names/indices, got {exits!r}{hint}"
+        )
     try:
         adapter = find_adapter(model)
     except UnsupportedModelError:

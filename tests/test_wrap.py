@@ -503,3 +503,10 @@ def test_wrapping_a_compiled_model_says_to_wrap_the_original(resnet):
     with pytest.raises(ee.UnsupportedModelError, match=r"torch\.compile"):
         ee.wrap(compiled, exits=["layer1"], input_size=(3, 64, 64))  # names skip the adapter
     assert ee.wrap(compiled._orig_mod, input_size=(3, 64, 64)).num_exits > 0
+
+
+@pytest.mark.parametrize("exits", [4, 2.5, None, True])
+def test_exits_that_are_not_auto_or_a_list_get_a_clear_error(resnet, exits):
+    hint = "num_exits=4" if exits == 4 and exits is not True else "list of module names"
+    with pytest.raises(ee.ConfigError, match=hint):
+        ee.wrap(resnet, exits=exits)
