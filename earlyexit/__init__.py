@@ -62,7 +62,7 @@ from .gates import (
     unregister_gate,
 )
 from .heads import ExitHead, HeadSpec, head_kinds, register_head, unregister_head
-from .io import load
+from .loading import load
 from .model import EarlyExitModel, ExitPoint, ExitRecord, ExitResult, ExitTrace
 from .supervisors import Supervisor, make_supervisor
 from .wrapping import exit_candidates, wrap

@@ -38,6 +38,7 @@ from .exit_hooks import (
 )
 from .gates import Gate, GateContext
 from .heads import ExitHead
+from .io import checked_target, save_early_exit_model
 from .results import ExitPoint, ExitRecord, ExitResult, ExitTrace
 from .routing import (
     check_thresholds,
@@ -476,7 +477,5 @@ class EarlyExitModel(nn.Module):
         Example:
             >>> eem.save("heads.safetensors")  # doctest: +SKIP
         """
-        from .io import checked_target, save_early_exit_model
-
         checked_target(path)  # before hashing the base model's weights
         save_early_exit_model(self, path)

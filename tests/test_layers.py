@@ -27,6 +27,7 @@ ROOMS: dict[str, int] = {
     "earlyexit._optional": 0,
     "earlyexit._checks": 0,
     "earlyexit.routing": 1,
+    "earlyexit.io": 1,
     "earlyexit.backbones": 2,
     "earlyexit.heads": 2,
     "earlyexit.gates": 3,
@@ -37,7 +38,7 @@ ROOMS: dict[str, int] = {
     "earlyexit.exit_hooks": 5,
     "earlyexit.model": 5,
     "earlyexit.wrapping": 6,
-    "earlyexit.io": 6,
+    "earlyexit.loading": 6,
     "earlyexit.distill": 7,
     "earlyexit.cascade": 8,
     "earlyexit.cartography": 8,
@@ -48,8 +49,9 @@ ROOMS: dict[str, int] = {
     "earlyexit.__main__": 10,
     "earlyexit": 10,  # the namespace re-exports everything, measurement included
 }
-#: Calls that go sideways inside a function to break a module-level cycle (see ARCHITECTURE.md).
-SIDEWAYS = {("earlyexit.model", "earlyexit.io")}
+#: Calls that go sideways inside a function to break a module-level cycle (see ARCHITECTURE.md):
+#: none today; name any you add here and there.
+SIDEWAYS: set[tuple[str, str]] = set()
 
 
 def room_of(module: str) -> int:
@@ -133,6 +135,8 @@ def test_no_module_imports_a_room_above_its_own():
         ("from .model import EarlyExitModel", "earlyexit.routing"),
         ("from ..distill import OnlineDistiller", "earlyexit.costs.placement"),
         ("from .wrapping import wrap", "earlyexit.model"),
+        ("from .wrapping import wrap", "earlyexit.io"),
+        ("def f():\n    from .loading import load", "earlyexit.model"),
         ("import earlyexit._cli.common", "earlyexit.calibration"),
         ("from .._cli.common import table", "earlyexit.evaluation.pipeline"),
     ],

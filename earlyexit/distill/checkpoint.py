@@ -22,12 +22,12 @@ from torch import Tensor, nn
 
 from .._checks import expect_dict, expect_int, expect_number, is_int
 from ..errors import CheckpointError, ConfigError
-from ..io import (
+from ..io import read_checkpoint
+from ..loading import (
     check_base_model,
     check_heads_state,
     check_model_record,
     model_gate,
-    read_checkpoint,
     restore,
 )
 from ..model import EarlyExitModel
