@@ -841,3 +841,9 @@ def test_phase_and_exit_states_are_typed_but_report_as_before():
     assert stats["phase"] == "warm-up"
     assert [type(e["state"]) for e in stats["exits"]] == [str, str]  # plain JSON strings
     assert stats["exits"][0]["state"] == ee.distill.ExitState.CLOSED == "closed"
+
+
+@pytest.mark.parametrize("field", ["lr", "temperature", "weight_decay"])
+def test_config_numbers_beyond_float32_are_refused(field):
+    with pytest.raises(ConfigError, match=f"{field} must be a finite number"):
+        DistillConfig(**{field: 1e300})

@@ -22,6 +22,8 @@ _STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
 _METHODS: tuple[str, ...] = get_args(CalibrationMethod)
 _MODES: tuple[str, ...] = get_args(CalibrationMode)
 _GATES: tuple[str, ...] = get_args(GateChoice)
+#: Largest float32: the learner trains in float32.
+_FLOAT32_MAX = 3.4028234663852886e38
 #: Older spellings still accepted (saved configs, scripts): ``"wrap"`` read like the function.
 _GATE_ALIASES = {"wrap": "fixed"}
 
@@ -165,9 +167,13 @@ class DistillConfig:
 
         def positive(name: str, allow_zero: bool = False) -> None:
             value = getattr(self, name)
-            ok = isinstance(value, int | float) and math.isfinite(value)
+            # Training runs in float32: a value beyond its range overflows at the first step.
+            ok = isinstance(value, int | float) and math.isfinite(value) and value <= _FLOAT32_MAX
             if not ok or value < 0 or (value == 0 and not allow_zero):
-                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+                raise ConfigError(
+                    f"{name} must be a finite number > 0 (at most {_FLOAT32_MAX:.3g}, float32's "
+                    f"largest), got {value!r}"
+                )
 
         for name in ("target_agreement", "confidence", "calibration_fraction", "drift_alpha"):
             unit_open(name)

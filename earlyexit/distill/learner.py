@@ -240,7 +240,7 @@ class OnlineDistiller:
         step_started: float,
     ) -> None:
         """Record the served batch, count its time, then train or calibrate if due."""
-        self._learn(x, result, trace, audit, calibration_side)
+        self._learn(result, trace, audit, calibration_side)
         with self._lock:
             self.schedule.serve_seconds += served
             # Per-batch bookkeeping (checks, hashing, buffers) is learning work too: it counts
@@ -320,7 +320,6 @@ class OnlineDistiller:
 
     def _learn(
         self,
-        x: Tensor,
         result: ExitResult,
         trace: ExitTrace,
         audit: Tensor,
