@@ -80,9 +80,7 @@ class ExitRun:
             # A closed gate's head runs only as history for a later gate: no score needed.
             self.history.append(logits)
             return None
-        scores = self.gate.score(logits, GateContext(i, self.rows, self.history)).float()
-        # Some gates score NaN logits (patience, agreement): no row leaves on non-finite logits.
-        scores = distrust_non_finite(scores, logits)
+        scores = self.gate.checked_score(logits, GateContext(i, self.rows, self.history))
         self.history.append(logits)
         if self.capture:
             self.records[i] = ExitRecord(self.rows, z, logits, scores)
@@ -140,17 +138,6 @@ def all_finite(x: Tensor) -> bool:
     if bool(torch.isfinite(total)):
         return True
     return bool(torch.isfinite(x).all())
-
-
-def distrust_non_finite(scores: Tensor, logits: Tensor) -> Tensor:
-    """``scores`` with NaN where a row of ``logits`` is not all finite: a NaN score passes no gate
-    (:func:`earlyexit.routing.leaves`), so no answer is given on such logits.
-
-    Example:
-        >>> distrust_non_finite(torch.tensor([0.9, 0.8]), torch.tensor([[1.0, 0.0], [math.inf, 0.0]]))
-        tensor([0.9000,    nan])
-    """
-    return scores.masked_fill(~torch.isfinite(logits).all(dim=-1), math.nan)
 
 
 class ExitHook:
@@ -215,7 +202,6 @@ __all__ = [
     "HookRuntime",
     "StopForward",
     "all_finite",
-    "distrust_non_finite",
     "indices_of",
     "register_hooks",
     "remove_handles",

@@ -31,12 +31,11 @@ from .exit_hooks import (
     HookRuntime,
     StopForward,
     all_finite,
-    distrust_non_finite,
     register_hooks,
     remove_handles,
     strip_copied_hooks,
 )
-from .gates import Gate, GateContext
+from .gates import Gate, GateContext, distrust_non_finite
 from .heads import ExitHead
 from .io import checked_target, save_early_exit_model
 from .results import ExitPoint, ExitRecord, ExitResult, ExitTrace
@@ -312,10 +311,10 @@ class EarlyExitModel(nn.Module):
                 undecided = torch.nonzero(~run.decided).squeeze(1)
                 rows, logits = rows[undecided], final[undecided]
                 history = [h[undecided] if h is not None else None for h in history]
-            scores = run.gate.score(logits, GateContext(self.num_exits, rows, history)).float()
-            # A non-finite answer is served flagged, never as a confident class.
-            finite = torch.isfinite(logits).all(dim=-1)
-            scores = scores.masked_fill(~finite, math.nan)
+            # NaN wherever the logits are not finite: such an answer is served flagged (not
+            # accepted), never as a confident class. (scores == scores: not NaN, in one op.)
+            scores = run.gate.checked_score(logits, GateContext(self.num_exits, rows, history))
+            finite = scores == scores
             if not answers and self.supervisor is None:
                 # Nobody left early (gates closed, or none confident): the model's own output, as
                 # is, with no scatter into a new tensor.

@@ -42,7 +42,8 @@ class ExitResult:
         accepted: ``[B]`` bool, the final supervisor's verdict (all True without a supervisor;
             early answers are always accepted: the supervisor watches the full model's output).
             A full-model answer whose logits are not all finite (NaN/Inf: a finite but extreme
-            input can overflow a model) is never accepted, with or without a supervisor. An early
+            input can overflow a model), or that the gate cannot score (NaN confidence), is never
+            accepted, with or without a supervisor. An early
             exit never answers with non-finite logits: such a row scores NaN, which passes no
             gate, so it runs on to the full model.
     """

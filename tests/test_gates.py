@@ -215,3 +215,43 @@ def test_score_gates_keep_their_names_reprs_and_configs():
     from earlyexit.evaluation.latency import ScriptedExitGate as FromLatency
 
     assert FromLatency is ScriptedExitGate
+
+
+def _non_finite_rows() -> torch.Tensor:
+    return torch.tensor(
+        [
+            [2.0, 0.0, -1.0],
+            [float("nan"), 0.0, 1.0],
+            [float("inf"), 0.0, 1.0],
+            [float("-inf"), float("-inf"), float("-inf")],
+        ]
+    )
+
+
+@pytest.mark.parametrize("gate", ["max_softmax", "margin", "entropy", "gini", "learned", "fitted"])
+def test_gates_that_claim_to_propagate_non_finite_logits_score_them_nan(gate):
+    # Serving skips its own check for these gates: the claim must hold for every such gate.
+    from earlyexit.gates import AGREEMENT_FEATURES, LearnedGate
+
+    if gate == "fitted":  # weight only on the last feature: NaN elsewhere must still show
+        width = len(AGREEMENT_FEATURES)
+        g = LearnedGate([[0.0] * (width - 1) + [1.0]], [0.0], use_history=False)
+    else:
+        g = make_gate(gate)
+    assert g.propagates_non_finite
+    logits = _non_finite_rows()
+    scores = g.score(logits, GateContext(0, torch.arange(4)))
+    assert torch.isfinite(scores[0]) and torch.isnan(scores[1:]).all()
+    assert torch.equal(
+        g.checked_score(logits, GateContext(0, torch.arange(4))).isnan(), scores.isnan()
+    )
+
+
+@pytest.mark.parametrize("gate", ["patience", "agreement"])
+def test_argmax_gates_are_checked_so_non_finite_logits_let_nothing_out(gate):
+    g = make_gate(gate)
+    assert not g.propagates_non_finite
+    logits = _non_finite_rows()
+    ctx = GateContext(1, torch.arange(4), [logits])
+    assert torch.isnan(g.checked_score(logits, ctx)[1:]).all()
+    assert torch.isfinite(g.checked_score(logits, ctx)[0])

@@ -27,7 +27,7 @@ from ..calibration import (
     min_evidence,
 )
 from ..gates import Gate, GateContext
-from ..model import EarlyExitModel, distrust_non_finite
+from ..model import EarlyExitModel
 from ..routing import simulate_exits
 from .config import DistillConfig
 from .trainer import agreement, classify_all
@@ -190,9 +190,7 @@ class PolicyCalibrator:
         with torch.no_grad():
             # As served: logits that are not finite score NaN and let nothing out.
             scores = [
-                distrust_non_finite(
-                    gate.score(out, GateContext(i, rows, logits[:i])).float(), out
-                ).cpu()
+                gate.checked_score(out, GateContext(i, rows, logits[:i])).cpu()
                 for i, out in enumerate(logits)
             ]
         return torch.stack(scores, dim=1), agreement(logits, teacher).cpu()

@@ -30,6 +30,7 @@ from .base import (
     MarginGate,
     MaxSoftmaxGate,
     PatienceGate,
+    distrust_non_finite,
 )
 from .learned import AGREEMENT_FEATURES, LearnedGate, agreement_features, fit_learned_gate
 from .registry import gate_names, make_gate, register_gate, unregister_gate
@@ -61,6 +62,7 @@ __all__ = [
     "agreement_features",
     "agreement_score",
     "all_gate_scores",
+    "distrust_non_finite",
     "fit_learned_gate",
     "gate_names",
     "gate_scores",

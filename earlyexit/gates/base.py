@@ -14,10 +14,12 @@ gate's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from ..errors import ConfigError
@@ -43,6 +45,17 @@ class GateContext:
     members: Sequence[Tensor] | None = None
 
 
+def distrust_non_finite(scores: Tensor, logits: Tensor) -> Tensor:
+    """``scores`` with NaN where a row of ``logits`` is not all finite: a NaN score passes no gate
+    (``scores >= threshold`` is False), so no answer is given on such logits.
+
+    Example:
+        >>> distrust_non_finite(torch.tensor([0.9, 0.8]), torch.tensor([[1.0, 0.0], [math.inf, 0.0]]))
+        tensor([0.9000,    nan])
+    """
+    return scores.masked_fill(~torch.isfinite(logits).all(dim=-1), math.nan)
+
+
 class Gate:
     """Base class: subclasses implement :meth:`score`.
 
@@ -59,9 +72,26 @@ class Gate:
     name: ClassVar[str] = "custom"
     # Not a ClassVar: a gate may decide per instance (e.g. LearnedGate, only when fitted with history).
     needs_history: bool = False
+    #: True when non-finite logits always get a NaN score from :meth:`score` (softmax-based
+    #: scores do), so :meth:`checked_score` need not look at the logits again on every call.
+    propagates_non_finite: ClassVar[bool] = False
 
     def score(self, logits: Tensor, ctx: GateContext) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def checked_score(self, logits: Tensor, ctx: GateContext) -> Tensor:
+        """The float32 score serving and calibration compare with a threshold: :meth:`score`, NaN
+        wherever a row of ``logits`` is not finite: a NaN score passes no gate, so no answer is
+        given on such logits, whatever the gate makes of them (argmax-based gates such as
+        patience would score them as usual).
+
+        Example:
+            >>> logits = torch.tensor([[2.0, 0.0], [math.nan, 0.0]])
+            >>> PatienceGate().checked_score(logits, GateContext(1, torch.arange(2), [logits]))
+            tensor([1., nan])
+        """
+        scores = self.score(logits, ctx).float()
+        return scores if self.propagates_non_finite else distrust_non_finite(scores, logits)
 
     def config(self) -> dict:
         """JSON-serialisable description (saved with the heads)."""
@@ -76,7 +106,10 @@ class _ScoreGate(Gate):
     :data:`~earlyexit.gates.scores.CONFIDENCE_SCORES` named like the gate.
 
     Subclasses only give the ``name``; the function is looked up once, when the class is made.
+    Every such score goes through a softmax, which turns a non-finite row into NaN.
     """
+
+    propagates_non_finite = True
 
     _score_fn: ClassVar[Callable[[Tensor], Tensor]]
 

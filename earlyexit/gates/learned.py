@@ -146,6 +146,9 @@ class LearnedGate(Gate):
     """
 
     name = "learned"
+    # Its features include the max softmax, NaN for a non-finite row, and a NaN feature makes
+    # the weighted sum NaN (whatever the weight: NaN * 0 is NaN).
+    propagates_non_finite = True
 
     def __init__(
         self,
