@@ -9,7 +9,8 @@ in without touching the others. Subcommands import timm/torchvision/fvcore insid
 Exit codes (also in ``earlyexit --help``): 0 ok, 1 unexpected error, 2 usage error (bad option or
 malformed value), 3 a file is missing, 4 unknown model, 5 invalid input (weights that do not fit
 the model, an input size it cannot take, a file that is not a report), 6 a package the command
-needs is not installed (the demo packages: ``pip install 'earlyexit[demo]'``), 130 interrupted.
+needs is not installed (``pip install 'earlyexit[demo]'`` or ``'earlyexit[serve]'``), 130
+interrupted.
 
 Example:
     >>> main(["profile", "timm:resnet18", "--input-size", "64", "--json"])  # doctest: +SKIP
@@ -33,7 +34,7 @@ from ._cli.common import (
     CliError,
     exit_codes_text,
 )
-from .errors import MissingDemoPackageError
+from .errors import MissingPackageError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "register_subcommand"]
 
@@ -41,6 +42,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main", "register_subcommand"]
 SUBCOMMANDS: list[str] = [
     "earlyexit._cli.demo",
     "earlyexit._cli.run",
+    "earlyexit._cli.serve",
     "earlyexit._cli.profile",
     "earlyexit._cli.bench",
     "earlyexit._cli.report",
@@ -80,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="earlyexit",
         description=(
             "Early exits for pretrained timm/torchvision classifiers: inspect where exits go and "
-            "what they cost (profile), time wrapped vs unwrapped models (bench), and render "
-            "evaluation reports (report)."
+            "what they cost (profile), time wrapped vs unwrapped models (bench), serve them over "
+            "HTTP while they learn (serve), and render evaluation reports (report)."
         ),
         epilog=(
             "examples:\n"
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         print(f"earlyexit {args.command}: error: {err}", file=sys.stderr)
         return err.code
-    except MissingDemoPackageError as err:  # a demo-only package is not installed
+    except MissingPackageError as err:  # a package of an optional extra is not installed
         print(f"earlyexit {args.command}: error: {err}", file=sys.stderr)
         return EXIT_MISSING_PACKAGE
     except BrokenPipeError:  # e.g. `earlyexit profile ... | head`: the reader left; not an error

@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +88,39 @@ def scan_folder(root: str | Path) -> FolderScan:
     return FolderScan(files, labels, classes)
 
 
+def read_image(
+    source: str | Path | BinaryIO,
+    transform: Callable[[Any], Tensor],
+    *,
+    formats: tuple[str, ...] | None = None,
+    max_pixels: int | None = None,
+) -> Tensor:
+    """Decode one image (a path or a binary file object) to RGB and preprocess it: how every
+    image ``earlyexit run`` and ``earlyexit serve`` answer is read.
+
+    ``formats`` limits the decoders tried (PIL format names, e.g. ``("PNG", "JPEG")``);
+    ``max_pixels`` refuses larger images before they are decoded (a small compressed file can
+    hold a huge image).
+
+    Raises:
+        PIL.UnidentifiedImageError: not an image (in ``formats``).
+        OSError: a truncated or corrupt image.
+        InputError: more than ``max_pixels`` pixels.
+
+    Example:
+        >>> x = read_image("cat.jpg", model_transform(model, "timm", "resnet18"))  # doctest: +SKIP
+    """
+    from PIL import Image
+
+    with Image.open(source, formats=formats) as img:
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise InputError(
+                f"the image has {img.width}x{img.height} pixels, more than the {max_pixels} "
+                "allowed: resize it first"
+            )
+        return transform(img.convert("RGB"))
+
+
 class ImageStream:
     """Re-iterable batches ``x`` (or ``(x, y)`` when labelled) of preprocessed images.
 
@@ -121,11 +154,8 @@ class ImageStream:
         return len(self.files)
 
     def _load(self, path: Path) -> Tensor | None:
-        from PIL import Image
-
         try:
-            with Image.open(path) as img:
-                return self.transform(img.convert("RGB"))
+            return read_image(path, self.transform)
         except Exception as err:  # corrupt, truncated, not an image: skip, count once
             if str(path) not in self._seen_bad:
                 self._seen_bad.add(str(path))

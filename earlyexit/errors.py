@@ -34,7 +34,16 @@ class ShippedFileError(EarlyExitError, OSError):
     """A data or weights file the package ships is missing or corrupt (reinstall restores it)."""
 
 
-class MissingDemoPackageError(EarlyExitError, ImportError):
+class MissingPackageError(EarlyExitError, ImportError):
+    """A feature needs a package of an optional extra (``earlyexit[demo]``, ``earlyexit[serve]``)
+    that is not installed.
+
+    An ``ImportError``, so ``except ImportError`` keeps catching it; the message names the feature,
+    the package and the install command.
+    """
+
+
+class MissingDemoPackageError(MissingPackageError):
     """A feature needs a package of the ``earlyexit[demo]`` extra that is not installed.
 
     An ``ImportError``, so ``except ImportError`` keeps catching it; the message names the feature,

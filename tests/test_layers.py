@@ -44,6 +44,7 @@ ROOMS: dict[str, int] = {
     "earlyexit.cartography": 8,
     "earlyexit.data": 8,
     "earlyexit.evaluation": 9,  # measurement
+    "earlyexit.server": 9,  # the HTTP server, beside measurement (neither imports the other)
     "earlyexit._cli": 10,
     "earlyexit.cli": 10,
     "earlyexit.__main__": 10,

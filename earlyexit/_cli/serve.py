@@ -1,0 +1,309 @@
+"""``earlyexit serve``: answer HTTP requests with early exits, learning them from the traffic."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .common import (
+    EXIT_BAD_INPUT,
+    EXIT_ERROR,
+    EXIT_MISSING_FILE,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    add_output_arguments,
+    build_model,
+    emit_json,
+    exit_codes_text,
+    parse_input_size,
+    positive_int,
+)
+from .serving import _unit_interval
+
+NAME = "serve"
+HELP = "serve a model over HTTP with early exits, learning them from the traffic it answers"
+DESCRIPTION = (
+    "Builds MODEL (timm:NAME or torchvision:NAME; --weights, --pretrained, --num-classes and "
+    "--input-size as for `earlyexit run`), wraps it with early exits (or starts from heads saved "
+    "with eem.save: --heads) and serves it on HOST:PORT. POST /predict takes one PNG or JPEG "
+    "image (decoded and preprocessed as `earlyexit run` does) or a preprocessed float32 batch "
+    "[B, C, H, W] as .npy (Content-Type application/x-npy) and answers {predictions: [{label, "
+    "probability, exit, accepted}], heads_version, num_exits}. Concurrent requests are batched "
+    "(--max-batch, --max-wait-ms) and served on one thread; the online learner trains and "
+    "calibrates on its own thread and publishes heads and thresholds together between batches. "
+    "GET /healthz, /stats (the learner's stats), /metrics (Prometheus). POST /save and "
+    "/calibrate need Authorization: Bearer TOKEN when --token is set; a host other than "
+    "loopback needs --token. On SIGTERM the server finishes the requests in flight, saves the "
+    "heads and thresholds to --save-on-exit (atomically; load them with earlyexit.load) and "
+    "exits 0. --plain serves the base model alone through the same server, for comparison. "
+    "Needs pip install 'earlyexit[serve]'."
+)
+EPILOG = f"""examples:
+  earlyexit serve --model timm:resnet50 --weights resnet50.pth --save-on-exit heads.safetensors
+  earlyexit serve --model timm:resnet18 --num-classes 10 --input-size 64 --port 0
+  earlyexit serve --model torchvision:resnet18 --pretrained --heads heads.safetensors --plain
+  curl -s -X POST --data-binary @cat.jpg -H 'Content-Type: image/jpeg' localhost:8000/predict
+
+exit codes:
+{exit_codes_text()}"""
+
+#: The packages of the serve extra, checked before a model is built.
+SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, metavar="MODEL", help="timm:NAME or torchvision:NAME"
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="local state_dict/checkpoint (.pth, .pt, .bin, .safetensors)",
+    )
+    source.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="the library's pretrained weights (needs a network)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="classes of the model (default 1000)",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=parse_input_size,
+        metavar="SIZE",
+        help="H, HxW or CxHxW (default: the model's own)",
+    )
+    parser.add_argument(
+        "--heads",
+        metavar="PATH",
+        help="start from heads and thresholds saved with eem.save (default: new heads, gates closed)",
+    )
+    net = parser.add_argument_group("network")
+    net.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; any other needs --token)",
+    )
+    net.add_argument(
+        "--port", type=_port, default=8000, help="port (default 8000; 0: any free port)"
+    )
+    net.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="POST /save and /calibrate then need Authorization: Bearer TOKEN",
+    )
+    net.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=8 * 1024 * 1024,
+        metavar="N",
+        help="larger request bodies get a 413 (default 8 MiB)",
+    )
+    serving = parser.add_argument_group("serving and learning")
+    serving.add_argument(
+        "--save-on-exit",
+        metavar="PATH",
+        help="save the heads and thresholds here on SIGTERM/Ctrl-C (and for POST /save)",
+    )
+    serving.add_argument(
+        "--target-agreement",
+        type=_unit_interval,
+        default=0.99,
+        metavar="P",
+        help="agreement with the full model that exiting samples must keep (default 0.99)",
+    )
+    serving.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="most samples served together (default 32)",
+    )
+    serving.add_argument(
+        "--max-wait-ms",
+        type=_non_negative,
+        default=0.0,
+        metavar="MS",
+        help="longest a request waits for others to join its batch (default 0: served as soon "
+        "as the serving thread is free; requests arriving meanwhile are batched together)",
+    )
+    serving.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's); use 1 when another job shares the cores",
+    )
+    serving.add_argument(
+        "--plain",
+        action="store_true",
+        help="serve the base model alone (no exits, no learner), through the same server",
+    )
+    add_output_arguments(parser)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._optional import require_extra_packages
+    from ..errors import ConfigError
+
+    # Before minutes of model building: the HTTP packages, and the host rule.
+    require_extra_packages(SERVE_MODULES, "earlyexit serve", "serve")
+    from ..server import (
+        LearnerBackend,
+        PlainBackend,
+        ServerSettings,
+        bind_socket,
+        check_host,
+        create_app,
+        run_server,
+    )
+
+    try:
+        check_host(args.host, args.token)
+        settings = ServerSettings(
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_body_bytes=args.max_body_bytes,
+            token=args.token,
+            save_on_exit=args.save_on_exit,
+        )
+    except ConfigError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    if args.plain and args.heads:
+        raise CliError("--plain serves the base model alone: it takes no --heads", EXIT_USAGE)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    model, label = build_model(
+        args.model, num_classes=args.num_classes, weights=args.weights, pretrained=args.pretrained
+    )
+    transform, input_size = _preprocessing(model, label, args.input_size)
+    if args.plain:
+        _check_plain(model, input_size)
+        backend: Any = PlainBackend(model, input_size)
+    else:
+        backend = LearnerBackend(_learner(model, args, input_size))
+    app = create_app(backend, transform, settings)
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as err:
+        backend.close()
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {err}", EXIT_BAD_INPUT) from None
+    started = run_server(
+        app, sock, on_ready=lambda url: print(f"serving on {url}", file=sys.stderr, flush=True)
+    )
+    state = app.state.server
+    if not started:
+        backend.close()
+        raise CliError("the server did not start (see the messages above)", EXIT_ERROR)
+    summary = {**state.stats(), "saved": state.saved_to, "model": label}
+    if args.json:
+        emit_json(summary)
+    else:
+        print(
+            f"served {summary['requests']} requests in {summary['batches']} batches; "
+            f"heads version {summary['heads_version']}"
+            + (f"; saved heads and thresholds to {state.saved_to}" if state.saved_to else "")
+        )
+    return EXIT_ERROR if state.shutdown_error else EXIT_OK
+
+
+def _preprocessing(model: Any, label: str, input_size: tuple[int, int, int] | None) -> Any:
+    """The model's preprocessing (as ``earlyexit run`` builds it) and the size it produces."""
+    from PIL import Image
+
+    from ..data import model_transform
+
+    source, name = label.split(":", 1)
+    transform = model_transform(model, source, name, input_size=input_size)
+    probe = transform(Image.new("RGB", (256, 256)))
+    return transform, tuple(int(v) for v in probe.shape)
+
+
+def _learner(model: Any, args: argparse.Namespace, input_size: tuple[int, int, int]) -> Any:
+    """The wrapped model (new heads as ``earlyexit run`` wraps, or ``--heads``) and its learner."""
+    from ..distill import DistillConfig, OnlineDistiller
+    from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+    from ..evaluation.pipeline import PipelineOptions
+    from ..loading import load
+    from ..wrapping import wrap
+
+    defaults = PipelineOptions()  # the exits, heads and gate `earlyexit run` uses
+    try:
+        if args.heads:
+            eem = load(model, args.heads)
+        else:
+            eem = wrap(
+                model,
+                exits=defaults.exits,
+                head=defaults.head,
+                gate=defaults.gate,
+                num_exits=defaults.num_exits,
+                input_size=input_size,  # what the preprocessing makes
+            )
+    except FileNotFoundError as err:
+        raise CliError(
+            f"heads file not found: {err.filename or args.heads}", EXIT_MISSING_FILE
+        ) from None
+    except (CheckpointError, UnsupportedModelError) as err:
+        raise CliError(str(err), EXIT_BAD_INPUT) from None
+    except ConfigError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    if tuple(eem.input_size) != input_size:
+        raise CliError(
+            f"the preprocessing makes {input_size} images but the wrapped model takes "
+            f"{tuple(eem.input_size)}: pass --input-size to set both",
+            EXIT_BAD_INPUT,
+        )
+    config = DistillConfig(
+        target_agreement=args.target_agreement,
+        confidence=defaults.confidence,
+        seed=defaults.seed,
+        gate="learned" if defaults.gate == "learned" else "fixed",
+        background=True,  # training and calibration never hold up a request
+    )
+    return OnlineDistiller(eem, config)
+
+
+def _check_plain(model: Any, input_size: tuple[int, int, int]) -> None:
+    """One forward pass at the served size: a model that cannot take it fails now, not per request."""
+    import torch
+
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, dtype=dtype))
+    except RuntimeError as err:
+        raise CliError(
+            f"the model cannot take {input_size} inputs ({err}); pass --input-size", EXIT_BAD_INPUT
+        ) from None

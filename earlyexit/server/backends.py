@@ -1,0 +1,193 @@
+"""What the server serves a batch with: the online learner, or the base model alone (``--plain``).
+
+Both answer a batch the same way (one JSON-ready prediction per row: label, probability, exit,
+accepted) so that the same server, decoding, batching and JSON serve either, and a benchmark
+compares like with like. Neither imports the HTTP packages.
+
+Every method runs on the server's one serving thread (see :mod:`.batcher`), so a publication of
+new heads by the learner (which happens inside :meth:`LearnerBackend.serve` or
+:meth:`LearnerBackend.calibrate`) never interleaves with another call: the heads version read after
+a batch is the one that served it, and a save writes one consistent set of heads and thresholds.
+
+Example:
+    >>> backend = LearnerBackend(ee.OnlineDistiller(eem, ee.DistillConfig(background=True)))  # doctest: +SKIP
+    >>> backend.serve(x).predictions[0]  # doctest: +SKIP
+    {'label': 3, 'probability': 0.91, 'exit': 1, 'accepted': True}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .._json import json_safe
+from ..distill import OnlineDistiller
+
+__all__ = ["Backend", "LearnerBackend", "NotAvailable", "PlainBackend", "ServedBatch", "answers"]
+
+
+class NotAvailable(Exception):
+    """The backend cannot do this (``--plain`` has no heads to save or calibrate)."""
+
+
+@dataclass(frozen=True)
+class ServedBatch:
+    """The answers to one served batch, in row order, and the heads version that gave them."""
+
+    predictions: list[dict[str, Any]]
+    heads_version: int
+
+    def rows(self, start: int, stop: int) -> ServedBatch:
+        """The answers of rows ``start:stop`` (one request's share of a batch)."""
+        return ServedBatch(self.predictions[start:stop], self.heads_version)
+
+
+def answers(logits: Tensor, exit_index: Tensor, accepted: Tensor) -> list[dict[str, Any]]:
+    """One prediction per row: argmax label, its softmax probability (from the logits that
+    answered), the exit that answered and the final supervisor's verdict.
+
+    A row whose logits are not finite has no probability: it is ``None`` (and such a row is never
+    accepted).
+
+    Example:
+        >>> answers(torch.tensor([[0.0, 1.0]]), torch.tensor([2]), torch.tensor([True]))
+        [{'label': 1, 'probability': 0.7310585975646973, 'exit': 2, 'accepted': True}]
+    """
+    probabilities = torch.softmax(logits.detach().float(), dim=-1)
+    probability, label = probabilities.max(dim=-1)
+    finite = torch.isfinite(probability)
+    return [
+        {
+            "label": int(lab),
+            "probability": float(p) if ok else None,
+            "exit": int(e),
+            "accepted": bool(a),
+        }
+        for lab, p, ok, e, a in zip(
+            label.tolist(),
+            probability.tolist(),
+            finite.tolist(),
+            exit_index.tolist(),
+            accepted.tolist(),
+            strict=True,
+        )
+    ]
+
+
+class Backend(Protocol):
+    """What the server needs from what serves its batches."""
+
+    #: Early exits (``exit == num_exits`` in an answer: the full model answered).
+    num_exits: int
+    #: ``(C, H, W)`` of every sample.
+    input_size: tuple[int, int, int]
+    #: dtype of the batches it serves.
+    dtype: torch.dtype
+
+    def serve(self, x: Tensor) -> ServedBatch: ...
+
+    def heads_version(self) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def save(self, path: str | Path) -> None: ...
+
+    def calibrate(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    param = next(model.parameters(), None)
+    if param is None:
+        return torch.float32, torch.device("cpu")
+    return param.dtype, param.device
+
+
+class LearnerBackend:
+    """Serve with an :class:`~earlyexit.OnlineDistiller`: every batch is one ``learner.step``.
+
+    The learner should run with ``DistillConfig(background=True)`` so that training and
+    calibration happen on its own thread and a batch never waits for them; its calibrated heads
+    and thresholds are installed together at the start of a step (the learner's publication).
+
+    ``heads_version`` counts the learner's publications (0 before the first).
+    """
+
+    def __init__(self, learner: OnlineDistiller) -> None:
+        self.learner = learner
+        eem = learner.eem
+        self.num_exits = eem.num_exits
+        self.input_size = tuple(eem.input_size)
+        self.dtype, self.device = _model_dtype_device(eem.base_model)
+
+    def serve(self, x: Tensor) -> ServedBatch:
+        result = self.learner.step(x.to(self.device))
+        # Read after the step: publications happen at its start (or in calibrate), on this thread.
+        version = self.heads_version()
+        return ServedBatch(answers(result.logits, result.exit_index, result.accepted), version)
+
+    def heads_version(self) -> int:
+        return int(self.learner.schedule.calibrations)
+
+    def stats(self) -> dict[str, Any]:
+        return json_safe(self.learner.stats())
+
+    def save(self, path: str | Path) -> None:
+        """Heads and thresholds as :meth:`EarlyExitModel.save` writes them (atomically)."""
+        self.learner.eem.save(path)
+
+    def calibrate(self) -> None:
+        self.learner.calibrate()
+
+    def close(self) -> None:
+        """Stop the learner's background thread (it finishes its current job first)."""
+        self.learner.close()
+
+
+class PlainBackend:
+    """Serve the base model alone, unwrapped: every answer comes from the full model.
+
+    No exits (``num_exits == 0``, so every answer's ``exit`` is 0, the full model), no learner,
+    nothing to save or calibrate. ``accepted`` is whether the logits are finite, as for a wrapped
+    model without a final supervisor.
+    """
+
+    def __init__(self, model: nn.Module, input_size: tuple[int, int, int]) -> None:
+        self.model = model.eval()
+        self.num_exits = 0
+        self.input_size = tuple(int(v) for v in input_size)
+        self.dtype, self.device = _model_dtype_device(model)
+        self.samples = 0
+
+    def serve(self, x: Tensor) -> ServedBatch:
+        with torch.no_grad():
+            logits = self.model(x.to(self.device))
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                f"the model returned {type(logits).__name__}; earlyexit serves classifiers that "
+                "return a logits tensor"
+            )
+        exits = torch.zeros(x.shape[0], dtype=torch.long)
+        accepted = torch.isfinite(logits).all(dim=-1)
+        self.samples += x.shape[0]
+        return ServedBatch(answers(logits, exits, accepted), 0)
+
+    def heads_version(self) -> int:
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"samples": self.samples, "plain": True, "mac_saving": 0.0}
+
+    def save(self, path: str | Path) -> None:
+        raise NotAvailable("--plain serves the base model alone: it has no heads to save")
+
+    def calibrate(self) -> None:
+        raise NotAvailable("--plain serves the base model alone: it has no heads to calibrate")
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,139 @@
+"""Run an app on uvicorn: loopback unless a token guards it, a ready line, a graceful SIGTERM.
+
+The socket is bound here, before uvicorn starts, so a port in use is a clear error and port 0
+(any free port) reports the port it got. When uvicorn has started, ``on_ready`` is called (the CLI
+prints ``serving on http://HOST:PORT``). On SIGTERM or SIGINT uvicorn stops accepting connections,
+finishes the requests in flight, then ends the app's lifespan (which serves what is queued and
+saves the heads, see :mod:`.app`); SIGTERM then returns normally, so the process can exit 0.
+
+Example:
+    >>> check_host(host="0.0.0.0", token=None)  # doctest: +SKIP
+    Traceback (most recent call last):
+    earlyexit.errors.ConfigError: ...
+    >>> sock = bind_socket("127.0.0.1", 0)  # doctest: +SKIP
+    >>> run_server(app, sock, on_ready=lambda url: print("serving on", url))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .._optional import import_extra_package
+from ..errors import ConfigError
+
+uvicorn = import_extra_package("uvicorn", "earlyexit serve", "serve")
+
+__all__ = ["bind_socket", "check_host", "is_loopback", "run_server", "url_of"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``127.0.0.0/8``, ``::1``, ``localhost``).
+
+    Example:
+        >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0")
+        (True, True, False)
+    """
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_host(host: str, token: str | None) -> None:
+    """Refuse to serve beyond this machine without a token.
+
+    Raises:
+        ConfigError: ``host`` is not a loopback address and ``token`` is not set.
+    """
+    if token is None and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host} without a token: anyone who reaches it could save or "
+            "recalibrate the heads. Pass --token TOKEN (clients then send Authorization: Bearer "
+            "TOKEN to /save and /calibrate), or listen on 127.0.0.1"
+        )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free port).
+
+    Raises:
+        OSError: the address is in use or cannot be bound.
+    """
+    bare = host.strip().strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bare, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a bound socket (IPv6 hosts in brackets)."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def run_server(
+    app: Any,
+    sock: socket.socket,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    graceful_timeout_s: float | None = 60.0,
+) -> bool:
+    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT; returns whether it started.
+
+    ``graceful_timeout_s`` bounds how long requests in flight may take to finish after the signal
+    (``None``: no bound). A SIGINT is raised again once the server has stopped (``KeyboardInterrupt``
+    in the caller); a SIGTERM is not: stopping on SIGTERM is the normal end of a server.
+    """
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=graceful_timeout_s,
+    )
+    server = _Server(config, lambda: on_ready(url_of(sock)) if on_ready else None)
+    in_main = threading.current_thread() is threading.main_thread()
+    # uvicorn raises the signal that stopped it again once it has stopped, to the handler that
+    # was there before it: for SIGTERM that handler is this no-op, so the process ends normally.
+    previous = signal.signal(signal.SIGTERM, _ignore) if in_main else None
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    return bool(server.started)
+
+
+def _ignore(_signum: int, _frame: Any) -> None:
+    return None
+
+
+class _Server(uvicorn.Server):  # type: ignore[misc,name-defined]
+    """uvicorn's server, calling ``ready`` once it has started listening."""
+
+    def __init__(self, config: Any, ready: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._ready()
