@@ -176,6 +176,19 @@ def test_healthz(served):
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
+def test_a_failed_learner_fails_requests_with_500_and_health_with_503(model, transform):
+    app, learner = learner_app(model, transform)
+    with TestClient(app) as client:
+        learner.worker.error = RuntimeError("out of memory")  # as if its thread had died
+        response = client.post("/predict", content=npy_bytes(batch(1)), headers=NPY)
+        assert response.status_code == 500
+        assert "background trainer failed" in response.json()["error"]
+        health = client.get("/healthz")
+        assert health.status_code == 503 and health.json()["status"] == "failing"
+        assert 'earlyexit_requests_total{outcome="error"} 1.0' in client.get("/metrics").text
+        learner.worker.error = None
+
+
 def test_stats_are_the_learners_plus_server_counters(served):
     client, learner = served
     client.post("/predict", content=npy_bytes(batch(2)), headers=NPY)
@@ -577,20 +590,31 @@ def test_earlyexit_serve_starts_answers_and_saves_on_sigterm(tmp_path):
         sys.executable, "-m", "earlyexit", "serve", "--model", "timm:resnet18",
         "--num-classes", "10", "--input-size", "3,64,64", "--weights", str(weights),
         "--heads", str(heads), "--port", "0", "--save-on-exit", str(saved), "--threads", "1",
-        "--json",
+        "--max-wait-ms", "1000", "--json",
     ]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path
     )
     try:
-        ready = process.stderr.readline()  # the first line it prints
-        assert ready.startswith("serving on http://127.0.0.1:"), ready + process.stderr.read()
+        seen = []
+        while not (seen and (seen[-1].startswith("serving on") or not seen[-1])):
+            seen.append(process.stderr.readline())  # warnings may come first; '' at the end
+        ready = seen[-1]
+        assert ready.startswith("serving on http://127.0.0.1:"), "".join(seen)
         url = ready.split()[-1]
         answer = httpx.post(f"{url}/predict", content=png_bytes(), headers=PNG, timeout=60).json()
         assert len(answer["predictions"]) == 1 and answer["num_exits"] == 4
         stats = httpx.get(f"{url}/stats", timeout=60).json()
         assert stats["thresholds"] == [5.0, 6.0, 7.0, 8.0]  # started from --heads
-        process.send_signal(signal.SIGTERM)
+        # A request in flight when SIGTERM arrives (it waits up to 1 s for company) is answered.
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(
+                httpx.post, f"{url}/predict", content=npy_bytes(batch(2)), headers=NPY, timeout=60
+            )
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            late = in_flight.result()
+        assert late.status_code == 200 and len(late.json()["predictions"]) == 2
         out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
@@ -598,7 +622,7 @@ def test_earlyexit_serve_starts_answers_and_saves_on_sigterm(tmp_path):
             process.wait()
     assert process.returncode == 0, err
     summary = json.loads(out)
-    assert summary["saved"] == str(saved) and summary["requests"] == 1
+    assert summary["saved"] == str(saved) and summary["requests"] == 2
     loaded = ee.load(tiny_model(seed=3), saved)
     assert loaded.thresholds == (5.0, 6.0, 7.0, 8.0)
 

@@ -5,7 +5,8 @@ Endpoints:
 - ``POST /predict``: one image (``image/png``, ``image/jpeg``) or a preprocessed float32 batch
   (``application/x-npy``, ``[B, C, H, W]``); answers ``{"predictions": [{"label", "probability",
   "exit", "accepted"}, ...], "heads_version", "num_exits"}``.
-- ``GET /healthz``: ``{"status": "ok"}``.
+- ``GET /healthz``: ``{"status": "ok"}`` (a 503 with the reason once the learner's thread has
+  failed, since every request then fails).
 - ``GET /stats``: the learner's ``stats()`` plus ``heads_version``, ``requests``, ``batches``.
 - ``GET /metrics``: Prometheus text (:mod:`.metrics`).
 - ``POST /save`` (body optional: ``{"path": "heads.safetensors"}``, default the save-on-exit path)
@@ -245,6 +246,9 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> Response:
+        failure = backend.failure()
+        if failure is not None:  # every request would fail: take this server out of rotation
+            return JSONResponse({"status": "failing", "error": failure}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/stats")

@@ -92,6 +92,8 @@ class Backend(Protocol):
 
     def heads_version(self) -> int: ...
 
+    def failure(self) -> str | None: ...
+
     def stats(self) -> dict[str, Any]: ...
 
     def save(self, path: str | Path) -> None: ...
@@ -133,6 +135,13 @@ class LearnerBackend:
 
     def heads_version(self) -> int:
         return int(self.learner.schedule.calibrations)
+
+    def failure(self) -> str | None:
+        """Why every batch now fails (the learner's thread died), or ``None``."""
+        error = self.learner.worker.error
+        if error is None:
+            return None
+        return f"the background trainer failed ({type(error).__name__}: {error})"
 
     def stats(self) -> dict[str, Any]:
         return json_safe(self.learner.stats())
@@ -179,6 +188,9 @@ class PlainBackend:
 
     def heads_version(self) -> int:
         return 0
+
+    def failure(self) -> str | None:
+        return None
 
     def stats(self) -> dict[str, Any]:
         return {"samples": self.samples, "plain": True, "mac_saving": 0.0}

@@ -4,7 +4,7 @@ The socket is bound here, before uvicorn starts, so a port in use is a clear err
 (any free port) reports the port it got. When uvicorn has started, ``on_ready`` is called (the CLI
 prints ``serving on http://HOST:PORT``). On SIGTERM or SIGINT uvicorn stops accepting connections,
 finishes the requests in flight, then ends the app's lifespan (which serves what is queued and
-saves the heads, see :mod:`.app`); SIGTERM then returns normally, so the process can exit 0.
+saves the heads, see :mod:`.app`); then :func:`run_server` returns, so the process can exit 0.
 
 Example:
     >>> check_host(host="0.0.0.0", token=None)  # doctest: +SKIP
@@ -94,11 +94,11 @@ def run_server(
     on_ready: Callable[[str], None] | None = None,
     graceful_timeout_s: float | None = 60.0,
 ) -> bool:
-    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT; returns whether it started.
+    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT (Ctrl-C); returns whether it started.
 
-    ``graceful_timeout_s`` bounds how long requests in flight may take to finish after the signal
-    (``None``: no bound). A SIGINT is raised again once the server has stopped (``KeyboardInterrupt``
-    in the caller); a SIGTERM is not: stopping on SIGTERM is the normal end of a server.
+    Either signal is the normal end of a server: it returns (no ``KeyboardInterrupt``) once the
+    requests in flight are answered and the app's lifespan has ended. ``graceful_timeout_s``
+    bounds how long those requests may take (``None``: no bound); a second Ctrl-C stops at once.
     """
     config = uvicorn.Config(
         app,
@@ -111,15 +111,20 @@ def run_server(
     server = _Server(config, lambda: on_ready(url_of(sock)) if on_ready else None)
     in_main = threading.current_thread() is threading.main_thread()
     # uvicorn raises the signal that stopped it again once it has stopped, to the handler that
-    # was there before it: for SIGTERM that handler is this no-op, so the process ends normally.
-    previous = signal.signal(signal.SIGTERM, _ignore) if in_main else None
+    # was there before it: here a no-op, so a stop by signal ends the process normally.
+    previous = {sig: signal.signal(sig, _ignore) for sig in _STOP_SIGNALS} if in_main else {}
     try:
         server.run(sockets=[sock])
     finally:
-        if in_main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
         sock.close()
     return bool(server.started)
+
+
+#: The signals that stop the server normally (its lifespan ends, the heads are saved).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _ignore(_signum: int, _frame: Any) -> None:
