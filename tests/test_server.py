@@ -35,6 +35,7 @@ from earlyexit.server import (
     ServedBatch,
     ServerClosing,
     ServerSettings,
+    bind_socket,
     check_host,
     create_app,
 )
@@ -528,16 +529,31 @@ def test_a_non_loopback_host_needs_a_token():
     check_host("0.0.0.0", "token")
     with pytest.raises(ConfigError, match="--token"):
         check_host("0.0.0.0", None)
+    with pytest.raises(ConfigError, match="--token"):
+        bind_socket("0.0.0.0", 0, token=None)  # refused before anything is bound
+    bind_socket("127.0.0.1", 0, token=None).close()
     with pytest.raises(ConfigError, match="empty"):
         ServerSettings(token="")
 
 
-def test_the_command_refuses_a_public_host_without_a_token(capsys):
-    from earlyexit.cli import main
+def test_the_command_refuses_a_public_host_without_a_token(capsys, monkeypatch):
+    from earlyexit.cli import build_parser, main
 
+    monkeypatch.delenv("EARLYEXIT_SERVE_TOKEN", raising=False)
     code = main(["serve", "--model", "timm:resnet18", "--host", "0.0.0.0"])
     assert code == 2
     assert "refusing to listen on 0.0.0.0 without a token" in capsys.readouterr().err
+    # The token may come from the environment (out of the process list).
+    monkeypatch.setenv("EARLYEXIT_SERVE_TOKEN", "from-env")
+    args = build_parser().parse_args(["serve", "--model", "timm:resnet18"])
+    assert args.token == "from-env"
+
+
+def test_the_command_says_when_the_heads_file_is_missing(capsys, tmp_path):
+    from earlyexit.cli import main
+
+    code = main(["serve", "--model", "timm:resnet18", "--heads", str(tmp_path / "no.safetensors")])
+    assert code == 3 and "heads file not found" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ --plain

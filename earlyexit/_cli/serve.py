@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from .common import (
@@ -48,6 +50,9 @@ EPILOG = f"""examples:
 
 exit codes:
 {exit_codes_text()}"""
+
+#: The environment variable that may hold the token instead of --token.
+TOKEN_VARIABLE = "EARLYEXIT_SERVE_TOKEN"
 
 #: The packages of the serve extra, checked before a model is built.
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
@@ -98,7 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--token",
         metavar="TOKEN",
-        help="POST /save and /calibrate then need Authorization: Bearer TOKEN",
+        default=os.environ.get(TOKEN_VARIABLE) or None,
+        help="POST /save and /calibrate then need Authorization: Bearer TOKEN (default: "
+        f"${TOKEN_VARIABLE}, which other users cannot read in the process list)",
     )
     net.add_argument(
         "--max-body-bytes",
@@ -198,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(err), EXIT_USAGE) from None
     if args.plain and args.heads:
         raise CliError("--plain serves the base model alone: it takes no --heads", EXIT_USAGE)
+    if args.heads and not Path(args.heads).is_file():
+        raise CliError(f"heads file not found: {args.heads}", EXIT_MISSING_FILE)
     if args.threads is not None:
         import torch
 
@@ -214,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         backend = LearnerBackend(_learner(model, args, input_size))
     app = create_app(backend, transform, settings)
     try:
-        sock = bind_socket(args.host, args.port)
+        sock = bind_socket(args.host, args.port, token=args.token)
     except OSError as err:
         backend.close()
         raise CliError(f"cannot listen on {args.host}:{args.port}: {err}", EXIT_BAD_INPUT) from None
@@ -270,10 +279,6 @@ def _learner(model: Any, args: argparse.Namespace, input_size: tuple[int, int, i
                 num_exits=defaults.num_exits,
                 input_size=input_size,  # what the preprocessing makes
             )
-    except FileNotFoundError as err:
-        raise CliError(
-            f"heads file not found: {err.filename or args.heads}", EXIT_MISSING_FILE
-        ) from None
     except (CheckpointError, UnsupportedModelError) as err:
         raise CliError(str(err), EXIT_BAD_INPUT) from None
     except ConfigError as err:

@@ -10,7 +10,7 @@ Example:
     >>> check_host(host="0.0.0.0", token=None)  # doctest: +SKIP
     Traceback (most recent call last):
     earlyexit.errors.ConfigError: ...
-    >>> sock = bind_socket("127.0.0.1", 0)  # doctest: +SKIP
+    >>> sock = bind_socket("127.0.0.1", 0, token=None)  # doctest: +SKIP
     >>> run_server(app, sock, on_ready=lambda url: print("serving on", url))  # doctest: +SKIP
 """
 
@@ -60,12 +60,15 @@ def check_host(host: str, token: str | None) -> None:
         )
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0: any free port).
+def bind_socket(host: str, port: int, *, token: str | None) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free port), under the rule of
+    :func:`check_host` (``token``: the server's token, ``None`` for none).
 
     Raises:
+        ConfigError: a host other than loopback without a token.
         OSError: the address is in use or cannot be bound.
     """
+    check_host(host, token)
     bare = host.strip().strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
