@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -531,7 +532,10 @@ def test_a_non_loopback_host_needs_a_token():
         check_host("0.0.0.0", None)
     with pytest.raises(ConfigError, match="--token"):
         bind_socket("0.0.0.0", 0, token=None)  # refused before anything is bound
-    bind_socket("127.0.0.1", 0, token=None).close()
+    sock = bind_socket("127.0.0.1", 0, token=None)
+    # Marked TCP, so that asyncio sets TCP_NODELAY on every connection (else ~40 ms an answer).
+    assert sock.proto == socket.IPPROTO_TCP
+    sock.close()
     with pytest.raises(ConfigError, match="empty"):
         ServerSettings(token="")
 
