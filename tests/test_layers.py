@@ -104,6 +104,14 @@ def imported_modules(source: str, module: str, package: bool) -> list[tuple[int,
     return found
 
 
+#: Packages that share a room but must not import each other.
+APART = (("earlyexit.server", "earlyexit.evaluation"),)
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def wrong_way_imports(source: str, module: str, package: bool) -> list[str]:
     here = room_of(module)
     problems = []
@@ -111,6 +119,11 @@ def wrong_way_imports(source: str, module: str, package: bool) -> list[str]:
         there = room_of(target)
         if there > here and (module, target) not in SIDEWAYS:
             problems.append(f"{module}:{line} (room {here}) imports {target} (room {there})")
+        for a, b in APART:
+            if (_inside(module, a) and _inside(target, b)) or (
+                _inside(module, b) and _inside(target, a)
+            ):
+                problems.append(f"{module}:{line} imports {target}: {a} and {b} stay apart")
     return problems
 
 
@@ -138,6 +151,8 @@ def test_no_module_imports_a_room_above_its_own():
         ("from .wrapping import wrap", "earlyexit.model"),
         ("from .wrapping import wrap", "earlyexit.io"),
         ("def f():\n    from .loading import load", "earlyexit.model"),
+        ("from ..evaluation.stream import iterate_batches", "earlyexit.server.app"),
+        ("from ..server import create_app", "earlyexit.evaluation.pipeline"),
         ("import earlyexit._cli.common", "earlyexit.calibration"),
         ("from .._cli.common import table", "earlyexit.evaluation.pipeline"),
     ],
