@@ -139,6 +139,32 @@ def positive_int(text: str) -> int:
 # ------------------------------------------------------------------------------------ models
 
 
+def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` (required), ``--weights`` or ``--pretrained``, ``--num-classes``: the model
+    flags of ``run`` and ``serve``, which build it with :func:`build_model`."""
+    parser.add_argument(
+        "--model", required=True, metavar="MODEL", help="timm:NAME or torchvision:NAME"
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="local state_dict/checkpoint (.pth, .pt, .bin, .safetensors)",
+    )
+    source.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="the library's pretrained weights (needs a network)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="classes of the model (default 1000)",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``MODEL``, ``--weights``, ``--input-size``, ``--num-classes``, ``--exits``, ``--num-exits``, ``--head``."""
     parser.add_argument(

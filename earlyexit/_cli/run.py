@@ -11,12 +11,12 @@ from .common import (
     EXIT_MISSING_FILE,
     EXIT_OK,
     CliError,
+    add_model_source_arguments,
     add_output_arguments,
     build_model,
     emit_json,
     exit_codes_text,
     parse_input_size,
-    positive_int,
     status,
 )
 from .serving import _unit_interval, add_serving_arguments, options_from_args, print_outcome
@@ -43,29 +43,9 @@ exit codes:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, metavar="MODEL", help="timm:NAME or torchvision:NAME"
-    )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--weights",
-        metavar="PATH",
-        help="local state_dict/checkpoint (.pth, .pt, .bin, .safetensors)",
-    )
-    source.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="the library's pretrained weights (needs a network)",
-    )
+    add_model_source_arguments(parser)
     parser.add_argument(
         "--data", required=True, metavar="DIR", help="folder of images (ImageFolder or flat)"
-    )
-    parser.add_argument(
-        "--num-classes",
-        type=positive_int,
-        default=1000,
-        metavar="N",
-        help="classes of the model (default 1000)",
     )
     parser.add_argument(
         "--eval-fraction",

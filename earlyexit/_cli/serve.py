@@ -15,6 +15,7 @@ from .common import (
     EXIT_OK,
     EXIT_USAGE,
     CliError,
+    add_model_source_arguments,
     add_output_arguments,
     build_model,
     emit_json,
@@ -59,27 +60,7 @@ SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, metavar="MODEL", help="timm:NAME or torchvision:NAME"
-    )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--weights",
-        metavar="PATH",
-        help="local state_dict/checkpoint (.pth, .pt, .bin, .safetensors)",
-    )
-    source.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="the library's pretrained weights (needs a network)",
-    )
-    parser.add_argument(
-        "--num-classes",
-        type=positive_int,
-        default=1000,
-        metavar="N",
-        help="classes of the model (default 1000)",
-    )
+    add_model_source_arguments(parser)
     parser.add_argument(
         "--input-size",
         type=parse_input_size,
@@ -264,21 +245,11 @@ def _learner(model: Any, args: argparse.Namespace, input_size: tuple[int, int, i
     from ..errors import CheckpointError, ConfigError, UnsupportedModelError
     from ..evaluation.pipeline import PipelineOptions
     from ..loading import load
-    from ..wrapping import wrap
 
     defaults = PipelineOptions()  # the exits, heads and gate `earlyexit run` uses
     try:
-        if args.heads:
-            eem = load(model, args.heads)
-        else:
-            eem = wrap(
-                model,
-                exits=defaults.exits,
-                head=defaults.head,
-                gate=defaults.gate,
-                num_exits=defaults.num_exits,
-                input_size=input_size,  # what the preprocessing makes
-            )
+        # New heads are sized for what the preprocessing makes.
+        eem = load(model, args.heads) if args.heads else defaults.wrap(model, input_size)
     except (CheckpointError, UnsupportedModelError) as err:
         raise CliError(str(err), EXIT_BAD_INPUT) from None
     except ConfigError as err:

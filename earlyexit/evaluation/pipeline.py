@@ -41,6 +41,18 @@ class PipelineOptions:
     threads: int | None = None  # torch CPU threads for the whole run (None: leave as is)
     distill: dict[str, Any] = field(default_factory=dict)  # extra DistillConfig fields
 
+    def wrap(self, model: nn.Module, input_size: tuple[int, int, int] | None = None) -> Any:
+        """``model`` wrapped with these options' exits, head and gate (what ``run``, ``demo`` and
+        ``serve`` serve)."""
+        return wrap(
+            model,
+            exits=self.exits,
+            head=self.head,
+            gate=self.gate,
+            num_exits=self.num_exits,
+            input_size=input_size,
+        )
+
 
 @dataclass
 class PipelineResult:
@@ -132,14 +144,7 @@ def serve_and_evaluate(
     torch.manual_seed(opts.seed)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    eem = wrap(
-        model,
-        exits=opts.exits,
-        head=opts.head,
-        gate=opts.gate,
-        num_exits=opts.num_exits,
-        input_size=input_size,
-    )
+    eem = opts.wrap(model, input_size)
     seconds["wrap"] = time.perf_counter() - start
     log(
         f"wrapped {model_name or type(model).__name__}: {eem.num_exits} exits at "
