@@ -85,7 +85,19 @@ class DistillConfig:
         train_time_budget: all learning work (per-batch bookkeeping, training steps,
             calibrations) may take at most this share of the wall-clock spent serving (``None``:
             no cap, and runs are reproducible step for step); keeps learning cheap next to small
-            backbones, generous next to big ones.
+            backbones, generous next to big ones. Precisely: every served batch earns its serving
+            time times the budget in force when it was served (this one while a gate is open,
+            ``closed_time_budget`` while every gate is closed); a training step or a scheduled
+            calibration starts only while the learning time spent so far stays within the time
+            earned so far (a calibration that is due waits until it does; bookkeeping always
+            runs, and is counted).
+        closed_time_budget: the budget while every gate is closed (warm-up, after a drift alarm;
+            the higher of this and ``train_time_budget`` applies). Then all traffic runs to the
+            end whatever the learner does, and only learning can make savings possible, so it
+            learns harder; once a gate opens, ``train_time_budget`` applies again (time earned
+            and not spent carries over, so training tapers rather than stopping). In background
+            mode learning runs on its own thread: next to a backbone served on one core this is
+            mostly another core's time. Ignored when ``train_time_budget`` is ``None``.
         replay_samples: cap on the replay buffer (features at every exit + teacher logits).
         max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
         storage_dtype: dtype of stored features (``"float16"`` halves the memory).
@@ -135,6 +147,7 @@ class DistillConfig:
     batch_size: int = 64
     replay_ratio: float = 32.0
     train_time_budget: float | None = 0.12
+    closed_time_budget: float = 1.0
     replay_samples: int = 20000
     max_memory_bytes: int | None = 256 * 2**20
     storage_dtype: StorageDtype = "float32"
@@ -195,7 +208,7 @@ class DistillConfig:
             "evidence_target",
         ):
             positive_int(name, allow_zero=name != "recalibrate_every")
-        for name in ("lr", "temperature", "replay_ratio"):
+        for name in ("lr", "temperature", "replay_ratio", "closed_time_budget"):
             positive(name)
         positive("weight_decay", allow_zero=True)
         if self.calibration_method not in _METHODS:
