@@ -181,7 +181,12 @@ class DistillConfig:
         def positive(name: str, allow_zero: bool = False) -> None:
             value = getattr(self, name)
             # Training runs in float32: a value beyond its range overflows at the first step.
-            ok = isinstance(value, int | float) and math.isfinite(value) and value <= _FLOAT32_MAX
+            ok = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value <= _FLOAT32_MAX
+            )
             if not ok or value < 0 or (value == 0 and not allow_zero):
                 raise ConfigError(
                     f"{name} must be a finite number > 0 (at most {_FLOAT32_MAX:.3g}, float32's "

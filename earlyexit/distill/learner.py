@@ -308,9 +308,11 @@ class OnlineDistiller:
         install its latest calibrated heads. A no-op in synchronous mode."""
         if not self.worker.running:
             return
-        # Caught up: nothing left that the worker may do now (a calibration that is due but not
-        # affordable under the time budget waits for more traffic).
-        self.worker.wait_idle(lambda: not self._has_work(), timeout=timeout)
+        # Caught up: no job running and nothing left that the worker may do now (a calibration
+        # that is due but not affordable under the time budget waits for more traffic).
+        self.worker.wait_idle(
+            lambda: not self.worker.busy and not self._has_work(), timeout=timeout
+        )
         self.worker.raise_error()
         self._install_ready()
 

@@ -1,0 +1,189 @@
+"""The learning time budget (earned per served batch, more while every gate is closed) and the
+background learner's bookkeeping off the serving thread."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from test_distill import quick, stream, toy_wrap
+
+from earlyexit.distill import DistillConfig, OnlineDistiller
+from earlyexit.distill import learner as learner_module
+from earlyexit.distill.schedule import Schedule
+from earlyexit.errors import BackgroundTrainingError, ConfigError
+
+
+# ---------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, "1", None, True])
+def test_closed_time_budget_must_be_a_positive_number(bad):
+    with pytest.raises(ConfigError, match="closed_time_budget"):
+        DistillConfig(closed_time_budget=bad)
+
+
+def test_a_saved_config_without_closed_time_budget_reads_the_default():
+    saved = DistillConfig().to_dict()
+    del saved["closed_time_budget"]
+    assert DistillConfig.from_dict(saved).closed_time_budget == 1.0
+
+
+# ---------------------------------------------------------------------------------------- schedule
+def test_schedule_earns_learning_time_at_the_rate_in_force():
+    schedule = Schedule()
+    schedule.earn(2.0, rate=1.0)
+    schedule.earn(10.0, rate=0.1)
+    assert schedule.serve_seconds == 12.0 and schedule.allowance_seconds == pytest.approx(3.0)
+    schedule.learn_seconds = 2.5
+    assert schedule.affordable(0.5) and not schedule.affordable(0.6)
+
+
+def test_a_schedule_saved_before_the_allowance_earned_budget_times_serving():
+    _, state = Schedule(serve_seconds=50.0, learn_seconds=1.0).state_dict()
+    del state["counters"]["allowance_seconds"]
+    restored = Schedule()
+    restored.load_state_dict({}, state, budget=0.12)
+    assert restored.allowance_seconds == pytest.approx(6.0)
+    restored.load_state_dict({}, state, budget=None)  # no budget: nothing was ever capped
+    assert restored.allowance_seconds == 0.0
+
+
+def test_a_negative_saved_allowance_is_rejected():
+    from earlyexit.errors import CheckpointError
+
+    _, state = Schedule().state_dict()
+    state["counters"]["allowance_seconds"] = -1.0
+    with pytest.raises(CheckpointError, match="allowance_seconds"):
+        Schedule().load_state_dict({}, state)
+
+
+# ---------------------------------------------------------------------------------------- learner
+def test_closed_gates_earn_the_closed_budget_and_open_gates_the_train_budget():
+    learner = OnlineDistiller(
+        toy_wrap(), quick(train_time_budget=0.1, closed_time_budget=3.0, warmup_samples=10**6)
+    )
+    g = torch.Generator().manual_seed(0)
+    learner.step(stream(16, g))
+    schedule = learner.schedule
+    assert schedule.allowance_seconds == pytest.approx(3.0 * schedule.serve_seconds)
+    learner.eem.set_thresholds([0.5, math.inf])  # a gate open: the usual budget
+    earned, served = schedule.allowance_seconds, schedule.serve_seconds
+    learner.step(stream(16, g))
+    assert schedule.allowance_seconds - earned == pytest.approx(
+        0.1 * (schedule.serve_seconds - served)
+    )
+
+
+def test_the_higher_budget_applies_while_gates_are_closed():
+    learner = OnlineDistiller(toy_wrap(), quick(train_time_budget=0.5, closed_time_budget=0.2))
+    learner.step(stream(16, torch.Generator().manual_seed(0)))
+    schedule = learner.schedule
+    assert schedule.allowance_seconds == pytest.approx(0.5 * schedule.serve_seconds)
+
+
+def test_a_due_calibration_waits_until_the_budget_allows_it():
+    learner = OnlineDistiller(
+        toy_wrap(), quick(train_time_budget=0.1, warmup_samples=32, recalibrate_every=32)
+    )
+    g = torch.Generator().manual_seed(1)
+    learner.schedule.learn_seconds = 1e6  # far over budget: nothing may start
+    for _ in range(4):
+        learner.step(stream(16, g))
+    assert learner.schedule.calibrations == 0 and learner._calibration_due
+    assert learner.trainer.train_steps == 0
+    learner.schedule.allowance_seconds = 1e9  # time earned again: the calibration runs
+    learner.step(stream(16, g))
+    assert learner.schedule.calibrations == 1 and not learner._calibration_due
+
+
+def test_without_a_budget_calibrations_never_wait():
+    learner = OnlineDistiller(toy_wrap(), quick(warmup_samples=32, recalibrate_every=32))
+    learner.schedule.learn_seconds = 1e6
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        learner.step(stream(16, g))
+    assert learner.schedule.calibrations == 2
+
+
+# ---------------------------------------------------------------------------------------- background
+def blocked_recording(learner: OnlineDistiller) -> threading.Event:
+    """Make the background thread wait before recording a batch until the event is set."""
+    release = threading.Event()
+    learn = learner._learn
+
+    def waiting_learn(*args, **kwargs):
+        if threading.current_thread().name == "earlyexit-distill":
+            release.wait(timeout=30)
+        return learn(*args, **kwargs)
+
+    learner._learn = waiting_learn
+    return release
+
+
+def test_background_steps_leave_their_bookkeeping_to_the_worker():
+    learner = OnlineDistiller(toy_wrap(), quick(background=True))
+    release = blocked_recording(learner)
+    g = torch.Generator().manual_seed(3)
+    try:
+        for _ in range(3):
+            learner.step(stream(8, g))
+        assert learner.stats()["samples"] == 0  # served, not yet recorded
+        release.set()
+        learner.sync(timeout=30)
+        assert learner.stats()["samples"] == 24
+    finally:
+        release.set()
+        learner.close()
+
+
+def test_a_lagging_worker_makes_the_serving_thread_record_and_loses_nothing(monkeypatch):
+    monkeypatch.setattr(learner_module, "MAX_QUEUED_BATCHES", 2)
+    learner = OnlineDistiller(toy_wrap(), quick(background=True))
+    release = blocked_recording(learner)
+    g = torch.Generator().manual_seed(4)
+    try:
+        for _ in range(5):
+            learner.step(stream(8, g))
+        # The worker holds the first two batches (one of them in hand); the rest were recorded
+        # by the serving thread rather than queued without bound.
+        assert len(learner._queued) == 2
+        assert learner.stats()["samples"] == 24
+        release.set()
+        learner.sync(timeout=30)
+        assert learner.stats()["samples"] == 40 and not learner._queued
+    finally:
+        release.set()
+        learner.close()
+
+
+def test_a_failed_background_recording_surfaces_on_the_next_step():
+    learner = OnlineDistiller(toy_wrap(), quick(background=True))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ring on fire")
+
+    learner._learn = broken
+    g = torch.Generator().manual_seed(5)
+    try:
+        with pytest.raises(BackgroundTrainingError, match="ring on fire"):
+            for _ in range(200):
+                learner.step(stream(8, g))
+                learner.worker.join(timeout=0.05)
+    finally:
+        learner.close()
+
+
+def test_save_and_close_record_the_batches_served_first(tmp_path):
+    learner = OnlineDistiller(toy_wrap(), quick(background=True))
+    release = blocked_recording(learner)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        learner.step(stream(8, g))
+    threading.Timer(0.2, release.set).start()
+    path = tmp_path / "learner.safetensors"
+    learner.save(path)  # waits for the three batches
+    learner.close()
+    assert learner.stats()["samples"] == 24
+    resumed = OnlineDistiller.load(toy_wrap().base_model, path, background=False)
+    assert resumed.stats()["samples"] == 24
