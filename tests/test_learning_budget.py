@@ -60,50 +60,84 @@ def test_a_negative_saved_allowance_is_rejected():
 
 # ---------------------------------------------------------------------------------------- learner
 def test_closed_gates_earn_the_closed_budget_and_open_gates_the_train_budget():
-    learner = OnlineDistiller(
-        toy_wrap(), quick(train_time_budget=0.1, closed_time_budget=3.0, warmup_samples=10**6)
+    config = quick(
+        background=True, train_time_budget=0.1, closed_time_budget=3.0, warmup_samples=10**6
     )
+    learner = OnlineDistiller(toy_wrap(), config)
     g = torch.Generator().manual_seed(0)
-    learner.step(stream(16, g))
-    schedule = learner.schedule
-    assert schedule.allowance_seconds == pytest.approx(3.0 * schedule.serve_seconds)
-    learner.eem.set_thresholds([0.5, math.inf])  # a gate open: the usual budget
-    earned, served = schedule.allowance_seconds, schedule.serve_seconds
-    learner.step(stream(16, g))
-    assert schedule.allowance_seconds - earned == pytest.approx(
-        0.1 * (schedule.serve_seconds - served)
-    )
+    try:
+        learner.step(stream(16, g))
+        learner.sync(timeout=30)
+        schedule = learner.schedule
+        assert schedule.allowance_seconds == pytest.approx(3.0 * schedule.serve_seconds)
+        learner.eem.set_thresholds([0.5, math.inf])  # a gate open: the usual budget
+        earned, served = schedule.allowance_seconds, schedule.serve_seconds
+        learner.step(stream(16, g))
+        learner.sync(timeout=30)
+        assert schedule.allowance_seconds - earned == pytest.approx(
+            0.1 * (schedule.serve_seconds - served)
+        )
+    finally:
+        learner.close()
 
 
 def test_the_higher_budget_applies_while_gates_are_closed():
-    learner = OnlineDistiller(toy_wrap(), quick(train_time_budget=0.5, closed_time_budget=0.2))
-    learner.step(stream(16, torch.Generator().manual_seed(0)))
-    schedule = learner.schedule
-    assert schedule.allowance_seconds == pytest.approx(0.5 * schedule.serve_seconds)
+    config = quick(background=True, train_time_budget=0.5, closed_time_budget=0.2)
+    learner = OnlineDistiller(toy_wrap(), config)
+    try:
+        learner.step(stream(16, torch.Generator().manual_seed(0)))
+        learner.sync(timeout=30)
+        schedule = learner.schedule
+        assert schedule.allowance_seconds == pytest.approx(0.5 * schedule.serve_seconds)
+    finally:
+        learner.close()
 
 
-def test_a_due_calibration_waits_until_the_budget_allows_it():
-    learner = OnlineDistiller(
-        toy_wrap(), quick(train_time_budget=0.1, warmup_samples=32, recalibrate_every=32)
+def test_synchronous_steps_earn_the_train_budget_and_calibrate_on_schedule():
+    config = quick(
+        train_time_budget=0.1, closed_time_budget=3.0, warmup_samples=32, recalibrate_every=32
     )
+    learner = OnlineDistiller(toy_wrap(), config)
+    learner.schedule.learn_seconds = 1e6  # over budget: no training, calibrations still run
     g = torch.Generator().manual_seed(1)
-    learner.schedule.learn_seconds = 1e6  # far over budget: nothing may start
     for _ in range(4):
         learner.step(stream(16, g))
-    assert learner.schedule.calibrations == 0 and learner._calibration_due
-    assert learner.trainer.train_steps == 0
-    learner.schedule.allowance_seconds = 1e9  # time earned again: the calibration runs
-    learner.step(stream(16, g))
-    assert learner.schedule.calibrations == 1 and not learner._calibration_due
+    schedule = learner.schedule
+    assert schedule.allowance_seconds == pytest.approx(0.1 * schedule.serve_seconds)
+    assert schedule.calibrations == 2 and learner.trainer.train_steps == 0
+
+
+def test_a_due_background_calibration_waits_until_the_budget_allows_it():
+    config = quick(background=True, train_time_budget=0.1, warmup_samples=32, recalibrate_every=32)
+    learner = OnlineDistiller(toy_wrap(), config)
+    g = torch.Generator().manual_seed(1)
+    try:
+        learner.schedule.learn_seconds = 1e6  # far over budget: nothing may start
+        for _ in range(4):
+            learner.step(stream(16, g))
+        learner.sync(timeout=30)
+        assert learner.schedule.calibrations == 0 and learner._calibration_due
+        assert learner.trainer.train_steps == 0
+        with learner._lock:
+            learner.schedule.allowance_seconds = 1e9  # time earned again: the calibration runs
+        learner.sync(timeout=30)
+        assert learner.schedule.calibrations == 1 and not learner._calibration_due
+    finally:
+        learner.close()
 
 
 def test_without_a_budget_calibrations_never_wait():
-    learner = OnlineDistiller(toy_wrap(), quick(warmup_samples=32, recalibrate_every=32))
-    learner.schedule.learn_seconds = 1e6
-    g = torch.Generator().manual_seed(2)
-    for _ in range(4):
-        learner.step(stream(16, g))
-    assert learner.schedule.calibrations == 2
+    config = quick(background=True, warmup_samples=32, recalibrate_every=32)
+    learner = OnlineDistiller(toy_wrap(), config)
+    try:
+        learner.schedule.learn_seconds = 1e6
+        g = torch.Generator().manual_seed(2)
+        for _ in range(4):
+            learner.step(stream(16, g))
+            learner.sync(timeout=30)
+        assert learner.schedule.calibrations == 2
+    finally:
+        learner.close()
 
 
 # ---------------------------------------------------------------------------------------- background

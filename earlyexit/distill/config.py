@@ -86,18 +86,20 @@ class DistillConfig:
             calibrations) may take at most this share of the wall-clock spent serving (``None``:
             no cap, and runs are reproducible step for step); keeps learning cheap next to small
             backbones, generous next to big ones. Precisely: every served batch earns its serving
-            time times the budget in force when it was served (this one while a gate is open,
-            ``closed_time_budget`` while every gate is closed); a training step or a scheduled
-            calibration starts only while the learning time spent so far stays within the time
-            earned so far (a calibration that is due waits until it does; bookkeeping always
-            runs, and is counted).
-        closed_time_budget: the budget while every gate is closed (warm-up, after a drift alarm;
-            the higher of this and ``train_time_budget`` applies). Then all traffic runs to the
-            end whatever the learner does, and only learning can make savings possible, so it
-            learns harder; once a gate opens, ``train_time_budget`` applies again (time earned
-            and not spent carries over, so training tapers rather than stopping). In background
-            mode learning runs on its own thread: next to a backbone served on one core this is
-            mostly another core's time. Ignored when ``train_time_budget`` is ``None``.
+            time times the budget in force (this one; in background mode ``closed_time_budget``
+            while every gate is closed), and a training step starts only while the learning time
+            spent so far plus one step stays within the time earned so far. Bookkeeping always
+            runs and is counted. In background mode a scheduled calibration also waits until the
+            time spent is within the time earned; in synchronous mode calibrations run on
+            schedule (the caller waits for them).
+        closed_time_budget: background mode only: the budget while every gate is closed (warm-up,
+            after a drift alarm; the higher of this and ``train_time_budget`` applies). Then all
+            traffic runs to the end whatever the learner does and only learning can make savings
+            possible, so the background thread learns harder; once a gate opens,
+            ``train_time_budget`` applies again (time earned and not spent carries over, time
+            overspent is paid back first). Learning then runs on its own thread, beside serving;
+            a synchronous step's learning delays its own answers, so it never gets more than
+            ``train_time_budget``. Ignored when ``train_time_budget`` is ``None``.
         replay_samples: cap on the replay buffer (features at every exit + teacher logits).
         max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
         storage_dtype: dtype of stored features (``"float16"`` halves the memory).

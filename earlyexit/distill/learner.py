@@ -38,9 +38,10 @@ How it works (one call of :meth:`OnlineDistiller.step`):
 
 All learning work (bookkeeping, training, calibration) shares one wall-clock budget,
 ``train_time_budget`` of the time spent serving (``closed_time_budget`` while every gate is
-closed: that traffic runs to the end anyway, and only learning can make savings possible). In
-background mode the serving thread only serves: the batch's bookkeeping (step 2's sorting and
-everything after it) is queued for the background thread.
+closed, in background mode: that traffic runs to the end anyway, and only learning can make
+savings possible). In background mode the serving thread only serves: the batch's bookkeeping
+(step 2's sorting and everything after it) is queued for the background thread, and a scheduled
+calibration waits until the budget allows it.
 """
 
 from __future__ import annotations
@@ -448,9 +449,9 @@ class OnlineDistiller:
             if self.worker.running:
                 self._wake.notify_all()
                 return
-            due = self._calibration_affordable()
-            if due:
-                self._calibration_due = False
+            # Synchronous: calibrate on schedule (the caller waits for it; the budget is the
+            # background thread's pacing).
+            due, self._calibration_due = self._calibration_due, False
         if self._flush_due(due):
             self._timed(self._flush_pending)
         if self._may_train():
@@ -467,15 +468,16 @@ class OnlineDistiller:
         return self.trainer.may_train(self.schedule.learn_seconds, self.schedule.allowance_seconds)
 
     def _calibration_affordable(self) -> bool:
-        """A calibration is due and the time budget allows it (call under the lock)."""
+        """Background mode: a calibration is due and the time budget allows it (under the lock)."""
         if not self._calibration_due:
             return False
         return self.config.train_time_budget is None or self.schedule.affordable(0.0)
 
     def _budget_rate(self) -> float:
-        """Learning seconds a second of serving earns now: more while every gate is closed."""
+        """Learning seconds a second of serving earns now: in background mode more while every
+        gate is closed (a synchronous step's learning delays its own answers: never more)."""
         budget = self.config.train_time_budget or 0.0
-        if all(t == math.inf for t in self.eem.thresholds):
+        if self.worker.running and all(t == math.inf for t in self.eem.thresholds):
             return max(budget, self.config.closed_time_budget)
         return budget
 
