@@ -59,7 +59,7 @@ def test_a_negative_saved_allowance_is_rejected():
 
 
 # ---------------------------------------------------------------------------------------- learner
-def test_closed_gates_earn_the_closed_budget_and_open_gates_the_train_budget():
+def test_traffic_the_full_model_answers_earns_the_closed_budget_the_rest_the_train_budget():
     config = quick(
         background=True, train_time_budget=0.1, closed_time_budget=3.0, warmup_samples=10**6
     )
@@ -70,7 +70,9 @@ def test_closed_gates_earn_the_closed_budget_and_open_gates_the_train_budget():
         learner.sync(timeout=30)
         schedule = learner.schedule
         assert schedule.allowance_seconds == pytest.approx(3.0 * schedule.serve_seconds)
-        learner.eem.set_thresholds([0.5, math.inf])  # a gate open: the usual budget
+        # Every sample leaves at the first exit (audits too, they count where they left): the
+        # full model answers none, so the batch earns the plain budget.
+        learner.eem.set_thresholds([-1e9, math.inf])
         earned, served = schedule.allowance_seconds, schedule.serve_seconds
         learner.step(stream(16, g))
         learner.sync(timeout=30)
@@ -221,3 +223,15 @@ def test_save_and_close_record_the_batches_served_first(tmp_path):
     assert learner.stats()["samples"] == 24
     resumed = OnlineDistiller.load(toy_wrap().base_model, path, background=False)
     assert resumed.stats()["samples"] == 24
+
+
+def test_the_budget_tapers_with_the_share_the_full_model_answers():
+    config = quick(background=True, train_time_budget=0.1, closed_time_budget=2.1)
+    learner = OnlineDistiller(toy_wrap(), config)
+    try:
+        assert learner._budget_rate([0, 0, 4]) == pytest.approx(2.1)  # nothing left early
+        assert learner._budget_rate([3, 0, 1]) == pytest.approx(0.1 + 2.0 * 0.25)
+        assert learner._budget_rate([2, 2, 0]) == pytest.approx(0.1)  # everything left early
+    finally:
+        learner.close()
+    assert learner._budget_rate([0, 0, 4]) == pytest.approx(0.1)  # synchronous: plain budget

@@ -86,20 +86,22 @@ class DistillConfig:
             calibrations) may take at most this share of the wall-clock spent serving (``None``:
             no cap, and runs are reproducible step for step); keeps learning cheap next to small
             backbones, generous next to big ones. Precisely: every served batch earns its serving
-            time times the budget in force (this one; in background mode ``closed_time_budget``
-            while every gate is closed), and a training step starts only while the learning time
-            spent so far plus one step stays within the time earned so far. Bookkeeping always
-            runs and is counted. In background mode a scheduled calibration also waits until the
-            time spent is within the time earned; in synchronous mode calibrations run on
-            schedule (the caller waits for them).
-        closed_time_budget: background mode only: the budget while every gate is closed (warm-up,
-            after a drift alarm; the higher of this and ``train_time_budget`` applies). Then all
-            traffic runs to the end whatever the learner does and only learning can make savings
-            possible, so the background thread learns harder; once a gate opens,
-            ``train_time_budget`` applies again (time earned and not spent carries over, time
-            overspent is paid back first). Learning then runs on its own thread, beside serving;
-            a synchronous step's learning delays its own answers, so it never gets more than
-            ``train_time_budget``. Ignored when ``train_time_budget`` is ``None``.
+            time times the budget (in background mode, more for the samples the full model
+            answered, see ``closed_time_budget``), and a training step starts only while the
+            learning time spent so far plus one step stays within the time earned so far.
+            Bookkeeping always runs and is counted. In background mode a scheduled calibration
+            also waits until the time spent is within the time earned; in synchronous mode
+            calibrations run on schedule (the caller waits for them).
+        closed_time_budget: background mode only: the budget earned by the samples the full model
+            answered (every sample while every gate is closed: warm-up, after a drift alarm). A
+            batch earns its serving time times ``train_time_budget + (closed_time_budget -
+            train_time_budget) * share answered by the full model`` (``train_time_budget`` if it
+            is the higher). Traffic that runs to the end saves nothing whatever the learner does,
+            and only learning can make savings possible, so the background thread learns harder
+            while little leaves early and tapers as gates open (time earned and not spent
+            carries over; time overspent is paid back first). Learning then runs on its own
+            thread, beside serving; a synchronous step's learning delays its own answers, so it
+            earns only ``train_time_budget``. Ignored when ``train_time_budget`` is ``None``.
         replay_samples: cap on the replay buffer (features at every exit + teacher logits).
         max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
         storage_dtype: dtype of stored features (``"float16"`` halves the memory).

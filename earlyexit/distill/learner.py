@@ -37,9 +37,9 @@ How it works (one call of :meth:`OnlineDistiller.step`):
    the new evidence supports them.
 
 All learning work (bookkeeping, training, calibration) shares one wall-clock budget,
-``train_time_budget`` of the time spent serving (``closed_time_budget`` while every gate is
-closed, in background mode: that traffic runs to the end anyway, and only learning can make
-savings possible). In background mode the serving thread only serves: the batch's bookkeeping
+``train_time_budget`` of the time spent serving (in background mode, up to ``closed_time_budget``
+for traffic the full model answers, all of it while every gate is closed: that traffic saves
+nothing, and only learning can make savings possible). In background mode the serving thread only serves: the batch's bookkeeping
 (step 2's sorting and everything after it) is queued for the background thread, and a scheduled
 calibration waits until the budget allows it.
 """
@@ -73,7 +73,7 @@ from .config import DistillConfig
 from .drift import DriftAlarm, DriftMonitor
 from .evidence import ContentSplit, Evidence
 from .gate_data import GateData
-from .rows import sort_rows
+from .rows import BatchRows, sort_rows
 from .schedule import Phase, PhaseStatus, Schedule
 from .stats import LearnerStats, audited_agreement, exit_entries
 from .traffic import TrafficCounters
@@ -258,9 +258,9 @@ class OnlineDistiller:
         """Record the served batch, count its time, then train or calibrate if due (``before``:
         seconds of this batch's learning work already done, outside serving)."""
         started = time.perf_counter()
-        self._learn(result, trace, audit, calibration_side)
+        rows = self._learn(result, trace, audit, calibration_side)
         with self._lock:
-            self.schedule.earn(served, self._budget_rate())
+            self.schedule.earn(served, self._budget_rate(rows.counts))
             # Per-batch bookkeeping (checks, hashing, buffers) is learning work too: it counts
             # against the same budget as training, so the budget bounds the whole overhead.
             self.schedule.learn_seconds += before + time.perf_counter() - started
@@ -349,9 +349,10 @@ class OnlineDistiller:
         trace: ExitTrace,
         audit: Tensor,
         calibration_side: Tensor,
-    ) -> None:
+    ) -> BatchRows:
         """Count the batch, check its audited answers, and route what ran to the end to the
-        evidence (held-out contents that were audited) or to training (the other contents).
+        evidence (held-out contents that were audited) or to training (the other contents);
+        returns the batch's rows.
 
         Everything is computed first; the learner changes only once nothing is left to fail."""
         rows = sort_rows(self.eem, self.config, result, trace, audit, calibration_side)
@@ -364,7 +365,7 @@ class OnlineDistiller:
                 self.traffic.record_audit(e, ok)
                 self.drift.record(e, ok)
             if rows.zs is None:
-                return
+                return rows
             zs, teacher = rows.zs, rows.teacher
             evidence, train = rows.evidence, rows.train
             if self._collect_evidence and bool(evidence.any()):
@@ -382,6 +383,7 @@ class OnlineDistiller:
                 alarm = self.drift.check()
                 if alarm is not None:
                     self._on_drift(alarm)
+        return rows
 
     def _ensure_buffers(self, zs: list[Tensor], teacher: Tensor) -> None:
         """Allocate replay, evidence and gate data at the first sample, within the memory cap
@@ -473,13 +475,16 @@ class OnlineDistiller:
             return False
         return self.config.train_time_budget is None or self.schedule.affordable(0.0)
 
-    def _budget_rate(self) -> float:
-        """Learning seconds a second of serving earns now: in background mode more while every
-        gate is closed (a synchronous step's learning delays its own answers: never more)."""
+    def _budget_rate(self, counts: list[int]) -> float:
+        """Learning seconds a second of serving a batch earns (``counts``: its samples per path).
+        In background mode the share the full model answered (all of it while every gate is
+        closed: no saving, and only learning can make one) earns ``closed_time_budget``; a
+        synchronous step's learning delays its own answers, so it earns the plain budget."""
         budget = self.config.train_time_budget or 0.0
-        if self.worker.running and all(t == math.inf for t in self.eem.thresholds):
-            return max(budget, self.config.closed_time_budget)
-        return budget
+        if not self.worker.running:
+            return budget
+        ran_to_end = counts[-1] / max(sum(counts), 1)
+        return budget + max(0.0, self.config.closed_time_budget - budget) * ran_to_end
 
     def _flush_due(self, calibrating: bool) -> bool:
         return self.gate_data.flush_due(self.trainer.trained_samples, calibrating)
