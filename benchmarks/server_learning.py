@@ -15,7 +15,8 @@ Fashion-MNIST test images (the same first ``--distinct`` images of a seeded orde
 * the agreement with the full model of the final policy on images never served (the rest of the
   test split), and its MAC saving there;
 * train steps, calibrations, evidence kept vs what the calibrator needs, the learning cost as a
-  share of serving time (the learner's own clocks), and the calibration reports' reasons;
+  share of serving time (the learner's own clocks; over the whole run and over its second half),
+  and the calibration reports' reasons;
 * the serving thread's overhead at batch 1: the median wall-clock of ``learner.step(x)`` minus
   that of ``eem(x)`` on the same single images, alternated, in the state the run ended in;
 * a timeline (every ``--every`` samples): saving, thresholds open, train steps, evidence.
@@ -107,6 +108,15 @@ def pooled_audits(learner: OnlineDistiller) -> dict[str, Any]:
     }
 
 
+def second_half_share(timeline: list[dict[str, Any]]) -> float | None:
+    """Learning seconds over serving seconds between the timeline's middle entry and its last."""
+    if len(timeline) < 2:
+        return None
+    mid, last = timeline[len(timeline) // 2], timeline[-1]
+    served = last["serve_seconds"] - mid["serve_seconds"]
+    return (last["learn_seconds"] - mid["learn_seconds"]) / served if served > 0 else None
+
+
 def batch1_overhead(learner: OnlineDistiller, images: list[torch.Tensor]) -> dict[str, float]:
     """Median ``learner.step(x)`` minus median ``eem(x)`` on single images, alternated."""
     eem = learner.eem
@@ -189,6 +199,8 @@ def main() -> None:
                     "train_steps": s["train_steps"],
                     "evidence": s["evidence"],
                     "calibrations": s["calibrations"],
+                    "serve_seconds": round(learner.schedule.serve_seconds, 2),
+                    "learn_seconds": round(learner.schedule.learn_seconds, 2),
                     "learn_share": round(
                         learner.schedule.learn_seconds / max(learner.schedule.serve_seconds, 1e-9),
                         4,
@@ -223,6 +235,8 @@ def main() -> None:
         "learn_seconds": schedule.learn_seconds,
         "learn_share_of_serving": schedule.learn_seconds / max(schedule.serve_seconds, 1e-9),
         "exits": [{"state": str(e["state"]), "reason": e["reason"]} for e in stats["exits"]],
+        # Learning cost once the first gate had been open a while: the last half of the run.
+        "learn_share_second_half": second_half_share(timeline),
         "timeline": timeline,
     }
     report["batch1"] = batch1_overhead(learner, [traffic[i : i + 1] for i in range(args.batch1)])
@@ -231,7 +245,13 @@ def main() -> None:
     report["held_out_policy"] = held_out_policy(learner, unseen)
     for key in ("first_gate_open", "mac_saving", "mac_saving_total", "audited", "train_steps"):
         print(f"{key}: {report[key]}")
-    for key in ("calibrations", "evidence", "evidence_needed", "learn_share_of_serving"):
+    for key in (
+        "calibrations",
+        "evidence",
+        "evidence_needed",
+        "learn_share_of_serving",
+        "learn_share_second_half",
+    ):
         print(f"{key}: {report[key]}")
     print(f"batch1: {report['batch1']}")
     print(f"held_out_policy: {report['held_out_policy']}")

@@ -235,3 +235,34 @@ def test_the_budget_tapers_with_the_share_the_full_model_answers():
     finally:
         learner.close()
     assert learner._budget_rate([0, 0, 4]) == pytest.approx(0.1)  # synchronous: plain budget
+
+
+# ---------------------------------------------------------------------------------------- calibrator
+def test_recalibrating_unchanged_heads_scores_only_the_new_evidence_rows(monkeypatch):
+    import earlyexit.distill.calibrator as calibrator_module
+    from earlyexit.distill.trainer import classify_all
+
+    learner = OnlineDistiller(toy_wrap(), quick(evidence_samples=50, warmup_samples=10**6))
+    heads, calibrator = learner.eem.heads, learner.calibrator
+    scored: list[int] = []
+
+    def counting(heads_, zs):
+        scored.append(int(zs[0].shape[0]))
+        return classify_all(heads_, zs)
+
+    monkeypatch.setattr(calibrator_module, "classify_all", counting)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(8):  # the ring of 50 rows fills, then wraps
+        learner.step(stream(32, g))
+        ring = learner.evidence.ring
+        data = learner.evidence.snapshot()
+        got = calibrator.evidence_logits(heads, data, ("same heads", ring.head, ring.added))
+        want = classify_all(heads, [data["z0"], data["z1"]])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+    assert ring.added > 2 * ring.capacity and len(ring) == ring.capacity
+    assert max(scored[1:]) < ring.capacity  # only the rows written since were rescored
+    calibrator.evidence_logits(heads, data, ("other heads", ring.head, ring.added))
+    assert scored[-1] == ring.capacity  # new heads: every row
+    calibrator.evidence_logits(heads, data)
+    assert scored[-1] == ring.capacity  # no key: every row

@@ -191,8 +191,12 @@ class OnlineDistiller:
         :class:`~earlyexit.InputError` before any state of the learner changes. A call that raises
         later (serving, bookkeeping, training or calibrating failed) leaves no trace either: in
         synchronous mode every part is put back as it was (:mod:`.undo`); in background mode the
-        batch is recorded only once everything it needs has been computed, and a failure of the
-        trainer thread is raised on the next call as :class:`BackgroundTrainingError`.
+        step returns once the batch is served, the background thread records it (only once
+        everything it needs has been computed; :meth:`sync`, :meth:`save` and :meth:`close` wait
+        for the batches served, ``stats()`` may lag a few batches), and a failure of that thread
+        is raised on the next call as :class:`BackgroundTrainingError`. A background thread
+        that lags ``MAX_QUEUED_BATCHES`` batches behind has the serving thread record the next
+        ones itself: memory stays bounded and no batch goes uncounted.
 
         Rows whose teacher (the full model's logits) or stored head inputs are not finite (a
         finite but extreme input can overflow a model) are served flagged (``accepted=False``)
@@ -414,6 +418,7 @@ class OnlineDistiller:
         )
         undo.keep_attributes(self.trainer, ("rng",))
         undo.keep_attributes(self.evidence, ("ring",))
+        undo.keep_attributes(self.calibrator, ("_scored",))  # logits of evidence rows undone
         undo.keep_attributes(self.gate_data, ("ring", "pending", "pending_rows"))
         undo.keep_attributes(
             self, ("_reports", "_expected_saving", "_phase", "_calibration_due", "_ready")
@@ -549,9 +554,12 @@ class OnlineDistiller:
             if have < need:
                 return self.calibrator.closed(have, epoch)
             data = self.evidence.snapshot()
+            ring = self.evidence.ring
+            # The student changes only by training steps (under the train lock we hold).
+            rows_key = ((epoch, self.trainer.train_steps), ring.head, ring.added)
         heads = self.trainer.copy_student(self.eem.training, like=self.eem.heads)
         gate, gate_note = self._fit_gate()
-        return self.calibrator.candidate(heads, gate, gate_note, data, epoch)
+        return self.calibrator.candidate(heads, gate, gate_note, data, epoch, rows_key)
 
     def _publish(self, candidate: Candidate) -> None:
         """Serve ``candidate``: its heads and its thresholds, never one without the other."""
