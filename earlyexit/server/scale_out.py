@@ -35,7 +35,9 @@ Example:
 # deployment classes, which Ray serialises without this module's namespace.
 
 import asyncio
+import copy
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -90,6 +92,31 @@ class ServedModel:
     transform: Callable[[Any], Tensor] | None = None
     config: DistillConfig = field(default_factory=DistillConfig)
     threads: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        eem: EarlyExitModel,
+        transform: Callable[[Any], Tensor] | None = None,
+        config: DistillConfig | None = None,
+        threads: int | None = None,
+    ) -> "ServedModel":
+        """Serve copies of ``eem`` (base weights, exits, heads and thresholds): it travels to
+        every process with the app, and each makes its own copy.
+
+        Example:
+            >>> served = ServedModel.of(ee.wrap(model), transform)  # doctest: +SKIP
+        """
+        if not isinstance(eem, EarlyExitModel):
+            raise ConfigError(
+                f"expected an EarlyExitModel (ee.wrap(model)), got {type(eem).__name__}"
+            )
+        return cls(
+            wrap=functools.partial(copy.deepcopy, eem),
+            transform=transform,
+            config=config or DistillConfig(),
+            threads=threads,
+        )
 
 
 @dataclass(frozen=True)
