@@ -203,13 +203,15 @@ class EarlyExitLearner:
         entry = self._replicas.setdefault(replica, {"index": index, "batches": 0})
         entry.update(heads_version=version, seen=time.monotonic())
 
-    def record(self, rows: Any, serve_seconds: float, replica: str, index: int, version: int):
-        """Learn from one batch a replica served."""
+    def record(self, batches: list[tuple[Any, float, int]], replica: str, index: int) -> None:
+        """Learn from batches a replica served: ``(rows, serve_seconds, heads_version)`` each,
+        in the order they were served."""
         with self._lock:
-            self.learner.record(rows, serve_seconds)
-            self._seen(replica, index, version)
-            self._replicas[replica]["batches"] += 1
-            self.signals += 1
+            for rows, serve_seconds, version in batches:
+                self.learner.record(rows, serve_seconds)
+                self._seen(replica, index, version)
+                self._replicas[replica]["batches"] += 1
+                self.signals += 1
 
     def poll(
         self, since: int, replica: str, index: int, version: int
@@ -324,13 +326,16 @@ class EarlyExitReplica:
                     self.replica.install(release)
 
     async def _send(self) -> None:
-        """Hand the teacher signals to the learner, in order, one batch at a time."""
+        """Hand the teacher signals to the learner in order: everything queued in one call (under
+        load, one call carries many batches)."""
         while True:
-            rows, seconds, version = await self._outbox.get()
+            batches = [await self._outbox.get()]
+            while not self._outbox.empty():
+                batches.append(self._outbox.get_nowait())
             try:
-                await self.learner.record.remote(rows, seconds, self.name, self.index, version)
+                await self.learner.record.remote(batches, self.name, self.index)
             except Exception:
-                self.signals_failed += 1
+                self.signals_failed += len(batches)
 
     # -------------------------------------------------------------- serving
     async def _serve_rows(self, x: Tensor) -> ServedBatch:
