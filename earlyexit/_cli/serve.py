@@ -124,6 +124,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "as the serving thread is free; requests arriving meanwhile are batched together)",
     )
     serving.add_argument(
+        "--max-queued-requests",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="requests waiting to be served beyond which new ones get a 503 at once "
+        "(back-pressure; with --ray, per replica; default 256)",
+    )
+    serving.add_argument(
         "--threads",
         type=positive_int,
         metavar="N",
@@ -153,14 +161,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ray-address",
         metavar="ADDRESS",
         help="join this Ray cluster (default: start a local one with every CPU of this machine)",
-    )
-    scale.add_argument(
-        "--max-queued-requests",
-        type=positive_int,
-        default=256,
-        metavar="N",
-        help="with --ray, requests waiting for a replica beyond which new ones get a 503 "
-        "(default 256)",
     )
     add_output_arguments(parser)
 
@@ -206,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         settings = ServerSettings(
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
+            max_queued_requests=args.max_queued_requests,
             max_body_bytes=args.max_body_bytes,
             token=args.token,
             save_on_exit=args.save_on_exit,

@@ -57,10 +57,18 @@ Request = fastapi.Request
 Response = fastapi.Response
 JSONResponse = responses.JSONResponse
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerSettings", "ServerState", "create_app"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_QUEUED_REQUESTS",
+    "ServerSettings",
+    "ServerState",
+    "create_app",
+]
 
 #: Largest request body accepted by default (8 MiB: a few large photos' worth).
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Requests that may wait for the serving thread by default before new ones get a 503.
+DEFAULT_MAX_QUEUED_REQUESTS = 256
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,9 @@ class ServerSettings:
         max_batch: most samples served together.
         max_wait_ms: longest a request waits for others to join its batch (0: served as soon as
             the serving thread is free; requests that arrive meanwhile are batched together).
+        max_queued_requests: requests waiting for the serving thread beyond which a new one gets
+            a 503 at once (back-pressure: an overloaded server answers fast instead of letting
+            every request's latency grow without bound).
         max_body_bytes: larger request bodies get a 413.
         max_pixels: larger images get a 400 before they are decoded.
         token: when set, ``/save`` and ``/calibrate`` need ``Authorization: Bearer TOKEN``.
@@ -80,6 +91,7 @@ class ServerSettings:
 
     max_batch: int = 32
     max_wait_ms: float = 0.0
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     token: str | None = None
@@ -90,6 +102,10 @@ class ServerSettings:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
         if not self.max_wait_ms >= 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_queued_requests < 1:
+            raise ConfigError(
+                f"max_queued_requests must be at least 1, got {self.max_queued_requests}"
+            )
         if self.max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
         if self.token is not None and not self.token:
@@ -201,6 +217,14 @@ def create_app(
         try:
             content_type = request.headers.get("content-type")
             state.decoder.check_content_type(content_type)
+            if state.batcher.queued >= settings.max_queued_requests:
+                state.metrics.record_request(503)
+                return json_error(
+                    503,
+                    f"the server is overloaded ({state.batcher.queued} requests waiting); "
+                    "retry later",
+                    {"Retry-After": "1"},
+                )
             body = await read_body(request, settings.max_body_bytes)
             x = await concurrency.run_in_threadpool(state.decoder.decode, content_type, body)
             served: ServedBatch = await asyncio.wrap_future(state.batcher.submit(x))
