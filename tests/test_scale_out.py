@@ -213,3 +213,19 @@ def test_settings_are_checked():
     with pytest.raises(ConfigError, match="ServedModel"):
         build_app(_toy)  # type: ignore[arg-type]
     assert ServedModel(wrap=_toy).config.target_agreement == 0.99
+
+
+def test_served_model_of_ships_copies_of_the_wrapped_model():
+    import pickle
+
+    from earlyexit.server.scale_out import ServedModel
+
+    eem = _toy()
+    eem.set_thresholds([1.5, 2.5])
+    served = pickle.loads(pickle.dumps(ServedModel.of(eem, threads=1)))
+    copy = served.wrap()
+    assert copy is not eem and copy.thresholds == (1.5, 2.5)
+    x = _stream(16, 3)
+    assert torch.equal(copy.predict(x).logits, eem.predict(x).logits)
+    with pytest.raises(ConfigError, match="EarlyExitModel"):
+        ServedModel.of(eem.base_model)
