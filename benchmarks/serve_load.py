@@ -1,8 +1,11 @@
 """Load on the embedded server: early exit under concurrent traffic, against the same model unwrapped.
 
-``earlyexit serve`` is started twice on loopback with the fine-tuned EfficientNet-Lite0 of the
-fashion workload: once serving the base model as is (``--plain``: same decoding, batching and
-JSON, no exits, no learner) and once wrapped, learning online. Each run sends real Fashion-MNIST
+``earlyexit serve`` is started three times on loopback with the fine-tuned EfficientNet-Lite0 of the
+fashion workload: serving the base model as is (``plain``: ``--plain``, same decoding, batching
+and JSON, no exits, no learner), wrapped and learning online (``early_exit``), and wrapped on Ray
+Serve (``ray``: ``--ray --replicas 2``, one learner; one replica process is killed with SIGKILL
+half-way through the run, and the run checks that it comes back serving the latest heads). Each
+run sends real Fashion-MNIST
 test images (``.npy``, preprocessed like the workload) from N concurrent clients for a fixed
 time, then one client alone, and reports:
 
@@ -10,19 +13,20 @@ time, then one client alone, and reports:
 * the MAC saving under load (the learner's own count of MACs spent, audits included) and the
   heads versions published during the run;
 * the server's resident memory (RSS) sampled through the run: it must stay flat (the learner's
-  buffers are capped);
+  buffers are capped); with Ray, the sum over the replica and learner processes;
 * the server's overhead at batch 1: one client's median latency against the server, minus the
   median of calling the same wrapped model (the heads the server saved at the end) in this process.
 
 Targets (issue #16): the server adds <= 1 ms per request over calling ``eem`` directly at batch 1;
 under load, early exit raises throughput over the unwrapped server by >= 0.7 x what the MAC saving
-allows (``1 / (1 - saving) - 1``). Both runs happen in one invocation, one after the other, on the
+allows (``1 / (1 - saving) - 1``). All arms run in one invocation, one after the other, on the
 same machine, so their ratio is what to read.
 
 Usage:
     python benchmarks/serve_load.py                    # 10 minutes per server (the issue's run)
     python benchmarks/serve_load.py --quick            # 60 s per server, to try it
     python benchmarks/serve_load.py --clients 8 --duration 300 --threads 1
+    python benchmarks/serve_load.py --servers ray --quick   # one arm
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +80,28 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def ray_actor_pids(title: str) -> list[int]:
+    """Processes whose command line contains ``title`` (Ray names actor processes
+    ``ray::ServeReplica:APP:DEPLOYMENT``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title in command:
+            pids.append(int(entry.name))
+    return pids
+
+
 class Server:
     """``earlyexit serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, weights: Path, port: int, *, plain: bool, threads: int, save: Path) -> None:
+    def __init__(
+        self, weights: Path, port: int, *, plain: bool, threads: int, save: Path, replicas: int = 0
+    ) -> None:
         command = [
             sys.executable, "-m", "earlyexit", "serve",
             "--model", MODEL, "--num-classes", "10", "--weights", str(weights),
@@ -87,13 +110,16 @@ class Server:
         ]  # fmt: skip
         if plain:
             command.append("--plain")
+        if replicas:
+            command += ["--ray", "--replicas", str(replicas)]
         self.port = port
+        self.ray = bool(replicas)
         self.process = subprocess.Popen(
             command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
         )
         self.log: list[str] = []
         started = time.monotonic()
-        while time.monotonic() - started < 180:
+        while time.monotonic() - started < 300:
             line = self.process.stderr.readline() if self.process.stderr else ""
             if not line and self.process.poll() is not None:
                 raise RuntimeError("the server exited before it was ready:\n" + "".join(self.log))
@@ -101,9 +127,16 @@ class Server:
             if "serving on" in line:
                 break
         else:
-            raise RuntimeError("the server was not ready within 180 s")
+            raise RuntimeError("the server was not ready within 300 s")
         # Keep draining stderr so the server never blocks on a full pipe.
         threading.Thread(target=self._drain, daemon=True).start()
+
+    def rss(self) -> int:
+        """Resident memory of the server: its process, or with Ray every replica and the
+        learner (the actors doing the work; Ray's own daemons are left out)."""
+        if not self.ray:
+            return rss_bytes(self.process.pid)
+        return sum(rss_bytes(pid) for pid in ray_actor_pids("ServeReplica:earlyexit:"))
 
     def _drain(self) -> None:
         for line in self.process.stderr or []:
@@ -169,8 +202,15 @@ def client_loop(
     conn.close()
 
 
-def load_phase(server: Server, payloads: list[bytes], clients: int, seconds: float) -> dict:
-    """N clients for ``seconds``; RSS sampled every 5 s."""
+def load_phase(
+    server: Server,
+    payloads: list[bytes],
+    clients: int,
+    seconds: float,
+    kill_at: float | None = None,
+) -> dict:
+    """N clients for ``seconds``; RSS sampled every 5 s. With ``kill_at``, one Ray replica is
+    killed (SIGKILL, like a crash) that many seconds into the run."""
     outs = [
         {"sent": 0, "lost": 0, "errors": 0, "latencies": [], "exits": [], "versions": set()}
         for _ in range(clients)
@@ -180,13 +220,19 @@ def load_phase(server: Server, payloads: list[bytes], clients: int, seconds: flo
         threading.Thread(target=client_loop, args=(server.port, payloads, stop_at, c, clients, o))
         for c, o in enumerate(outs)
     ]
-    rss = [rss_bytes(server.process.pid)]
+    rss = [server.rss()]
     began = time.perf_counter()
+    killed: dict[str, Any] | None = None
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
-        time.sleep(5.0)
-        rss.append(rss_bytes(server.process.pid))
+        time.sleep(1.0 if kill_at is not None and killed is None else 5.0)
+        if kill_at is not None and killed is None and time.perf_counter() - began >= kill_at:
+            victims = ray_actor_pids("ServeReplica:earlyexit:EarlyExitReplica")
+            os.kill(victims[0], signal.SIGKILL)
+            killed = {"pid": victims[0], "at_s": time.perf_counter() - began}
+            print(f"killed replica process {victims[0]}", file=sys.stderr)
+        rss.append(server.rss())
     for t in threads:
         t.join()
     wall = time.perf_counter() - began
@@ -208,7 +254,9 @@ def load_phase(server: Server, payloads: list[bytes], clients: int, seconds: flo
         "latency_p50_ms": 1e3 * pct(0.50) if latencies else None,
         "latency_p95_ms": 1e3 * pct(0.95) if latencies else None,
         "latency_p99_ms": 1e3 * pct(0.99) if latencies else None,
+        "latency_max_ms": 1e3 * latencies[-1] if latencies else None,
         "heads_versions_seen": sorted(set().union(*(o["versions"] for o in outs))),
+        "killed_replica": killed,
         "rss_bytes": {"start": rss[0], "end": rss[-1], "max": max(rss), "samples": rss},
     }
 
@@ -244,17 +292,30 @@ def direct_latency(model: torch.nn.Module, heads: Path, inputs: list[torch.Tenso
 
 
 def run_server(
-    args: argparse.Namespace, weights: Path, payloads: list[bytes], *, plain: bool, port: int
+    args: argparse.Namespace,
+    weights: Path,
+    payloads: list[bytes],
+    *,
+    kind: str,
+    port: int,
 ) -> tuple[dict, Path]:
+    """One arm: ``plain`` (the base model), ``early_exit`` (the embedded server) or ``ray``
+    (Ray Serve, ``args.replicas`` replicas, one of them killed half-way)."""
     save = Path(tempfile.mkdtemp(prefix="earlyexit-serve-")) / "heads.safetensors"
-    kind = "plain" if plain else "early_exit"
+    replicas = args.replicas if kind == "ray" else 0
     print(f"[{kind}] starting the server ...", file=sys.stderr)
-    server = Server(weights, port, plain=plain, threads=args.threads, save=save)
+    server = Server(
+        weights, port, plain=kind == "plain", threads=args.threads, save=save, replicas=replicas
+    )
+    recovered = None
     try:
         # Warm-up: a few sequential requests (first calls allocate).
         sequential_latency(server, payloads, 20)
         print(f"[{kind}] {args.clients} clients for {args.duration:.0f} s ...", file=sys.stderr)
-        load = load_phase(server, payloads, args.clients, args.duration)
+        kill_at = args.duration / 2 if replicas else None
+        load = load_phase(server, payloads, args.clients, args.duration, kill_at=kill_at)
+        if replicas:
+            recovered = replicas_recovered(server, replicas)
         single = sequential_latency(server, payloads[::-1], args.sequential)
         stats = server.get("/stats")
         metrics = server.get("/metrics")
@@ -262,6 +323,8 @@ def run_server(
         code = server.stop()
     result = {
         "server": kind,
+        "replicas": replicas or None,
+        "replicas_after_kill": recovered,
         "load": load,
         "batch1_server_p50_ms": 1e3 * statistics.median(single) if single else None,
         "exit_code_after_sigterm": code,
@@ -278,11 +341,31 @@ def run_server(
                 "exit_rates",
                 "audited_agreement",
                 "calibrations",
+                "replicas",
             )
         },
         "metrics_lines": sum(1 for line in metrics.splitlines() if line.startswith("earlyexit_")),
     }
     return result, save
+
+
+def replicas_recovered(server: Server, replicas: int, timeout: float = 120.0) -> dict:
+    """Wait until ``replicas`` replicas serve the learner's latest heads again (after the kill);
+    returns what ``/stats`` said and how long it took."""
+    began = time.monotonic()
+    while True:
+        stats = server.get("/stats")
+        live = stats.get("replicas", {})
+        versions = {entry["heads_version"] for entry in live.values()}
+        done = len(live) >= replicas and versions == {stats["heads_version"]}
+        if done or time.monotonic() - began > timeout:
+            return {
+                "recovered": done,
+                "waited_s": time.monotonic() - began,
+                "heads_version": stats["heads_version"],
+                "replicas": live,
+            }
+        time.sleep(1.0)
 
 
 def main() -> int:
@@ -294,12 +377,23 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=300, help="batch-1 requests, one client")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     parser.add_argument("--quick", action="store_true", help="60 s of load per server")
+    parser.add_argument(
+        "--servers",
+        default="plain,early_exit,ray",
+        help="arms to run, comma-separated: plain, early_exit, ray (default all three)",
+    )
+    parser.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (ray arm)")
     parser.add_argument("--out", default=None, help="JSON path")
     args = parser.parse_args()
     if args.quick:
         args.duration = min(args.duration, 60.0)
+    arms = [a.strip() for a in args.servers.split(",") if a.strip()]
+    unknown = set(arms) - {"plain", "early_exit", "ray"}
+    if unknown or not arms:
+        parser.error(f"--servers takes plain, early_exit, ray; got {args.servers!r}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     model = load_fashion_backbone()
     tmp = Path(tempfile.mkdtemp(prefix="earlyexit-serve-load-"))
@@ -310,34 +404,44 @@ def main() -> int:
     inputs = [fashion_preprocess(images[int(i)][None]) for i in order[:4000]]
     payloads = [npy_bytes(x) for x in inputs]
 
-    plain, _ = run_server(args, weights, payloads, plain=True, port=18601)
-    wrapped, heads = run_server(args, weights, payloads, plain=False, port=18602)
-    direct = direct_latency(model, heads, inputs[: args.sequential])
-
-    saving = wrapped["stats"].get("mac_saving_total") or 0.0
-    speedup = wrapped["load"]["throughput_per_s"] / plain["load"]["throughput_per_s"]
-    allowed = 1.0 / (1.0 - saving) - 1.0 if saving < 1 else float("inf")
-    report = {
+    results: dict[str, dict] = {}
+    heads: dict[str, Path] = {}
+    for i, kind in enumerate(arms):
+        results[kind], heads[kind] = run_server(args, weights, payloads, kind=kind, port=18601 + i)
+    report: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "platform": platform.platform(),
+        "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "threads": args.threads,
         "clients": args.clients,
         "duration_s": args.duration,
-        "plain": plain,
-        "early_exit": wrapped,
-        "direct_batch1_p50_ms": 1e3 * statistics.median(direct),
-        "server_overhead_batch1_ms": wrapped["batch1_server_p50_ms"]
-        - 1e3 * statistics.median(direct),
-        "throughput_ratio": speedup,
-        "mac_saving_under_load": saving,
-        "throughput_gain_vs_allowed": (speedup - 1.0) / allowed if allowed > 0 else None,
+        **results,
         "targets": {
             "server_overhead_batch1_ms_at_most": 1.0,
             "throughput_gain_vs_allowed_at_least": 0.7,
             "lost_requests": 0,
         },
     }
+    if "early_exit" in results:
+        direct = direct_latency(model, heads["early_exit"], inputs[: args.sequential])
+        report["direct_batch1_p50_ms"] = 1e3 * statistics.median(direct)
+        report["server_overhead_batch1_ms"] = (
+            results["early_exit"]["batch1_server_p50_ms"] - report["direct_batch1_p50_ms"]
+        )
+    if "plain" in results:
+        base = results["plain"]["load"]["throughput_per_s"]
+        for kind in ("early_exit", "ray"):
+            if kind not in results:
+                continue
+            saving = results[kind]["stats"].get("mac_saving_total") or 0.0
+            speedup = results[kind]["load"]["throughput_per_s"] / base
+            allowed = 1.0 / (1.0 - saving) - 1.0 if saving < 1 else float("inf")
+            results[kind]["vs_plain"] = {
+                "throughput_ratio": speedup,
+                "mac_saving_under_load": saving,
+                "throughput_gain_vs_allowed": (speedup - 1.0) / allowed if allowed > 0 else None,
+            }
     out = (
         Path(args.out)
         if args.out
@@ -346,34 +450,54 @@ def main() -> int:
         / ("serve_load_quick.json" if args.quick else "serve_load.json")
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    rows = [
-        ("throughput (req/s)", plain["load"]["throughput_per_s"], wrapped["load"]["throughput_per_s"]),
-        ("latency p50 (ms)", plain["load"]["latency_p50_ms"], wrapped["load"]["latency_p50_ms"]),
-        ("latency p95 (ms)", plain["load"]["latency_p95_ms"], wrapped["load"]["latency_p95_ms"]),
-        ("latency p99 (ms)", plain["load"]["latency_p99_ms"], wrapped["load"]["latency_p99_ms"]),
-        ("errors / lost", f"{plain['load']['errors']} / {plain['load']['lost']}",
-         f"{wrapped['load']['errors']} / {wrapped['load']['lost']}"),
-        ("RSS start -> end (MB)",
-         f"{plain['load']['rss_bytes']['start'] / 2**20:.0f} -> {plain['load']['rss_bytes']['end'] / 2**20:.0f}",
-         f"{wrapped['load']['rss_bytes']['start'] / 2**20:.0f} -> {wrapped['load']['rss_bytes']['end'] / 2**20:.0f}"),
-        ("batch-1 p50 via server (ms)", plain["batch1_server_p50_ms"], wrapped["batch1_server_p50_ms"]),
-    ]  # fmt: skip
-    print(f"{'':32} {'plain':>14} {'early exit':>14}")
-    for name, a, b in rows:
-        fa = f"{a:.2f}" if isinstance(a, float) else str(a)
-        fb = f"{b:.2f}" if isinstance(b, float) else str(b)
-        print(f"{name:32} {fa:>14} {fb:>14}")
-    gain = report["throughput_gain_vs_allowed"]
-    print(
-        f"MAC saving under load {saving:.1%}; throughput x{speedup:.2f} ("
-        + ("no saving to compare with" if gain is None else f"{gain:.2f} of what the saving allows")
-        + "; target >= 0.7); server overhead at batch 1 "
-        f"{report['server_overhead_batch1_ms']:.2f} ms (target <= 1 ms); heads versions seen "
-        f"{wrapped['load']['heads_versions_seen']}"
-    )
+    out.write_text(json.dumps(report, indent=2, default=sorted) + "\n")
+    print_table(results)
+    if "server_overhead_batch1_ms" in report:
+        print(
+            f"server overhead at batch 1: {report['server_overhead_batch1_ms']:.2f} ms over calling "
+            f"the wrapped model directly ({report['direct_batch1_p50_ms']:.2f} ms; target <= 1 ms)"
+        )
     print(f"wrote {out}")
     return 0
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def print_table(results: dict[str, dict]) -> None:
+    """One column per arm."""
+    kinds = list(results)
+
+    def row(name: str, get: Callable[[dict], Any]) -> None:
+        cells = []
+        for kind in kinds:
+            try:
+                cells.append(_fmt(get(results[kind])))
+            except (KeyError, TypeError):
+                cells.append("-")
+        print(f"{name:32} " + " ".join(f"{c:>16}" for c in cells))
+
+    print(f"{'':32} " + " ".join(f"{k:>16}" for k in kinds))
+    row("throughput (req/s)", lambda r: r["load"]["throughput_per_s"])
+    row("latency p50 (ms)", lambda r: r["load"]["latency_p50_ms"])
+    row("latency p95 (ms)", lambda r: r["load"]["latency_p95_ms"])
+    row("latency p99 (ms)", lambda r: r["load"]["latency_p99_ms"])
+    row("latency max (ms)", lambda r: r["load"]["latency_max_ms"])
+    row("errors / lost", lambda r: f"{r['load']['errors']} / {r['load']['lost']}")
+    row(
+        "RSS start -> end (MB)",
+        lambda r: (
+            f"{r['load']['rss_bytes']['start'] / 2**20:.0f} -> "
+            f"{r['load']['rss_bytes']['end'] / 2**20:.0f}"
+        ),
+    )
+    row("batch-1 p50 via server (ms)", lambda r: r["batch1_server_p50_ms"])
+    row("MAC saving (whole run)", lambda r: r["stats"]["mac_saving_total"])
+    row("heads versions seen", lambda r: len(r["load"]["heads_versions_seen"]))
+    row("throughput x plain", lambda r: r["vs_plain"]["throughput_ratio"])
+    row("gain / what saving allows", lambda r: r["vs_plain"]["throughput_gain_vs_allowed"])
+    row("replicas back after kill", lambda r: r["replicas_after_kill"]["recovered"])
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """The packages of the optional extras, imported when a feature runs.
 
 Wrapping, serving in Python, learning and save/load need none of them, so ``pip install earlyexit``
-leaves them out. Two extras:
+leaves them out. Three extras:
 
 - ``earlyexit[demo]``: the reference workloads, the PNG plots and the difficulty router
   (scikit-image, scikit-learn, matplotlib, the EfficientNet weights);
 - ``earlyexit[serve]``: the HTTP server of ``earlyexit serve`` (FastAPI, uvicorn,
-  prometheus_client).
+  prometheus_client);
+- ``earlyexit[ray]``: scale-out of the server on Ray Serve (``earlyexit serve --ray``): Ray Serve
+  and the ``serve`` extra.
 
 Features import them through :func:`import_extra_package` (or the demo shorthands) at call time,
 which turns a missing package into one clear error naming the feature, the package and the install
@@ -31,6 +33,7 @@ __all__ = [
     "DEMO_EXTRA_INSTALL",
     "DEMO_PACKAGES",
     "EXTRA_PACKAGES",
+    "RAY_PACKAGES",
     "SERVE_EXTRA_INSTALL",
     "SERVE_PACKAGES",
     "import_demo_package",
@@ -60,8 +63,15 @@ SERVE_PACKAGES: dict[str, str] = {
     "prometheus_client": "prometheus-client",
 }
 
+#: Import name -> distribution name of each package in the ``ray`` extra (it includes ``serve``).
+RAY_PACKAGES: dict[str, str] = {**SERVE_PACKAGES, "ray": "ray[serve]"}
+
 #: Each extra's packages (import name -> distribution name).
-EXTRA_PACKAGES: dict[str, dict[str, str]] = {"demo": DEMO_PACKAGES, "serve": SERVE_PACKAGES}
+EXTRA_PACKAGES: dict[str, dict[str, str]] = {
+    "demo": DEMO_PACKAGES,
+    "serve": SERVE_PACKAGES,
+    "ray": RAY_PACKAGES,
+}
 
 
 def install_command(extra: str) -> str:

@@ -146,14 +146,14 @@ def test_without_a_budget_calibrations_never_wait():
 def blocked_recording(learner: OnlineDistiller) -> threading.Event:
     """Make the background thread wait before recording a batch until the event is set."""
     release = threading.Event()
-    learn = learner._learn
+    store = learner._store
 
-    def waiting_learn(*args, **kwargs):
+    def waiting_store(*args, **kwargs):
         if threading.current_thread().name == "earlyexit-distill":
             release.wait(timeout=30)
-        return learn(*args, **kwargs)
+        return store(*args, **kwargs)
 
-    learner._learn = waiting_learn
+    learner._store = waiting_store
     return release
 
 
@@ -199,7 +199,7 @@ def test_a_failed_background_recording_surfaces_on_the_next_step():
     def broken(*args, **kwargs):
         raise RuntimeError("ring on fire")
 
-    learner._learn = broken
+    learner._store = broken
     g = torch.Generator().manual_seed(5)
     try:
         with pytest.raises(BackgroundTrainingError, match="ring on fire"):

@@ -33,6 +33,7 @@ from earlyexit.errors import ConfigError
 from earlyexit.server import (
     DynamicBatcher,
     LearnerBackend,
+    NotAvailable,
     PlainBackend,
     ServedBatch,
     ServerClosing,
@@ -691,3 +692,70 @@ def test_without_the_serve_extra_the_command_says_what_to_install():
         f"earlyexit serve: error: earlyexit serve needs fastapi, uvicorn, prometheus-client: {hint}\n"
     )
     assert got["loaded"] == []
+
+
+# ------------------------------------------------------------------------------ back-pressure
+
+
+class _HeldBackend:
+    """A backend whose batches wait until released (to fill the queue on purpose)."""
+
+    num_exits = 0
+    input_size = SIZE
+    dtype = torch.float32
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.served = 0
+
+    def serve(self, x: torch.Tensor) -> ServedBatch:
+        self.started.set()
+        assert self.release.wait(60)
+        self.served += x.shape[0]
+        return ServedBatch([{"exit": 0}] * x.shape[0], 0)
+
+    def heads_version(self) -> int:
+        return 0
+
+    def failure(self) -> None:
+        return None
+
+    def stats(self) -> dict:
+        return {"samples": self.served}
+
+    def save(self, path) -> None:
+        raise NotAvailable("no heads")
+
+    def calibrate(self) -> None:
+        raise NotAvailable("no heads")
+
+    def close(self) -> None:
+        self.release.set()
+
+
+def test_an_overloaded_server_answers_503_at_once_and_serves_the_queue(transform):
+    backend = _HeldBackend()
+    app = create_app(backend, transform, ServerSettings(max_queued_requests=2, max_batch=1))
+    with TestClient(app) as client, ThreadPoolExecutor(3) as pool:
+        body = npy_bytes(batch(1))
+        first = pool.submit(client.post, "/predict", content=body, headers=NPY)
+        assert backend.started.wait(30)  # being served: the queue is empty
+        queued = [pool.submit(client.post, "/predict", content=body, headers=NPY) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while app.state.server.batcher.queued < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused = client.post("/predict", content=body, headers=NPY)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "overloaded (2 requests waiting)" in refused.json()["error"]
+        backend.release.set()
+        assert [f.result().status_code for f in [first, *queued]] == [200, 200, 200]
+        metrics = client.get("/metrics").text
+    assert backend.served == 3
+    assert 'earlyexit_requests_total{outcome="unavailable"} 1.0' in metrics
+
+
+def test_max_queued_requests_must_be_positive():
+    with pytest.raises(ConfigError, match="max_queued_requests"):
+        ServerSettings(max_queued_requests=0)

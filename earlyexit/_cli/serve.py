@@ -124,6 +124,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "as the serving thread is free; requests arriving meanwhile are batched together)",
     )
     serving.add_argument(
+        "--max-queued-requests",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="requests waiting to be served beyond which new ones get a 503 at once "
+        "(back-pressure; with --ray, per replica; default 256)",
+    )
+    serving.add_argument(
         "--threads",
         type=positive_int,
         metavar="N",
@@ -133,6 +141,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plain",
         action="store_true",
         help="serve the base model alone (no exits, no learner), through the same server",
+    )
+    scale = parser.add_argument_group(
+        "scale-out on Ray Serve (pip install 'earlyexit[ray]')",
+        "N replicas answer through Ray's HTTP proxy (same endpoints); one learner learns from "
+        "the features every replica sends and releases heads that each installs between batches",
+    )
+    scale.add_argument(
+        "--ray", action="store_true", help="serve with Ray Serve replicas instead of one process"
+    )
+    scale.add_argument(
+        "--replicas",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="serving replicas with --ray (default 2; each reserves one Ray CPU)",
+    )
+    scale.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="join this Ray cluster (default: start a local one with every CPU of this machine)",
     )
     add_output_arguments(parser)
 
@@ -178,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         settings = ServerSettings(
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
+            max_queued_requests=args.max_queued_requests,
             max_body_bytes=args.max_body_bytes,
             token=args.token,
             save_on_exit=args.save_on_exit,
@@ -186,6 +215,12 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(err), EXIT_USAGE) from None
     if args.plain and args.heads:
         raise CliError("--plain serves the base model alone: it takes no --heads", EXIT_USAGE)
+    if args.ray:
+        if args.plain:
+            raise CliError(
+                "--ray serves early exits with a learner: it takes no --plain", EXIT_USAGE
+            )
+        require_extra_packages(("ray",), "earlyexit serve --ray", "ray")
     if args.heads and not Path(args.heads).is_file():
         raise CliError(f"heads file not found: {args.heads}", EXIT_MISSING_FILE)
     if args.threads is not None:
@@ -197,6 +232,11 @@ def run(args: argparse.Namespace) -> int:
         args.model, num_classes=args.num_classes, weights=args.weights, pretrained=args.pretrained
     )
     transform, input_size = _preprocessing(model, label, args.input_size)
+    if args.ray:
+        from .serve_ray import serve_on_ray
+
+        eem = _wrapped(model, args, input_size)
+        return serve_on_ray(args, eem, transform, _distill_config(args), label)
     if args.plain:
         _check_plain(model, input_size)
         backend: Any = PlainBackend(model, input_size)
@@ -241,7 +281,13 @@ def _preprocessing(model: Any, label: str, input_size: tuple[int, int, int] | No
 
 def _learner(model: Any, args: argparse.Namespace, input_size: tuple[int, int, int]) -> Any:
     """The wrapped model (new heads as ``earlyexit run`` wraps, or ``--heads``) and its learner."""
-    from ..distill import DistillConfig, OnlineDistiller
+    from ..distill import OnlineDistiller
+
+    return OnlineDistiller(_wrapped(model, args, input_size), _distill_config(args))
+
+
+def _wrapped(model: Any, args: argparse.Namespace, input_size: tuple[int, int, int]) -> Any:
+    """The wrapped model: new heads as ``earlyexit run`` wraps, or those saved in ``--heads``."""
     from ..errors import CheckpointError, ConfigError, UnsupportedModelError
     from ..evaluation.pipeline import PipelineOptions
     from ..loading import load
@@ -260,14 +306,22 @@ def _learner(model: Any, args: argparse.Namespace, input_size: tuple[int, int, i
             f"{tuple(eem.input_size)}: pass --input-size to set both",
             EXIT_BAD_INPUT,
         )
-    config = DistillConfig(
+    return eem
+
+
+def _distill_config(args: argparse.Namespace) -> Any:
+    """The learner's config: ``earlyexit run``'s choices, learning in the background."""
+    from ..distill import DistillConfig
+    from ..evaluation.pipeline import PipelineOptions
+
+    defaults = PipelineOptions()
+    return DistillConfig(
         target_agreement=args.target_agreement,
         confidence=defaults.confidence,
         seed=defaults.seed,
         gate="learned" if defaults.gate == "learned" else "fixed",
         background=True,  # training and calibration never hold up a request
     )
-    return OnlineDistiller(eem, config)
 
 
 def _check_plain(model: Any, input_size: tuple[int, int, int]) -> None:

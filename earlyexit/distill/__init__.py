@@ -4,7 +4,7 @@ One job per module: ``config`` (the knobs), ``evidence`` (content split, audits,
 ``trainer`` (student heads, optimizer, replay), ``gate_data`` (the learned gate's data),
 ``calibrator`` (evidence -> candidate policy), ``drift`` (drift monitor), ``traffic`` (counts),
 ``schedule`` (calibration schedule, time budget, phase), ``stats`` (the stats record), ``worker``
-(background thread) and ``learner`` (:class:`OnlineDistiller`, which coordinates them).
+(background thread), ``replica`` (serving in another process for one learner) and ``learner`` (:class:`OnlineDistiller`, which coordinates them).
 
 Example:
     >>> import timm, earlyexit as ee
@@ -18,6 +18,7 @@ from .buffers import TensorRing
 from .calibrator import Candidate, ExitState
 from .config import DistillConfig
 from .learner import OnlineDistiller
+from .replica import HeadsRelease, ServingReplica
 from .schedule import Phase
 from .stats import LearnerStats
 from .trainer import distillation_loss
@@ -27,9 +28,11 @@ __all__ = [
     "Candidate",
     "DistillConfig",
     "ExitState",
+    "HeadsRelease",
     "LearnerStats",
     "OnlineDistiller",
     "Phase",
+    "ServingReplica",
     "TensorRing",
     "distillation_loss",
 ]

@@ -66,6 +66,30 @@ class ContentSplit:
         return u < self.calibration_fraction
 
 
+def draw_audit_coins(
+    calibration_side: Tensor,
+    gates_closed: bool,
+    share: float,
+    calibration_fraction: float,
+    rng: torch.Generator,
+) -> Tensor:
+    """``[B]`` bool: which samples run to the end even if a head answers them, when ``share`` of
+    all traffic is to be audited (see :meth:`Evidence.draw_audits`; a serving replica elsewhere
+    draws with the share its learner published).
+
+    Example:
+        >>> held_out = torch.tensor([True, False, True])
+        >>> draw_audit_coins(held_out, True, 0.05, 0.4, torch.Generator()).tolist()
+        [True, True, True]
+    """
+    batch = calibration_side.shape[0]
+    if gates_closed:
+        return torch.ones(batch, dtype=torch.bool)
+    rate = min(1.0, share / calibration_fraction)
+    coin = torch.rand(batch, generator=rng) < rate
+    return coin & calibration_side
+
+
 class Evidence:
     """Audit sampling and the ring of held-out evidence (most recent ``evidence_samples``).
 
@@ -104,12 +128,13 @@ class Evidence:
         :meth:`audit_share` of all traffic: every audited sample is then evidence (auditing a
         sample whose content may only teach would pay the full model for nothing).
         """
-        batch = calibration_side.shape[0]
-        if gates_closed:
-            return torch.ones(batch, dtype=torch.bool)
-        rate = min(1.0, self.audit_share() / self.config.calibration_fraction)
-        coin = torch.rand(batch, generator=self.rng) < rate
-        return coin & calibration_side
+        return draw_audit_coins(
+            calibration_side,
+            gates_closed,
+            self.audit_share(),
+            self.config.calibration_fraction,
+            self.rng,
+        )
 
     # ------------------------------------------------------------------ the ring
     def build(

@@ -73,7 +73,8 @@ from .config import DistillConfig
 from .drift import DriftAlarm, DriftMonitor
 from .evidence import ContentSplit, Evidence
 from .gate_data import GateData
-from .rows import BatchRows, sort_rows
+from .replica import HeadsRelease
+from .rows import BatchRows, check_rows, sort_rows
 from .schedule import Phase, PhaseStatus, Schedule
 from .stats import LearnerStats, audited_agreement, exit_entries
 from .traffic import TrafficCounters
@@ -261,14 +262,9 @@ class OnlineDistiller:
     ) -> None:
         """Record the served batch, count its time, then train or calibrate if due (``before``:
         seconds of this batch's learning work already done, outside serving)."""
-        started = time.perf_counter()
-        rows = self._learn(result, trace, audit, calibration_side)
-        with self._lock:
-            self.schedule.earn(served, self._budget_rate(rows.counts))
-            # Per-batch bookkeeping (checks, hashing, buffers) is learning work too: it counts
-            # against the same budget as training, so the budget bounds the whole overhead.
-            self.schedule.learn_seconds += before + time.perf_counter() - started
-        self._after_batch()
+        started = time.perf_counter() - before
+        rows = sort_rows(self.eem, self.config, result, trace, audit, calibration_side)
+        self._record(rows, served, started)
 
     def fit(self, loader: Iterable[Any], epochs: int = 1) -> dict[str, Any]:
         """Learn from a finite unlabeled stream (the same machinery as :meth:`step`); returns stats.
@@ -321,6 +317,75 @@ class OnlineDistiller:
         self.worker.raise_error()
         self._install_ready()
 
+    # ------------------------------------------------------------------ serving elsewhere
+    def record(self, rows: BatchRows, serve_seconds: float = 0.0) -> None:
+        """Learn from a batch served elsewhere: the :class:`~.rows.BatchRows` a
+        :class:`~earlyexit.distill.replica.ServingReplica` returned (features and teacher logits,
+        never images), served in ``serve_seconds`` (the time budget's denominator).
+
+        The same work as :meth:`step` after its model call: replicas serve, one learner learns
+        from all of them and hands out :meth:`release`. A malformed ``rows`` raises
+        :class:`~earlyexit.InputError` and changes nothing.
+
+        Example:
+            >>> result, rows = replica.serve(x)  # doctest: +SKIP
+            >>> learner.record(rows, serve_seconds=0.012)  # doctest: +SKIP
+        """
+        started = time.perf_counter()
+        self.worker.raise_error()
+        check_rows(rows, self.eem.num_exits, self.eem.num_classes)
+        if not math.isfinite(serve_seconds) or serve_seconds < 0:
+            raise InputError(f"serve_seconds must be a finite number >= 0, got {serve_seconds!r}")
+        if self.worker.running:
+            self._record(rows, serve_seconds, started)
+            return
+        with self._train_lock:
+            self._undo = self._begin_undo()
+            try:
+                self._record(rows, serve_seconds, started)
+            except BaseException:
+                with self._lock:
+                    self._undo.undo()
+                raise
+            finally:
+                self._undo = None
+
+    def _record(self, rows: BatchRows, serve_seconds: float, started: float) -> None:
+        """Store ``rows``, count the batch's time (learning work since ``started``; the serving
+        time earns learning time, see :meth:`_budget_rate`), then train or calibrate if due."""
+        self._store(rows)
+        with self._lock:
+            self.schedule.earn(serve_seconds, self._budget_rate(rows.counts))
+            # Per-batch bookkeeping (checks, hashing, buffers) is learning work too: it counts
+            # against the same budget as training, so the budget bounds the whole overhead.
+            self.schedule.learn_seconds += time.perf_counter() - started
+        self._after_batch()
+
+    @property
+    def heads_version(self) -> int:
+        """Counts the changes to what is served: each publication of heads and thresholds, and
+        each closing of every gate by the drift monitor (0 before either)."""
+        return int(self.schedule.calibrations) + int(self.drift.alarms)
+
+    def release(self) -> HeadsRelease:
+        """What replicas should serve now: heads, gate, thresholds and audit share, stamped with
+        :attr:`heads_version` (installs a candidate the background trainer has finished first).
+
+        Example:
+            >>> replica.install(learner.release())  # doctest: +SKIP
+        """
+        self.worker.raise_error()
+        self._install_ready()
+        with self._lock:
+            eem = self.eem
+            return HeadsRelease(
+                version=self.heads_version,
+                heads=eem.heads,
+                gate=eem.gate,
+                thresholds=tuple(eem.thresholds),
+                audit_share=self.evidence.audit_share(),
+            )
+
     def close(self) -> None:
         """Stop the background trainer (if any), once it has recorded the batches served. The
         learner can still serve synchronously."""
@@ -347,19 +412,12 @@ class OnlineDistiller:
         if self.eem.base_model.training:
             raise InputError("the base model is in training mode; call model.eval() before serving")
 
-    def _learn(
-        self,
-        result: ExitResult,
-        trace: ExitTrace,
-        audit: Tensor,
-        calibration_side: Tensor,
-    ) -> BatchRows:
+    def _store(self, rows: BatchRows) -> None:
         """Count the batch, check its audited answers, and route what ran to the end to the
-        evidence (held-out contents that were audited) or to training (the other contents);
-        returns the batch's rows.
+        evidence (held-out contents that were audited) or to training (the other contents).
 
-        Everything is computed first; the learner changes only once nothing is left to fail."""
-        rows = sort_rows(self.eem, self.config, result, trace, audit, calibration_side)
+        Everything is computed first (:func:`~.rows.sort_rows`); the learner changes only once
+        nothing is left to fail."""
         with self._lock:
             if rows.zs is not None:
                 self._ensure_buffers(rows.zs, rows.teacher)
@@ -369,7 +427,7 @@ class OnlineDistiller:
                 self.traffic.record_audit(e, ok)
                 self.drift.record(e, ok)
             if rows.zs is None:
-                return rows
+                return
             zs, teacher = rows.zs, rows.teacher
             evidence, train = rows.evidence, rows.train
             if self._collect_evidence and bool(evidence.any()):
@@ -387,7 +445,6 @@ class OnlineDistiller:
                 alarm = self.drift.check()
                 if alarm is not None:
                     self._on_drift(alarm)
-        return rows
 
     def _ensure_buffers(self, zs: list[Tensor], teacher: Tensor) -> None:
         """Allocate replay, evidence and gate data at the first sample, within the memory cap

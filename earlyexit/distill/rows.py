@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..model import EarlyExitModel, ExitResult, ExitTrace
 from .buffers import STORAGE_DTYPES
 from .config import DistillConfig
@@ -111,3 +112,44 @@ def sort_rows(
     if dropped:
         evidence, train = evidence & usable, train & usable
     return BatchRows(counts, spent, audits, dropped, zs, teacher, evidence, train)
+
+
+def check_rows(rows: object, num_exits: int, num_classes: int) -> None:
+    """Refuse a :class:`BatchRows` that a learner of ``num_exits`` exits and ``num_classes``
+    classes cannot store (it came from another model, or was built by hand), before anything
+    changes.
+
+    Raises:
+        InputError: saying which part is wrong and what was expected.
+
+    Example:
+        >>> check_rows(BatchRows([3, 0, 1], 10, [], 0), num_exits=2, num_classes=10)
+        >>> check_rows(BatchRows([3, 1], 10, [], 0), num_exits=2, num_classes=10)
+        Traceback (most recent call last):
+        earlyexit.errors.InputError: rows.counts has 2 entries; a model with 2 exits expects 3 (one per exit, then the full model)
+    """
+    if not isinstance(rows, BatchRows):
+        raise InputError(
+            f"expected the BatchRows a ServingReplica returned, got {type(rows).__name__}"
+        )
+    if len(rows.counts) != num_exits + 1 or any(int(c) < 0 for c in rows.counts):
+        raise InputError(
+            f"rows.counts has {len(rows.counts)} entries; a model with {num_exits} exits expects "
+            f"{num_exits + 1} (one per exit, then the full model)"
+        )
+    if any(not 0 <= int(e) < num_exits for e, _ in rows.audits):
+        raise InputError(f"rows.audits names an exit outside 0..{num_exits - 1}")
+    if rows.zs is None:
+        return
+    n = None if rows.teacher is None else rows.teacher.shape[0]
+    if rows.teacher is None or rows.teacher.dim() != 2 or rows.teacher.shape[1] != num_classes:
+        shape = None if rows.teacher is None else tuple(rows.teacher.shape)
+        raise InputError(f"rows.teacher must be [N, {num_classes}] logits, got {shape}")
+    if len(rows.zs) != num_exits or any(z.shape[0] != n for z in rows.zs):
+        raise InputError(
+            f"rows.zs must hold {num_exits} feature tensors of {n} rows each (one per exit)"
+        )
+    for name in ("evidence", "train"):
+        mask = getattr(rows, name)
+        if mask is None or mask.dtype != torch.bool or tuple(mask.shape) != (n,):
+            raise InputError(f"rows.{name} must be a [{n}] bool mask")

@@ -10,7 +10,10 @@ Parts, one job each:
 - :mod:`.batcher`: dynamic batching on the one serving thread;
 - :mod:`.metrics`: the Prometheus metrics;
 - :mod:`.app`: the FastAPI app (endpoints, token, shutdown save);
-- :mod:`.launch`: uvicorn on a bound socket, the loopback rule, SIGTERM.
+- :mod:`.launch`: uvicorn on a bound socket, the loopback rule, SIGTERM;
+- :mod:`.endpoints`: what both HTTP front ends share (body limit, errors, token, ``/save`` body);
+- :mod:`.scale_out`: the same endpoints on Ray Serve, N replicas and one learner (the ``ray``
+  extra).
 
 The backends, the batcher and the decoder import without the extra; :func:`create_app` and
 :func:`run_server` load it on first use (a :class:`~earlyexit.MissingPackageError` naming the
@@ -39,10 +42,13 @@ __all__ = [
     "PlainBackend",
     "RequestDecoder",
     "RequestError",
+    "ScaleOutSettings",
     "ServedBatch",
+    "ServedModel",
     "ServerClosing",
     "ServerSettings",
     "bind_socket",
+    "build_app",
     "check_host",
     "create_app",
     "run_server",
@@ -55,6 +61,9 @@ _NEEDS_EXTRA = {
     "bind_socket": "launch",
     "check_host": "launch",
     "run_server": "launch",
+    "ScaleOutSettings": "scale_out",
+    "ServedModel": "scale_out",
+    "build_app": "scale_out",
 }
 
 

@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -46,7 +43,8 @@ from .._optional import import_extra_package
 from ..errors import ConfigError
 from .backends import Backend, NotAvailable, ServedBatch
 from .batcher import DynamicBatcher, ServerClosing
-from .decoding import DEFAULT_MAX_PIXELS, RequestDecoder, RequestError, media_type
+from .decoding import DEFAULT_MAX_PIXELS, RequestDecoder, RequestError
+from .endpoints import authorize, json_error, predict_answer, read_body, save_path_of
 from .metrics import ServerMetrics
 
 fastapi = import_extra_package("fastapi", "earlyexit serve", "serve")
@@ -59,10 +57,18 @@ Request = fastapi.Request
 Response = fastapi.Response
 JSONResponse = responses.JSONResponse
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerSettings", "ServerState", "create_app"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_QUEUED_REQUESTS",
+    "ServerSettings",
+    "ServerState",
+    "create_app",
+]
 
 #: Largest request body accepted by default (8 MiB: a few large photos' worth).
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Requests that may wait for the serving thread by default before new ones get a 503.
+DEFAULT_MAX_QUEUED_REQUESTS = 256
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,9 @@ class ServerSettings:
         max_batch: most samples served together.
         max_wait_ms: longest a request waits for others to join its batch (0: served as soon as
             the serving thread is free; requests that arrive meanwhile are batched together).
+        max_queued_requests: requests waiting for the serving thread beyond which a new one gets
+            a 503 at once (back-pressure: an overloaded server answers fast instead of letting
+            every request's latency grow without bound).
         max_body_bytes: larger request bodies get a 413.
         max_pixels: larger images get a 400 before they are decoded.
         token: when set, ``/save`` and ``/calibrate`` need ``Authorization: Bearer TOKEN``.
@@ -82,6 +91,7 @@ class ServerSettings:
 
     max_batch: int = 32
     max_wait_ms: float = 0.0
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     token: str | None = None
@@ -92,6 +102,10 @@ class ServerSettings:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
         if not self.max_wait_ms >= 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_queued_requests < 1:
+            raise ConfigError(
+                f"max_queued_requests must be at least 1, got {self.max_queued_requests}"
+            )
         if self.max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
         if self.token is not None and not self.token:
@@ -151,26 +165,6 @@ class ServerState:
         self.saved_to = str(path)
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-async def _read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused with a 413 as soon as it exceeds ``limit`` bytes."""
-    too_large = RequestError(413, f"the request body exceeds {limit} bytes (the server's limit)")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def create_app(
     backend: Backend,
     transform: Callable[[Any], Tensor],
@@ -214,7 +208,7 @@ def create_app(
     @app.exception_handler(starlette_exceptions.HTTPException)
     async def http_error(_request: Request, exc: Any) -> Response:
         # Unknown paths and methods answer in the same {"error": ...} shape as everything else.
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return json_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
@@ -223,26 +217,28 @@ def create_app(
         try:
             content_type = request.headers.get("content-type")
             state.decoder.check_content_type(content_type)
-            body = await _read_body(request, settings.max_body_bytes)
+            if state.batcher.queued >= settings.max_queued_requests:
+                state.metrics.record_request(503)
+                return json_error(
+                    503,
+                    f"the server is overloaded ({state.batcher.queued} requests waiting); "
+                    "retry later",
+                    {"Retry-After": "1"},
+                )
+            body = await read_body(request, settings.max_body_bytes)
             x = await concurrency.run_in_threadpool(state.decoder.decode, content_type, body)
             served: ServedBatch = await asyncio.wrap_future(state.batcher.submit(x))
         except RequestError as err:
             state.metrics.record_request(err.status)
-            return _error(err.status, err.message)
+            return json_error(err.status, err.message)
         except ServerClosing:
             state.metrics.record_request(503)
-            return _error(503, "the server is shutting down; retry on another replica or later")
+            return json_error(503, "the server is shutting down; retry on another replica or later")
         except Exception as err:  # the model or the learner failed: not the client's fault
             state.metrics.record_request(500)
-            return _error(500, f"serving failed ({type(err).__name__}: {err})")
+            return json_error(500, f"serving failed ({type(err).__name__}: {err})")
         state.metrics.record_request(200, time.perf_counter() - arrived)
-        return JSONResponse(
-            {
-                "predictions": served.predictions,
-                "heads_version": served.heads_version,
-                "num_exits": backend.num_exits,
-            }
-        )
+        return predict_answer(served, backend.num_exits)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -260,55 +256,38 @@ def create_app(
         body, content_type = state.metrics.render(backend.stats(), backend.heads_version())
         return Response(content=body, media_type=content_type)
 
-    def authorize(request: Any) -> Any:
-        """``None`` when the request may change state, else the 401/403 answer."""
-        token = settings.token
-        if token is None:
-            return None
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            return _error(
-                401,
-                "this endpoint changes the server's state: send Authorization: Bearer TOKEN "
-                "(the token the server was started with)",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
-            return _error(403, "wrong token")
-        return None
-
     async def on_serving_thread(fn: Callable[[], Any]) -> Any:
         try:
             return await asyncio.wrap_future(state.batcher.call(fn))
         except NotAvailable as err:
-            return _error(409, str(err))
+            return json_error(409, str(err))
         except ServerClosing:
-            return _error(503, "the server is shutting down")
+            return json_error(503, "the server is shutting down")
 
     @app.post("/save")
     async def save(request: Request) -> Response:
-        refused = authorize(request)
+        refused = authorize(request, settings.token)
         if refused is not None:
             return refused
         try:
-            path = await _save_path(request, settings.save_on_exit)
+            path = await save_path_of(request, settings.save_on_exit)
         except RequestError as err:
-            return _error(err.status, err.message)
+            return json_error(err.status, err.message)
 
         def write() -> Response:
             try:
                 backend.save(path)
             except ConfigError as err:  # a folder, an empty path
-                return _error(400, str(err))
+                return json_error(400, str(err))
             except OSError as err:
-                return _error(500, f"could not write {path}: {err}")
+                return json_error(500, f"could not write {path}: {err}")
             return JSONResponse({"saved": path, "heads_version": backend.heads_version()})
 
         return await on_serving_thread(write)
 
     @app.post("/calibrate")
     async def calibrate(request: Request) -> Response:
-        refused = authorize(request)
+        refused = authorize(request, settings.token)
         if refused is not None:
             return refused
 
@@ -319,30 +298,3 @@ def create_app(
         return await on_serving_thread(run)
 
     return app
-
-
-async def _save_path(request: Any, default: str | None) -> str:
-    """The path a ``/save`` request asks for (``{"path": ...}``), or ``default``."""
-    body = await _read_body(request, 64 * 1024)
-    path: Any = default
-    if body.strip():
-        if media_type(request.headers.get("content-type")) not in ("application/json", ""):
-            raise RequestError(415, 'expected a JSON body {"path": "heads.safetensors"} or none')
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            raise RequestError(
-                400, 'the body is not JSON; expected {"path": "heads.safetensors"} or none'
-            ) from None
-        if not isinstance(payload, dict) or set(payload) - {"path"}:
-            raise RequestError(400, 'expected {"path": "heads.safetensors"} or no body')
-        path = payload.get("path", default)
-    if path is None:
-        raise RequestError(
-            400,
-            "no path to save to: start the server with --save-on-exit PATH or send "
-            '{"path": "heads.safetensors"}',
-        )
-    if not isinstance(path, str) or not path.endswith(".safetensors"):
-        raise RequestError(400, f"expected a path ending in .safetensors, got {path!r}")
-    return str(Path(path))

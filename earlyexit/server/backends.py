@@ -117,7 +117,8 @@ class LearnerBackend:
     calibration happen on its own thread and a batch never waits for them; its calibrated heads
     and thresholds are installed together at the start of a step (the learner's publication).
 
-    ``heads_version`` counts the learner's publications (0 before the first).
+    ``heads_version`` is the learner's :attr:`~earlyexit.OnlineDistiller.heads_version` (its
+    publications and drift closings; 0 before either).
     """
 
     def __init__(self, learner: OnlineDistiller) -> None:
@@ -134,7 +135,7 @@ class LearnerBackend:
         return ServedBatch(answers(result.logits, result.exit_index, result.accepted), version)
 
     def heads_version(self) -> int:
-        return int(self.learner.schedule.calibrations)
+        return self.learner.heads_version
 
     def failure(self) -> str | None:
         """Why every batch now fails (the learner's thread died), or ``None``."""

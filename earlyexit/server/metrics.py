@@ -6,7 +6,8 @@ name                                    type       what
 ``earlyexit_requests_total``            counter    ``/predict`` requests by ``outcome``: ``ok``,
                                                    ``bad_request`` (400), ``too_large`` (413),
                                                    ``unsupported_media_type`` (415),
-                                                   ``unavailable`` (503, shutting down),
+                                                   ``unavailable`` (503: overloaded or shutting
+                                                   down),
                                                    ``error`` (500)
 ``earlyexit_samples_total``             counter    samples answered, by ``exit`` (``exit`` equal
                                                    to the number of exits: the full model)
