@@ -121,7 +121,8 @@ def served_agreement(eem: ee.EarlyExitModel, x: torch.Tensor) -> tuple[float, fl
 
 def snapshot(learner: OnlineDistiller) -> tuple[dict[str, torch.Tensor], str, tuple, dict]:
     tensors, state = learner.state_dict()
-    for key in ("serve_seconds", "learn_seconds"):  # wall-clock: the only non-reproducible state
+    # Wall-clock (and the learning time it earns): the only non-reproducible state.
+    for key in ("serve_seconds", "learn_seconds", "allowance_seconds"):
         state["counters"].pop(key)
     heads = {k: v.clone() for k, v in learner.eem.heads.state_dict().items()}
     # The served gate (learned weights included) is part of what must survive a save.
@@ -731,6 +732,7 @@ def test_state_keeps_the_version_1_layout():
         "learn_seconds",
         "epoch",
         "non_finite_dropped",  # new, optional: older files lack it (read as 0)
+        "allowance_seconds",  # new, optional: older files lack it (budget x serving time)
     ]
     assert list(state["rings"]) == ["replay", "evidence", "gate_data"]
     prefixes = {key.split(".")[0] for key in tensors}

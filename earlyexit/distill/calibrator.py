@@ -106,7 +106,8 @@ class Candidate:
 class PolicyCalibrator:
     """Turns held-out evidence into a :class:`Candidate` for ``eem`` (whose costs it reads).
 
-    Stateless between calls (nothing to save).
+    Nothing to save. It remembers the last heads' logits on the evidence (see
+    :meth:`evidence_logits`), so that recalibrating unchanged heads costs the new rows only.
 
     Example:
         >>> calibrator = PolicyCalibrator(eem, DistillConfig())  # doctest: +SKIP
@@ -117,6 +118,8 @@ class PolicyCalibrator:
     def __init__(self, eem: EarlyExitModel, config: DistillConfig) -> None:
         self.eem = eem
         self.config = config
+        # (heads version, rows ever written) and the logits of every stored row, storage order.
+        self._scored: tuple[tuple[Any, int], list[Tensor]] | None = None
 
     def evidence_needed(self) -> int:
         """Fewest evidence rows the most lenient test needs: below it nothing can open."""
@@ -139,13 +142,16 @@ class PolicyCalibrator:
         gate_note: str,
         evidence: dict[str, Tensor],
         epoch: int,
+        rows_key: tuple[Any, int, int] | None = None,
     ) -> Candidate:
         """Choose which exits pay on a quarter of ``evidence``, then calibrate ``heads`` under
-        ``gate`` on the rest (``evidence``: ``z0 .. z{E-1}`` and the teacher's labels)."""
+        ``gate`` on the rest (``evidence``: ``z0 .. z{E-1}`` and the teacher's labels, the
+        evidence ring's rows in storage order; ``rows_key``: see :meth:`evidence_logits`)."""
         cfg = self.config
         num_exits = self.eem.num_exits
         need = self.evidence_needed()
-        scores, agree = self.score_evidence(heads, gate, evidence)
+        logits = self.evidence_logits(heads, evidence, rows_key)
+        scores, agree = self.score_evidence(heads, gate, evidence, logits)
         # Exits are chosen on every SELECT_EVERY-th evidence row and the rest tests the thresholds
         # once: testing several exit sets on the same rows and serving the cheapest would spend
         # the confidence level once per set. The split depends only on row positions and counts.
@@ -180,13 +186,62 @@ class PolicyCalibrator:
             heads, gate, result.thresholds, reports, saving, int(scores.shape[0]), epoch
         )
 
+    def evidence_logits(
+        self,
+        heads: nn.ModuleList,
+        data: dict[str, Tensor],
+        rows_key: tuple[Any, int, int] | None = None,
+    ) -> list[Tensor]:
+        """Every head's logits on the evidence rows ``data`` (a ring's rows in storage order).
+
+        ``rows_key`` = (heads version, the ring's next write slot, rows ever written to it): when
+        the heads version is the last call's, only the rows written since are scored (the
+        others are where they were, with the logits computed then). Rescoring every row is most
+        of a calibration's cost, and a learner that has not trained since its last calibration
+        recalibrates the same heads on a little more evidence. Without a key every row is scored.
+
+        Example:
+            >>> logits = calibrator.evidence_logits(heads, evidence, (7, 120, 120))  # doctest: +SKIP
+        """
+        zs = [data[f"z{i}"] for i in range(len(heads))]
+        n = int(data["teacher"].shape[0])
+        cached, self._scored = self._scored, None
+        written: Tensor | None = None
+        if rows_key is not None and cached is not None and cached[0][0] == rows_key[0]:
+            (_, added_then), old = cached
+            _, head, added = rows_key
+            new = added - added_then
+            if 0 <= new < n and old[0].shape[0] <= n and old[0].shape[0] + new >= n:
+                # The ring fills in order, then wraps: the rows written since are the ``new``
+                # slots before the next write slot; every other row was scored last time.
+                written = (head - new + torch.arange(new)) % n
+        if written is None:
+            logits = classify_all(heads, zs)
+        else:
+            fresh = classify_all(heads, [z[written.to(z.device)] for z in zs])
+            logits = []
+            for before, now in zip(old, fresh, strict=True):
+                out = torch.empty((n, *before.shape[1:]), dtype=now.dtype, device=now.device)
+                out[: before.shape[0]] = before
+                out[written.to(out.device)] = now
+                logits.append(out)
+        if rows_key is not None:
+            self._scored = ((rows_key[0], rows_key[2]), logits)
+        return logits
+
     def score_evidence(
-        self, heads: nn.ModuleList, gate: Gate, data: dict[str, Tensor]
+        self,
+        heads: nn.ModuleList,
+        gate: Gate,
+        data: dict[str, Tensor],
+        logits: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Gate scores ``[N, E]`` and agreement ``[N, E]`` of ``heads`` on stored evidence."""
+        """Gate scores ``[N, E]`` and agreement ``[N, E]`` of ``heads`` on stored evidence
+        (``logits``: the heads' logits on it, when already known)."""
         teacher = data["teacher"]
         rows = torch.arange(teacher.shape[0], device=teacher.device)
-        logits = classify_all(heads, [data[f"z{i}"] for i in range(len(heads))])
+        if logits is None:
+            logits = classify_all(heads, [data[f"z{i}"] for i in range(len(heads))])
         with torch.no_grad():
             # As served: logits that are not finite score NaN and let nothing out.
             scores = [
@@ -268,8 +323,9 @@ class PolicyCalibrator:
             thresholds, cost = thresholds_e, cost_e
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Nothing to save: the calibrator keeps no state between calls."""
+        """Nothing to save: the logits it remembers are recomputed when needed."""
         return {}, {}
 
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-        """Nothing to restore (see :meth:`state_dict`)."""
+        """Nothing to restore (see :meth:`state_dict`); forgets the logits it remembers."""
+        self._scored = None

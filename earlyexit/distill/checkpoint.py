@@ -37,6 +37,7 @@ from .config import DistillConfig
 from .drift import check_drift_state
 from .evidence import check_evidence_state
 from .gate_data import check_gate_data_state, gate_data_fields
+from .schedule import LATER_KEYS as SCHEDULE_LATER_KEYS
 from .schedule import check_phase, check_schedule_state
 from .traffic import LATER_KEYS as TRAFFIC_LATER_KEYS
 from .traffic import SAVED_KEYS as TRAFFIC_KEYS
@@ -72,7 +73,7 @@ _COUNTER_KEYS = (
     "epoch",
 )
 #: Counters added after version 1 (written since; older files lack them and read them as 0).
-_LATER_COUNTER_KEYS = TRAFFIC_LATER_KEYS
+_LATER_COUNTER_KEYS = (*TRAFFIC_LATER_KEYS, *SCHEDULE_LATER_KEYS)
 _RING_NAMES = ("replay", "evidence", "gate_data")
 #: Largest float32: numbers a saved config may hold (the optimizer computes in float32).
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)

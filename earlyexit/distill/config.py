@@ -85,7 +85,23 @@ class DistillConfig:
         train_time_budget: all learning work (per-batch bookkeeping, training steps,
             calibrations) may take at most this share of the wall-clock spent serving (``None``:
             no cap, and runs are reproducible step for step); keeps learning cheap next to small
-            backbones, generous next to big ones.
+            backbones, generous next to big ones. Precisely: every served batch earns its serving
+            time times the budget (in background mode, more for the samples the full model
+            answered, see ``closed_time_budget``), and a training step starts only while the
+            learning time spent so far plus one step stays within the time earned so far.
+            Bookkeeping always runs and is counted. In background mode a scheduled calibration
+            also waits until the time spent is within the time earned; in synchronous mode
+            calibrations run on schedule (the caller waits for them).
+        closed_time_budget: background mode only: the budget earned by the samples the full model
+            answered (every sample while every gate is closed: warm-up, after a drift alarm). A
+            batch earns its serving time times ``train_time_budget + (closed_time_budget -
+            train_time_budget) * share answered by the full model`` (``train_time_budget`` if it
+            is the higher). Traffic that runs to the end saves nothing whatever the learner does,
+            and only learning can make savings possible, so the background thread learns harder
+            while little leaves early and tapers as gates open (time earned and not spent
+            carries over; time overspent is paid back first). Learning then runs on its own
+            thread, beside serving; a synchronous step's learning delays its own answers, so it
+            earns only ``train_time_budget``. Ignored when ``train_time_budget`` is ``None``.
         replay_samples: cap on the replay buffer (features at every exit + teacher logits).
         max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
         storage_dtype: dtype of stored features (``"float16"`` halves the memory).
@@ -135,6 +151,7 @@ class DistillConfig:
     batch_size: int = 64
     replay_ratio: float = 32.0
     train_time_budget: float | None = 0.12
+    closed_time_budget: float = 1.0
     replay_samples: int = 20000
     max_memory_bytes: int | None = 256 * 2**20
     storage_dtype: StorageDtype = "float32"
@@ -168,7 +185,12 @@ class DistillConfig:
         def positive(name: str, allow_zero: bool = False) -> None:
             value = getattr(self, name)
             # Training runs in float32: a value beyond its range overflows at the first step.
-            ok = isinstance(value, int | float) and math.isfinite(value) and value <= _FLOAT32_MAX
+            ok = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value <= _FLOAT32_MAX
+            )
             if not ok or value < 0 or (value == 0 and not allow_zero):
                 raise ConfigError(
                     f"{name} must be a finite number > 0 (at most {_FLOAT32_MAX:.3g}, float32's "
@@ -195,7 +217,7 @@ class DistillConfig:
             "evidence_target",
         ):
             positive_int(name, allow_zero=name != "recalibrate_every")
-        for name in ("lr", "temperature", "replay_ratio"):
+        for name in ("lr", "temperature", "replay_ratio", "closed_time_budget"):
             positive(name)
         positive("weight_decay", allow_zero=True)
         if self.calibration_method not in _METHODS:

@@ -37,7 +37,11 @@ How it works (one call of :meth:`OnlineDistiller.step`):
    the new evidence supports them.
 
 All learning work (bookkeeping, training, calibration) shares one wall-clock budget,
-``train_time_budget`` of the time spent serving.
+``train_time_budget`` of the time spent serving (in background mode, up to ``closed_time_budget``
+for traffic the full model answers, all of it while every gate is closed: that traffic saves
+nothing, and only learning can make savings possible). In background mode the serving thread only serves: the batch's bookkeeping
+(step 2's sorting and everything after it) is queued for the background thread, and a scheduled
+calibration waits until the budget allows it.
 """
 
 from __future__ import annotations
@@ -82,6 +86,10 @@ from .worker import BackgroundWorker
 __all__ = ["STATE_VERSION", "BackgroundTrainingError", "OnlineDistiller", "distillation_loss"]
 
 _T = TypeVar("_T")
+
+#: Served batches a background learner may hold before the serving thread records them itself
+#: (a bound on the memory of a lagging trainer, never a loss of traffic).
+MAX_QUEUED_BATCHES = 64
 
 #: Attributes of the traffic counters and the schedule a step may change (all but the sizes).
 TRAFFIC_STATE = tuple(f.name for f in fields(TrafficCounters) if f.name != "num_exits")
@@ -158,7 +166,9 @@ class OnlineDistiller:
         )
         self.traffic = TrafficCounters.empty(num_exits)
         self.schedule = Schedule()
-        self.worker: BackgroundWorker[tuple[bool, bool]] = BackgroundWorker(
+        # Background mode: served batches waiting for the worker to record them (under _lock).
+        self._queued: list[tuple[ExitResult, ExitTrace, Tensor, Tensor, float, float]] = []
+        self.worker: BackgroundWorker[tuple[bool, bool] | list[Any]] = BackgroundWorker(
             self._wake, self._has_work, self._claim_work, self._run_work
         )
         self._reports: list[dict[str, Any]] = [
@@ -182,8 +192,12 @@ class OnlineDistiller:
         :class:`~earlyexit.InputError` before any state of the learner changes. A call that raises
         later (serving, bookkeeping, training or calibrating failed) leaves no trace either: in
         synchronous mode every part is put back as it was (:mod:`.undo`); in background mode the
-        batch is recorded only once everything it needs has been computed, and a failure of the
-        trainer thread is raised on the next call as :class:`BackgroundTrainingError`.
+        step returns once the batch is served, the background thread records it (only once
+        everything it needs has been computed; :meth:`sync`, :meth:`save` and :meth:`close` wait
+        for the batches served, ``stats()`` may lag a few batches), and a failure of that thread
+        is raised on the next call as :class:`BackgroundTrainingError`. A background thread
+        that lags ``MAX_QUEUED_BATCHES`` batches behind has the serving thread record the next
+        ones itself: memory stays bounded and no batch goes uncounted.
 
         Rows whose teacher (the full model's logits) or stored head inputs are not finite (a
         finite but extreme input can overflow a model) are served flagged (``accepted=False``)
@@ -209,15 +223,22 @@ class OnlineDistiller:
             result, trace = self.eem.trace(x, audit=audit, input_checked=True)
             served = time.perf_counter() - started
             if self.worker.running:
-                self._learn_from(x, result, trace, audit, calibration_side, served, step_started)
+                before = started - step_started  # checks, hashing, audit draws: learning work
+                batch = (result, trace, audit, calibration_side, served, before)
+                with self._wake:  # recorded by the worker, unless it lags far behind
+                    queued = len(self._queued) < MAX_QUEUED_BATCHES
+                    if queued:
+                        self._queued.append(batch)
+                        self._wake.notify_all()
+                if not queued:
+                    self._learn_from(*batch)
             else:
                 # One synchronous step learns at a time, and undoes itself if it fails.
                 with self._train_lock:
                     self._undo = self._begin_undo()
                     try:
-                        self._learn_from(
-                            x, result, trace, audit, calibration_side, served, step_started
-                        )
+                        before = time.perf_counter() - step_started - served
+                        self._learn_from(result, trace, audit, calibration_side, served, before)
                     except BaseException:
                         with self._lock:
                             self._undo.undo()
@@ -232,22 +253,18 @@ class OnlineDistiller:
 
     def _learn_from(
         self,
-        x: Tensor,
         result: ExitResult,
         trace: ExitTrace,
         audit: Tensor,
         calibration_side: Tensor,
         served: float,
-        step_started: float,
+        before: float,
     ) -> None:
-        """Record the served batch, count its time, then train or calibrate if due."""
-        self._store(sort_rows(self.eem, self.config, result, trace, audit, calibration_side))
-        with self._lock:
-            self.schedule.serve_seconds += served
-            # Per-batch bookkeeping (checks, hashing, buffers) is learning work too: it counts
-            # against the same budget as training, so the budget bounds the whole overhead.
-            self.schedule.learn_seconds += time.perf_counter() - step_started - served
-        self._after_batch()
+        """Record the served batch, count its time, then train or calibrate if due (``before``:
+        seconds of this batch's learning work already done, outside serving)."""
+        started = time.perf_counter() - before
+        rows = sort_rows(self.eem, self.config, result, trace, audit, calibration_side)
+        self._record(rows, served, started)
 
     def fit(self, loader: Iterable[Any], epochs: int = 1) -> dict[str, Any]:
         """Learn from a finite unlabeled stream (the same machinery as :meth:`step`); returns stats.
@@ -267,6 +284,7 @@ class OnlineDistiller:
                 for batch in loader:
                     x = batch[0] if isinstance(batch, tuple | list) else batch
                     self.step(x)
+                self._record_queued()  # this epoch's batches count (or not) as evidence
         finally:
             self._collect_evidence = True
         self.sync()
@@ -291,11 +309,10 @@ class OnlineDistiller:
         install its latest calibrated heads. A no-op in synchronous mode."""
         if not self.worker.running:
             return
+        # Caught up: no job running and nothing left that the worker may do now (a calibration
+        # that is due but not affordable under the time budget waits for more traffic).
         self.worker.wait_idle(
-            lambda: (
-                not self._may_train() and not self._calibration_due and not self._flush_due(False)
-            ),
-            timeout=timeout,
+            lambda: not self.worker.busy and not self._has_work(), timeout=timeout
         )
         self.worker.raise_error()
         self._install_ready()
@@ -334,9 +351,13 @@ class OnlineDistiller:
                 self._undo = None
 
     def _record(self, rows: BatchRows, serve_seconds: float, started: float) -> None:
+        """Store ``rows``, count the batch's time (learning work since ``started``; the serving
+        time earns learning time, see :meth:`_budget_rate`), then train or calibrate if due."""
         self._store(rows)
         with self._lock:
-            self.schedule.serve_seconds += serve_seconds
+            self.schedule.earn(serve_seconds, self._budget_rate(rows.counts))
+            # Per-batch bookkeeping (checks, hashing, buffers) is learning work too: it counts
+            # against the same budget as training, so the budget bounds the whole overhead.
             self.schedule.learn_seconds += time.perf_counter() - started
         self._after_batch()
 
@@ -366,8 +387,15 @@ class OnlineDistiller:
             )
 
     def close(self) -> None:
-        """Stop the background trainer (if any). The learner can still serve synchronously."""
+        """Stop the background trainer (if any), once it has recorded the batches served. The
+        learner can still serve synchronously."""
+        self._record_queued()
         self.worker.stop()
+
+    def _record_queued(self) -> None:
+        """Background mode: wait until the worker has recorded every batch served so far."""
+        if self.worker.running:
+            self.worker.wait_idle(lambda: not self._queued)
 
     def __enter__(self) -> OnlineDistiller:
         return self
@@ -447,6 +475,7 @@ class OnlineDistiller:
         )
         undo.keep_attributes(self.trainer, ("rng",))
         undo.keep_attributes(self.evidence, ("ring",))
+        undo.keep_attributes(self.calibrator, ("_scored",))  # logits of evidence rows undone
         undo.keep_attributes(self.gate_data, ("ring", "pending", "pending_rows"))
         undo.keep_attributes(
             self, ("_reports", "_expected_saving", "_phase", "_calibration_due", "_ready")
@@ -477,14 +506,16 @@ class OnlineDistiller:
         """Schedule training and calibration (inline, or hand them to the background thread)."""
         with self._wake:  # the lock behind _wake guards the counters and the schedule
             cfg = self.config
-            due = self.schedule.calibration_due(
+            if self.schedule.calibration_due(
                 self.traffic.samples, cfg.warmup_samples, cfg.recalibrate_every
-            )
+            ):
+                self._calibration_due = True
             if self.worker.running:
-                if due:
-                    self._calibration_due = True
                 self._wake.notify_all()
                 return
+            # Synchronous: calibrate on schedule (the caller waits for it; the budget is the
+            # background thread's pacing).
+            due, self._calibration_due = self._calibration_due, False
         if self._flush_due(due):
             self._timed(self._flush_pending)
         if self._may_train():
@@ -498,7 +529,24 @@ class OnlineDistiller:
             self._publish(self._timed(self._make_candidate))
 
     def _may_train(self) -> bool:
-        return self.trainer.may_train(self.schedule.learn_seconds, self.schedule.serve_seconds)
+        return self.trainer.may_train(self.schedule.learn_seconds, self.schedule.allowance_seconds)
+
+    def _calibration_affordable(self) -> bool:
+        """Background mode: a calibration is due and the time budget allows it (under the lock)."""
+        if not self._calibration_due:
+            return False
+        return self.config.train_time_budget is None or self.schedule.affordable(0.0)
+
+    def _budget_rate(self, counts: list[int]) -> float:
+        """Learning seconds a second of serving a batch earns (``counts``: its samples per path).
+        In background mode the share the full model answered (all of it while every gate is
+        closed: no saving, and only learning can make one) earns ``closed_time_budget``; a
+        synchronous step's learning delays its own answers, so it earns the plain budget."""
+        budget = self.config.train_time_budget or 0.0
+        if not self.worker.running:
+            return budget
+        ran_to_end = counts[-1] / max(sum(counts), 1)
+        return budget + max(0.0, self.config.closed_time_budget - budget) * ran_to_end
 
     def _flush_due(self, calibrating: bool) -> bool:
         return self.gate_data.flush_due(self.trainer.trained_samples, calibrating)
@@ -563,9 +611,12 @@ class OnlineDistiller:
             if have < need:
                 return self.calibrator.closed(have, epoch)
             data = self.evidence.snapshot()
+            ring = self.evidence.ring
+            # The student changes only by training steps (under the train lock we hold).
+            rows_key = ((epoch, self.trainer.train_steps), ring.head, ring.added)
         heads = self.trainer.copy_student(self.eem.training, like=self.eem.heads)
         gate, gate_note = self._fit_gate()
-        return self.calibrator.candidate(heads, gate, gate_note, data, epoch)
+        return self.calibrator.candidate(heads, gate, gate_note, data, epoch, rows_key)
 
     def _publish(self, candidate: Candidate) -> None:
         """Serve ``candidate``: its heads and its thresholds, never one without the other."""
@@ -626,17 +677,31 @@ class OnlineDistiller:
 
     # ------------------------------------------------------------------ background mode
     def _has_work(self) -> bool:
-        return self._may_train() or self._calibration_due or self._flush_due(False)
+        return (
+            bool(self._queued)
+            or self._may_train()
+            or self._calibration_affordable()
+            or self._flush_due(False)
+        )
 
-    def _claim_work(self) -> tuple[bool, bool]:
-        """(calibrate, train): what the worker does next, decided under the lock."""
-        calibrate = self._calibration_due
+    def _claim_work(self) -> tuple[bool, bool] | list[Any]:
+        """What the worker does next, decided under the lock: record the batches served so far
+        (first: they decide what is due), else (calibrate, train)."""
+        if self._queued:
+            return list(self._queued)  # dropped from the queue once recorded
+        calibrate = self._calibration_affordable()
         train = self._may_train()
         if train:
             self.trainer.claim_step()
         return calibrate, train
 
-    def _run_work(self, job: tuple[bool, bool]) -> None:
+    def _run_work(self, job: tuple[bool, bool] | list[Any]) -> None:
+        if isinstance(job, list):  # batches served: their bookkeeping, off the serving thread
+            for batch in job:
+                self._learn_from(*batch)
+                with self._lock:
+                    self._queued.pop(0)
+            return
         calibrate, train = job
         if self._flush_due(calibrate):
             self._timed(self._flush_pending)
@@ -716,6 +781,7 @@ class OnlineDistiller:
             >>> learner.save("learner.safetensors")  # doctest: +SKIP
             >>> learner = OnlineDistiller.load(model, "learner.safetensors")  # doctest: +SKIP
         """
+        self._record_queued()
         with self._train_lock, self._lock:
             tensors, state = self.state_dict()
             save_early_exit_model(
@@ -765,7 +831,7 @@ class OnlineDistiller:
             self.drift.load_state_dict(tensors, state)
             self.calibrator.load_state_dict(tensors, state)
             self.traffic.load_state_dict(tensors, state)
-            self.schedule.load_state_dict(tensors, state)
+            self.schedule.load_state_dict(tensors, state, self.config.train_time_budget)
             self._reports = [typed_report(report) for report in state["reports"]]
             self._expected_saving = float(state["expected_mac_saving"])
             self._phase = PhaseStatus.parse(str(state["phase"]))

@@ -64,6 +64,25 @@ class Schedule:
     serve_seconds: float = 0.0  # wall-clock of serving passes (the time budget's reference)
     learn_seconds: float = 0.0  # wall-clock of learning: bookkeeping, training, calibrations
     epoch: int = 0  # bumped by a drift alarm: older evidence and candidates are void
+    # Learning time earned so far: each served batch earns its serving time times the budget in
+    # force when it was served (higher while every gate is closed, see DistillConfig).
+    allowance_seconds: float = 0.0
+
+    def earn(self, served: float, rate: float) -> None:
+        """Count ``served`` seconds of serving, earning ``rate`` times as much learning time.
+
+        Example:
+            >>> schedule = Schedule()
+            >>> schedule.earn(2.0, rate=0.5)
+            >>> schedule.serve_seconds, schedule.allowance_seconds
+            (2.0, 1.0)
+        """
+        self.serve_seconds += served
+        self.allowance_seconds += rate * served
+
+    def affordable(self, seconds: float) -> bool:
+        """Whether learning so far plus ``seconds`` more stays within the time earned."""
+        return self.learn_seconds + seconds <= self.allowance_seconds
 
     def calibration_due(self, samples: int, warmup: int, every: int) -> bool:
         """Whether a calibration is due after ``samples`` served (and mark it done if so)."""
@@ -81,12 +100,16 @@ class Schedule:
                 "serve_seconds": self.serve_seconds,
                 "learn_seconds": self.learn_seconds,
                 "epoch": self.epoch,
+                "allowance_seconds": self.allowance_seconds,
             }
         }
 
-    def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+    def load_state_dict(
+        self, tensors: dict[str, Tensor], state: dict[str, Any], budget: float | None = None
+    ) -> None:
         """Restore :meth:`state_dict` (other keys of the ``counters`` record are ignored), checked
-        first (:func:`check_schedule_state`): a bad state changes nothing."""
+        first (:func:`check_schedule_state`): a bad state changes nothing. A file saved before
+        the allowance was kept earned ``budget`` times its serving time (the rule then)."""
         check_schedule_state(state)
         counters = state["counters"]
         self.calibrations = int(counters["calibrations"])
@@ -94,10 +117,16 @@ class Schedule:
         self.serve_seconds = float(counters["serve_seconds"])
         self.learn_seconds = float(counters["learn_seconds"])
         self.epoch = int(counters["epoch"])
+        earned = counters.get("allowance_seconds")
+        if earned is None:
+            earned = (budget or 0.0) * self.serve_seconds
+        self.allowance_seconds = float(earned)
 
 
 #: Keys of the ``counters`` record a :class:`Schedule` saves.
 SAVED_KEYS = ("calibrations", "last_calibration", "serve_seconds", "learn_seconds", "epoch")
+#: Saved since (older files lack it: it is then rebuilt from the budget and the serving time).
+LATER_KEYS = ("allowance_seconds",)
 
 
 def check_schedule_state(state: Any) -> None:
@@ -113,6 +142,8 @@ def check_schedule_state(state: Any) -> None:
         expect_int(counters[key], f"counters.{key}")
     for key in ("serve_seconds", "learn_seconds"):
         expect_number(counters[key], f"counters.{key}", low=0.0)
+    if counters.get("allowance_seconds") is not None:
+        expect_number(counters["allowance_seconds"], "counters.allowance_seconds", low=0.0)
 
 
 def check_phase(text: Any) -> PhaseStatus:

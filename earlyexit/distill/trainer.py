@@ -177,13 +177,14 @@ class HeadTrainer:
         # A trainer that falls behind skips steps rather than lagging ever further.
         self.credit = min(owed, MAX_OWED_STEPS)
 
-    def may_train(self, learn_seconds: float, serve_seconds: float) -> bool:
+    def may_train(self, learn_seconds: float, allowance_seconds: float) -> bool:
         """A step is owed (replay ratio) and affordable: learning so far plus one more step stays
-        within ``train_time_budget`` of the serving wall-clock (not overshot by a step a batch)."""
+        within the learning time earned (``allowance_seconds``, see ``train_time_budget``; not
+        overshot by a step a batch). Always affordable when ``train_time_budget`` is ``None``."""
         if self.credit < 1.0:
             return False
         budget = self.config.train_time_budget
-        return budget is None or learn_seconds + self.step_seconds <= budget * serve_seconds
+        return budget is None or learn_seconds + self.step_seconds <= allowance_seconds
 
     def claim_step(self) -> None:
         """Take one owed step (the caller then runs :meth:`train_step`)."""

@@ -45,6 +45,7 @@ class BackgroundWorker(Generic[Job]):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.busy = False  # a job was claimed and is running (read under ``wake``'s lock)
 
     @property
     def running(self) -> bool:
@@ -97,10 +98,13 @@ class BackgroundWorker(Generic[Job]):
                     if self._stop.is_set():
                         return
                     job = self._claim()
+                    self.busy = True
                 self._run(job)
                 with self._wake:
+                    self.busy = False
                     self._wake.notify_all()
         except BaseException as err:  # surfaced by the learner's next call, never swallowed
             with self._wake:
                 self.error = err
+                self.busy = False
                 self._wake.notify_all()
