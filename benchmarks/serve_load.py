@@ -14,6 +14,9 @@ time, then one client alone, and reports:
   heads versions published during the run;
 * the server's resident memory (RSS) sampled through the run: it must stay flat (the learner's
   buffers are capped); with Ray, the sum over the replica and learner processes;
+* what early exit buys the wrapped model alone (``model_only``): the heads the server saved,
+  called in this process at the server's mean batch size against the base model: the ceiling of
+  the server's throughput gain;
 * the server's overhead at batch 1: one client's median latency against the server, minus the
   median of calling the same wrapped model (the heads the server saved at the end) in this process.
 
@@ -291,6 +294,46 @@ def direct_latency(model: torch.nn.Module, heads: Path, inputs: list[torch.Tenso
     return times
 
 
+def model_only(
+    model: torch.nn.Module, heads: Path, inputs: list[torch.Tensor], batch: int, rounds: int = 3
+) -> dict:
+    """What early exit buys the wrapped model alone, without a server or a learner: the heads the
+    server saved, called in this process on the load's images in batches of ``batch`` (the mean
+    batch the server served), against the base model on the same batches, alternated.
+
+    This is the ceiling of the server's throughput gain: serving and learning only add to it."""
+    eem = ee.load(model, heads)
+    batches = [torch.cat(inputs[i : i + batch]) for i in range(0, len(inputs) - batch + 1, batch)]
+    spent = 0
+    plain_s = exit_s = 0.0
+    with torch.no_grad():
+        for x in batches[:10]:  # warm-up
+            eem.predict(x)
+            model(x)
+        for round_index in range(rounds):
+            for x in batches:
+                began = time.perf_counter()
+                model(x)
+                plain_s += time.perf_counter() - began
+                began = time.perf_counter()
+                result = eem.predict(x)
+                exit_s += time.perf_counter() - began
+                if round_index == 0:  # the answers are the same every round
+                    spent += sum(eem.path_macs()[int(e)] for e in result.exit_index)
+    eem.remove()
+    samples = sum(int(x.shape[0]) for x in batches)
+    saving = 1.0 - spent / (samples * eem.base_macs)
+    speedup = plain_s / exit_s
+    allowed = 1.0 / (1.0 - saving) - 1.0 if saving < 1 else float("inf")
+    return {
+        "batch": batch,
+        "samples": samples,
+        "mac_saving": saving,
+        "throughput_ratio": speedup,
+        "throughput_gain_vs_allowed": (speedup - 1.0) / allowed if allowed > 0 else None,
+    }
+
+
 def run_server(
     args: argparse.Namespace,
     weights: Path,
@@ -384,6 +427,13 @@ def main() -> int:
     )
     parser.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (ray arm)")
     parser.add_argument("--out", default=None, help="JSON path")
+    parser.add_argument(
+        "--model-only",
+        metavar="HEADS",
+        help="only measure the wrapped model alone with these heads (saved by an early_exit arm) "
+        "at --batch, and add it to the report at --out",
+    )
+    parser.add_argument("--batch", type=int, default=4, help="batch size for --model-only")
     args = parser.parse_args()
     if args.quick:
         args.duration = min(args.duration, 60.0)
@@ -403,6 +453,13 @@ def main() -> int:
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     inputs = [fashion_preprocess(images[int(i)][None]) for i in order[:4000]]
     payloads = [npy_bytes(x) for x in inputs]
+    if args.model_only:
+        out = Path(args.out or Path(__file__).parent / "results" / "serve_load.json")
+        report = json.loads(out.read_text()) if out.exists() else {}
+        report["model_only"] = model_only(model, Path(args.model_only), inputs, args.batch)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["model_only"], indent=2))
+        return 0
 
     results: dict[str, dict] = {}
     heads: dict[str, Path] = {}
@@ -424,6 +481,9 @@ def main() -> int:
         },
     }
     if "early_exit" in results:
+        served = results["early_exit"]["stats"]
+        mean_batch = max(1, round((served["samples"] or 0) / max(served["batches"] or 1, 1)))
+        report["model_only"] = model_only(model, heads["early_exit"], inputs, mean_batch)
         direct = direct_latency(model, heads["early_exit"], inputs[: args.sequential])
         report["direct_batch1_p50_ms"] = 1e3 * statistics.median(direct)
         report["server_overhead_batch1_ms"] = (
