@@ -1,0 +1,94 @@
+"""Memory of a background learner fed the way the servers feed it, in one process.
+
+The learner of ``earlyexit serve --ray`` learns from rows its replicas send (``record()``); the
+embedded server's learner from its own ``step()``. This script feeds one background learner of the
+fine-tuned EfficientNet-Lite0 of the fashion workload (wrapped as the servers wrap it, learned
+gate) with batches of ``--batch`` random images, either through a :class:`ServingReplica` whose
+rows are pickled and unpickled as Ray sends them (``--feed record``, releases installed every 10
+batches) or through ``learner.step`` (``--feed step``), and prints the learner process's private
+resident memory (``RssAnon``) next to the rows its buffers hold, every ``--every`` batches. A
+learner whose memory keeps growing once its buffers are full leaks; one that levels off is capped.
+
+Usage:
+    python benchmarks/learner_memory.py                       # 9,000 batches of 4 through record()
+    python benchmarks/learner_memory.py --feed step --batches 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+import earlyexit as ee
+from earlyexit.distill import ServingReplica
+from earlyexit.evaluation.pipeline import PipelineOptions
+from earlyexit.evaluation.workloads._fashion import load_fashion_backbone
+
+
+def rss_anon_mb() -> float:
+    """Private resident memory of this process, MiB (Linux)."""
+    for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--feed", choices=("record", "step"), default="record")
+    parser.add_argument("--batches", type=int, default=9000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--every", type=int, default=1000)
+    parser.add_argument("--out", default=None, help="JSON path (default: print only)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    eem = PipelineOptions().wrap(load_fashion_backbone(), (3, 64, 64))
+    config = ee.DistillConfig(background=True, gate="learned")
+    replica = ServingReplica(copy.deepcopy(eem), config) if args.feed == "record" else None
+    learner = ee.OnlineDistiller(eem, config)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(4000, 3, 64, 64, generator=generator)
+    timeline = []
+    began = time.perf_counter()
+    for i in range(args.batches + 1):
+        x = images[torch.randint(len(images), (args.batch,), generator=generator)]
+        if replica is None:
+            learner.step(x)
+        else:
+            if i % 10 == 0:
+                replica.install(pickle.loads(pickle.dumps(learner.release())))
+            _, rows = replica.serve(x)
+            learner.record(pickle.loads(pickle.dumps(rows)), serve_seconds=0.005)
+        if i % args.every == 0:
+            stats = learner.stats()
+            point = {
+                "batches": i,
+                "rss_anon_mb": rss_anon_mb(),
+                "replay": stats["replay"],
+                "evidence": stats["evidence"],
+                "buffers_mb": stats["memory_bytes"] / 2**20,
+                "calibrations": stats["calibrations"],
+                "seconds": time.perf_counter() - began,
+            }
+            timeline.append(point)
+            print(json.dumps(point), flush=True)
+    learner.close()
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "timeline": timeline}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
