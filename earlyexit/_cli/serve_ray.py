@@ -4,7 +4,8 @@ Joins (``--ray-address``) or starts a local Ray cluster, deploys
 :func:`earlyexit.server.scale_out.build_app` behind Ray's HTTP proxy on ``--host:--port``, prints
 ``serving on URL``, and waits for SIGTERM or Ctrl-C. Then it saves the learner's heads and
 thresholds to ``--save-on-exit`` (atomically), shuts Serve down (the replicas finish the requests
-in flight first) and prints a summary.
+in flight first; on a cluster it joined, it deletes only its own application) and prints a
+summary.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def _serve_until_stopped(
                 )
         summary.update(learner.stats.remote().result())
     finally:
-        serve.shutdown()
+        if args.ray_address:  # a cluster we joined: remove our app only, leave the rest serving
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
         ray.shutdown()
     return ok
