@@ -46,10 +46,11 @@ calibration waits until the budget allows it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -233,18 +234,9 @@ class OnlineDistiller:
                 if not queued:
                     self._learn_from(*batch)
             else:
-                # One synchronous step learns at a time, and undoes itself if it fails.
-                with self._train_lock:
-                    self._undo = self._begin_undo()
-                    try:
-                        before = time.perf_counter() - step_started - served
-                        self._learn_from(result, trace, audit, calibration_side, served, before)
-                    except BaseException:
-                        with self._lock:
-                            self._undo.undo()
-                        raise
-                    finally:
-                        self._undo = None
+                with self._undone_on_failure():
+                    before = time.perf_counter() - step_started - served
+                    self._learn_from(result, trace, audit, calibration_side, served, before)
         except BaseException:
             with self._lock:
                 self.evidence.rng.set_state(rng_state)  # a failed call leaves no trace
@@ -339,10 +331,16 @@ class OnlineDistiller:
         if self.worker.running:
             self._record(rows, serve_seconds, started)
             return
+        with self._undone_on_failure():
+            self._record(rows, serve_seconds, started)
+
+    @contextlib.contextmanager
+    def _undone_on_failure(self) -> Iterator[None]:
+        """One synchronous learning step at a time, put back as it was if it fails."""
         with self._train_lock:
             self._undo = self._begin_undo()
             try:
-                self._record(rows, serve_seconds, started)
+                yield
             except BaseException:
                 with self._lock:
                     self._undo.undo()
