@@ -84,6 +84,12 @@ class RayLearner:
     def record(self, rows: Any, serve_seconds: float) -> None:
         self.handle.record.remote([(rows, serve_seconds, self.version)], "r0", 0).result()
 
+    def record_many(self, batches: list[Any], replica: str) -> Any:
+        """Several batches in one call, as a replica under load sends them (not waited for)."""
+        return self.handle.record.remote(
+            [(rows, 0.005, self.version) for rows in batches], replica, 0
+        )
+
     def stats(self) -> dict:
         return self.handle.stats.remote().result()
 
@@ -103,6 +109,13 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=9000)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--every", type=int, default=1000)
+    parser.add_argument(
+        "--per-call",
+        type=int,
+        default=1,
+        help="with --feed ray: batches per record() call, two replicas' calls in flight at once "
+        "(as under load); 1: one batch per call, one call at a time",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default: print only)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -116,6 +129,9 @@ def main() -> int:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(4000, 3, 64, 64, generator=generator)
     timeline = []
+    pending: list[Any] = []
+    if args.per_call > 1 and args.feed != "ray":
+        parser.error("--per-call needs --feed ray")
     began = time.perf_counter()
     for i in range(args.batches + 1):
         x = images[torch.randint(len(images), (args.batch,), generator=generator)]
@@ -127,7 +143,15 @@ def main() -> int:
                 if release is not None:
                     replica.install(pickle.loads(pickle.dumps(release)))
             _, rows = replica.serve(x)
-            learner.record(pickle.loads(pickle.dumps(rows)), serve_seconds=0.005)
+            if args.per_call > 1:  # two replicas' worth of calls in flight, per_call batches each
+                pending.append(rows)
+                if len(pending) == 2 * args.per_call:
+                    calls = [learner.record_many(pending[k::2], f"r{k}") for k in range(2)]
+                    for call in calls:
+                        call.result()
+                    pending = []
+            else:
+                learner.record(pickle.loads(pickle.dumps(rows)), serve_seconds=0.005)
         if i % args.every == 0:
             stats = learner.stats()
             point = {
