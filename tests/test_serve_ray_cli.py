@@ -14,7 +14,18 @@ import textwrap
 import pytest
 import torch
 from hidden_packages import hiding_prelude
-from test_server import NPY, PNG, ROOT, SIZE, _env, batch, npy_bytes, png_bytes, tiny_model
+from test_server import (
+    NPY,
+    PNG,
+    ROOT,
+    SIZE,
+    _env,
+    batch,
+    npy_bytes,
+    png_bytes,
+    start_serve,
+    tiny_model,
+)
 
 import earlyexit as ee
 
@@ -30,22 +41,13 @@ def test_earlyexit_serve_ray_answers_on_two_replicas_and_saves_on_sigterm(tmp_pa
     weights = tmp_path / "model.pth"
     torch.save(model.state_dict(), weights)
     saved = tmp_path / "saved.safetensors"
-    command = [
-        sys.executable, "-m", "earlyexit", "serve", "--model", "timm:resnet18",
-        "--num-classes", "10", "--input-size", "3,64,64", "--weights", str(weights),
-        "--ray", "--replicas", "2", "--port", "0", "--save-on-exit", str(saved),
-        "--threads", "1", "--json",
+    arguments = [
+        "--model", "timm:resnet18", "--num-classes", "10", "--input-size", "3,64,64",
+        "--weights", str(weights), "--ray", "--replicas", "2", "--port", "0",
+        "--save-on-exit", str(saved), "--threads", "1", "--json",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path
-    )
+    process, url = start_serve(arguments, tmp_path)
     try:
-        seen = []
-        while not (seen and (seen[-1].startswith("serving on") or not seen[-1])):
-            seen.append(process.stderr.readline())
-        ready = seen[-1]
-        assert ready.startswith("serving on http://127.0.0.1:"), "".join(seen)
-        url = ready.split()[2]
         answers = [
             httpx.post(f"{url}/predict", content=npy_bytes(batch(3, seed)), headers=NPY, timeout=60)
             for seed in range(8)

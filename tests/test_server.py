@@ -595,6 +595,24 @@ def _env() -> dict[str, str]:
     return env
 
 
+def start_serve(arguments: list[str], cwd) -> tuple[subprocess.Popen, str]:
+    """``earlyexit serve ARGUMENTS`` in a subprocess, once it prints its ready line: (process,
+    URL). Fails the test with what it printed if it stops before."""
+    command = [sys.executable, "-m", "earlyexit", "serve", *arguments]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd
+    )
+    seen = []
+    while not (seen and (seen[-1].startswith("serving on") or not seen[-1])):
+        seen.append(process.stderr.readline())  # warnings may come first; '' at the end
+    ready = seen[-1]
+    if not ready.startswith("serving on http://127.0.0.1:"):
+        process.kill()
+        process.wait()
+        pytest.fail("the server did not start:\n" + "".join(seen))
+    return process, ready.split()[2]
+
+
 @pytest.mark.slow
 def test_earlyexit_serve_starts_answers_and_saves_on_sigterm(tmp_path):
     import httpx
@@ -608,22 +626,13 @@ def test_earlyexit_serve_starts_answers_and_saves_on_sigterm(tmp_path):
     heads = tmp_path / "start.safetensors"
     eem.save(heads)
     saved = tmp_path / "saved.safetensors"
-    command = [
-        sys.executable, "-m", "earlyexit", "serve", "--model", "timm:resnet18",
-        "--num-classes", "10", "--input-size", "3,64,64", "--weights", str(weights),
-        "--heads", str(heads), "--port", "0", "--save-on-exit", str(saved), "--threads", "1",
-        "--max-wait-ms", "1000", "--json",
+    arguments = [
+        "--model", "timm:resnet18", "--num-classes", "10", "--input-size", "3,64,64",
+        "--weights", str(weights), "--heads", str(heads), "--port", "0",
+        "--save-on-exit", str(saved), "--threads", "1", "--max-wait-ms", "1000", "--json",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path
-    )
+    process, url = start_serve(arguments, tmp_path)
     try:
-        seen = []
-        while not (seen and (seen[-1].startswith("serving on") or not seen[-1])):
-            seen.append(process.stderr.readline())  # warnings may come first; '' at the end
-        ready = seen[-1]
-        assert ready.startswith("serving on http://127.0.0.1:"), "".join(seen)
-        url = ready.split()[-1]
         answer = httpx.post(f"{url}/predict", content=png_bytes(), headers=PNG, timeout=60).json()
         assert len(answer["predictions"]) == 1 and answer["num_exits"] == 4
         stats = httpx.get(f"{url}/stats", timeout=60).json()
