@@ -164,6 +164,7 @@ class OnlineDistiller:
             config.target_agreement,
             config.drift_alpha,
             pooled=config.calibration_mode == "joint",
+            served=config.guarantee == "expected",
         )
         self.traffic = TrafficCounters.empty(num_exits)
         self.schedule = Schedule()
@@ -440,7 +441,8 @@ class OnlineDistiller:
                     self._before_write(self.trainer.replay, rows_teacher.shape[0])
                     self.trainer.add(rows_z, rows_teacher)
             if rows.audits:
-                alarm = self.drift.check()
+                share = sum(self.traffic.recent_exit_rates()) if self.drift.served else None
+                alarm = self.drift.check(share)
                 if alarm is not None:
                     self._on_drift(alarm)
 
@@ -635,6 +637,8 @@ class OnlineDistiller:
             self.schedule.calibrations += 1
             self.traffic.reset_publish()
             opened = any(t < math.inf for t in candidate.thresholds)
+            if opened and self.schedule.first_open_sample is None:
+                self.schedule.first_open_sample = self.traffic.samples
             if opened:
                 self._phase = PhaseStatus(Phase.SERVING)
             elif self._phase.phase is Phase.SERVING:
@@ -667,8 +671,12 @@ class OnlineDistiller:
         self._phase = PhaseStatus(
             Phase.DRIFT,
             f"{alarm.where} agreed on {alarm.n - alarm.failures}/{alarm.n} audited samples, "
-            f"below {self.config.target_agreement}; all gates closed until new evidence "
-            "supports them",
+            + (
+                f"so served disagreement is above {1 - self.config.target_agreement:.4g}"
+                if alarm.exit_share is not None
+                else f"below {self.config.target_agreement}"
+            )
+            + "; all gates closed until new evidence supports them",
         )
         for report in self._reports:
             report.update(state=ExitState.CLOSED, reason="closed by the drift monitor")
@@ -724,7 +732,10 @@ class OnlineDistiller:
         (the current policy on held-out evidence), ``exits`` (per exit: state, the reason for it,
         the numbers above), buffer/training counters, and ``non_finite_dropped`` (samples that
         ran to the end with a non-finite teacher or stored features: served flagged, never used
-        to teach, calibrate, fit the gate or watch for drift; saved with the learner). Built from
+        to teach, calibrate, fit the gate or watch for drift; saved with the learner), ``guarantee``
+        (which promise the thresholds carry: ``"high_probability"`` or ``"expected"``, see
+        :class:`DistillConfig`) and ``first_open_sample`` (samples served when a gate first
+        opened, ``None`` before; saved with the learner). Built from
         a :class:`~earlyexit.distill.stats.LearnerStats`.
 
         Example:
@@ -757,6 +768,7 @@ class OnlineDistiller:
                 expected_mac_saving=self._expected_saving,
                 target_agreement=cfg.target_agreement,
                 confidence=cfg.confidence,
+                guarantee=cfg.guarantee,
                 exits=exits,
                 evidence=len(self.evidence),
                 replay=len(replay) if replay is not None else 0,
@@ -766,6 +778,7 @@ class OnlineDistiller:
                 calibrations=self.schedule.calibrations,
                 drift_alarms=self.drift.alarms,
                 non_finite_dropped=traffic.non_finite_dropped,
+                first_open_sample=self.schedule.first_open_sample,
             ).to_dict()
 
     # ------------------------------------------------------------------ persistence
