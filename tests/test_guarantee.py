@@ -170,7 +170,7 @@ def test_config_guarantee_is_validated_and_round_trips():
     cfg = DistillConfig(guarantee="expected")
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.to_dict()["guarantee"] == "expected"
-    with pytest.raises(ConfigError, match="guarantee must be 'high_probability'.*'expected'"):
+    with pytest.raises(ConfigError, match=r"guarantee must be 'high_probability'.*'expected'"):
         DistillConfig(guarantee="strict")
     with pytest.raises(ConfigError, match="calibration_mode='joint', got 'per_exit'"):
         DistillConfig(guarantee="expected", calibration_mode="per_exit")
