@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,7 +38,8 @@ class DriftAlarm:
     exit: int
     n: int
     failures: int
-    exit_share: float | None = None  # served-disagreement test: share of traffic leaving early
+    # Served-disagreement test (guarantee="expected"): the share of traffic leaving early.
+    exit_share: float | None = field(default=None, repr=False)
 
     @property
     def where(self) -> str:
@@ -111,8 +112,8 @@ class DriftMonitor:
             ...     m.record(0, ok)
             >>> m.check(exit_share=0.05) is None  # 10% wrong of 5% leaving: 0.5% served
             True
-            >>> m.check(exit_share=0.8)
-            DriftAlarm(exit=-1, n=100, failures=10, exit_share=0.8)
+            >>> m.check(exit_share=0.8).where  # 8% served: above 1%
+            'early exits (pooled, 0.800 of traffic leaving early)'
         """
         target = self.target
         if self.served:
