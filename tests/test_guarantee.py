@@ -253,3 +253,24 @@ def test_learner_saved_before_the_field_loads_as_high_probability(tmp_path):
     assert resumed.stats()["first_open_sample"] is None  # not known for such a file
     assert resumed.eem.thresholds == learner.eem.thresholds
     assert not resumed.drift.served
+
+
+def test_served_disagreement_alarm_closes_gates_after_a_shift():
+    # As test_distill's drift test, under the expected guarantee: after the shift the first exit
+    # is surely wrong and most traffic leaves there, so served disagreement is far above 1%.
+    from test_distill import _drifted
+
+    eem = toy_wrap()
+    learner = OnlineDistiller(eem, quick(audit_rate=0.2, guarantee="expected"))
+    g = torch.Generator().manual_seed(17)
+    run(learner, 12, g)
+    assert eem.thresholds[0] < INF
+    learner.config.recalibrate_every = 10**9  # only the monitor can react now
+    for _ in range(30):
+        learner.step(_drifted(64, g))
+        if learner.stats()["drift_alarms"]:
+            break
+    stats = learner.stats()
+    assert stats["drift_alarms"] == 1 and stats["phase"].startswith("drift")
+    assert "so served disagreement is above 0.05" in stats["phase"]
+    assert all(t == INF for t in eem.thresholds) and stats["evidence"] == 0
