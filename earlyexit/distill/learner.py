@@ -28,13 +28,14 @@ How it works (one call of :meth:`OnlineDistiller.step`):
 5. On a schedule, the student is copied, a :class:`~earlyexit.gates.LearnedGate` is fitted, the
    copy's scores on the held-out evidence are recomputed (heads change, so stored scores would be
    stale), exits that save nothing are switched off (decided on a quarter of the evidence),
-   thresholds are chosen by Learn-then-Test (:mod:`earlyexit.calibration`) on the other three
-   quarters, tested once, and the copy is published together with its gate and
+   thresholds are chosen by Learn-then-Test (:mod:`earlyexit.calibration`; by conformal risk
+   control under ``guarantee="expected"``) on the other three quarters, tested once, and the copy is published together with its gate and
    thresholds (heads swapped as one ``ModuleList``: a served call never sees a half-trained head).
 6. A drift monitor tests the audited agreement (pooled over exits in the default ``"joint"``
    calibration mode, per exit in ``"per_exit"`` mode); when it is provably below the target every
    gate closes (all traffic becomes evidence again) and stale evidence is dropped; gates reopen when
-   the new evidence supports them.
+   the new evidence supports them. Under ``guarantee="expected"`` it tests the served
+   disagreement (early and wrong, over all answers) against ``1 - target`` instead.
 
 All learning work (bookkeeping, training, calibration) shares one wall-clock budget,
 ``train_time_budget`` of the time spent serving (in background mode, up to ``closed_time_budget``
@@ -105,7 +106,10 @@ class OnlineDistiller:
     that the samples they let out agree with the full model at ``config.target_agreement`` with
     ``config.confidence``: with the default ``calibration_mode="joint"`` that is the agreement
     pooled over every early answer (one shared threshold; a single exit may fall below the target
-    if another is above it), with ``"per_exit"`` it is each exit's own agreement.
+    if another is above it), with ``"per_exit"`` it is each exit's own agreement. With
+    ``config.guarantee="expected"`` the promise is weaker and needs far less evidence: the
+    expected disagreement of a served answer (early or not) with the full model is at most
+    ``1 - target_agreement`` (conformal risk control; see :class:`DistillConfig`).
 
     Half-precision models (float16/bfloat16, cast before or after wrapping) learn too: the student
     and its optimizer are kept in float32, and heads are calibrated and published in the served
