@@ -572,10 +572,13 @@ def empirical_joint_thresholds(
     *,
     enabled: list[bool] | None = None,
     max_candidates: int = 200,
+    among: str = "early",
 ) -> tuple[float, ...]:
     """The most lenient threshold, shared by the enabled exits, at which the pooled agreement of
     the samples leaving early is ``>= target`` on these very samples: a point estimate with no
-    confidence bound, for comparing exit sets (what each would save), never for serving.
+    confidence bound, for comparing exit sets (what each would save), never for serving. With
+    ``among="all"`` the agreement is counted over all samples (those running to the end agree),
+    as the expected guarantee counts it.
 
     Example:
         >>> s = torch.tensor([[0.75, 0.125], [0.5, 0.875], [0.25, 0.375]])
@@ -587,6 +590,8 @@ def empirical_joint_thresholds(
         raise ConfigError(
             f"scores and agree must both be [N, E]; got {tuple(scores.shape)} and {tuple(agree.shape)}"
         )
+    if among not in ("early", "all"):
+        raise ConfigError(f"among must be 'early' or 'all', got {among!r}")
     n, num_exits = scores.shape
     enabled = [True] * num_exits if enabled is None else list(enabled)
     on = [e for e in range(num_exits) if enabled[e]]
@@ -595,7 +600,7 @@ def empirical_joint_thresholds(
     sub = scores.detach().float().cpu()[:, on]
     candidates = _thin(torch.unique(sub.max(dim=1).values), max_candidates)  # ascending
     exited, failed = _pooled_outcomes(sub, agree.detach().bool().cpu()[:, on], candidates)
-    ok = (exited > 0) & (failed <= (1.0 - target) * exited)
+    ok = (exited > 0) & (failed <= (1.0 - target) * (exited if among == "early" else n))
     if not bool(ok.any()):
         return (math.inf,) * num_exits
     lam = float(candidates[ok].min())

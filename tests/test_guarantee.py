@@ -274,3 +274,17 @@ def test_served_disagreement_alarm_closes_gates_after_a_shift():
     assert stats["drift_alarms"] == 1 and stats["phase"].startswith("drift")
     assert "so served disagreement is above 0.05" in stats["phase"]
     assert all(t == INF for t in eem.thresholds) and stats["evidence"] == 0
+
+
+def test_empirical_threshold_among_all_answers_is_looser():
+    s = torch.tensor([[0.75, 0.125], [0.5, 0.875], [0.25, 0.375], [0.0625, 0.0625]])
+    a = torch.tensor([[True, True], [False, True], [False, True], [True, True]])
+    from earlyexit.calibration import empirical_joint_thresholds
+
+    # At 0.375 rows 0-2 leave, row 1 wrongly (exit 0 at 0.5): 1 of 3 early answers (> 30%), but
+    # 1 of all 4 answers (<= 30%). At 0.0625 row 2 leaves wrongly too: 2 of 4. At 0.75 none is
+    # wrong. So among early answers 0.75, among all answers 0.375.
+    assert empirical_joint_thresholds(s, a, 0.7) == (0.75, 0.75)
+    assert empirical_joint_thresholds(s, a, 0.7, among="all") == (0.375, 0.375)
+    with pytest.raises(ConfigError, match="among must be 'early' or 'all'"):
+        empirical_joint_thresholds(s, a, 0.7, among="served")

@@ -292,16 +292,21 @@ class PolicyCalibrator:
 
         Greedy on the evidence rows set aside for choosing (never those tested next): put every
         exit still on at the most lenient shared threshold whose agreement on these rows meets the
-        target, drop the open exit whose removal saves the most MACs (or that saves nothing),
-        repeat. A point estimate suffices here: the guarantee comes from the test that follows.
+        target (among early answers; among all answers under ``guarantee="expected"``), drop the
+        open exit whose removal saves the most MACs (or that saves nothing), repeat. A point
+        estimate suffices here: the guarantee comes from the test that follows.
         """
         num_exits = self.eem.num_exits
         enabled = [True] * num_exits
         switched: dict[int, str] = {}
         target = self.config.target_agreement
+        # Judge each exit set by what the guarantee in force counts.
+        among = "all" if self.config.guarantee == "expected" else "early"
 
         def cost_of(trial: list[bool]) -> tuple[tuple[float, ...], float]:
-            thresholds = empirical_joint_thresholds(scores, agree, target, enabled=trial)
+            thresholds = empirical_joint_thresholds(
+                scores, agree, target, enabled=trial, among=among
+            )
             return thresholds, self.expected_cost(scores, thresholds, gate)
 
         thresholds, cost = cost_of(enabled)
