@@ -18,7 +18,7 @@ from .backbones import (
     supported_families,
     unregister_adapter,
 )
-from .calibration import calibrate_joint, calibrate_thresholds
+from .calibration import calibrate_joint, calibrate_risk_control, calibrate_thresholds
 from .cartography import CartographyMeter, DataMap, DifficultyRouter
 from .cascade import (
     Cascade,
@@ -121,6 +121,7 @@ __all__ = [
     "__version__",
     "all_gate_scores",
     "calibrate_joint",
+    "calibrate_risk_control",
     "calibrate_thresholds",
     "evaluate_placement",
     "evaluation",

@@ -13,6 +13,10 @@ exactly the traffic that reaches it.
 
 A gate with too little evidence to pass even one test stays closed (``inf``).
 
+:func:`calibrate_risk_control` promises less and so needs far less evidence: conformal risk control
+(CRC) bounds the *expected* disagreement of a served answer with the full model (over the draw of
+the evidence and of the new sample), not its value with high probability. See its docstring.
+
 The maths are plain functions of tensors; nothing here touches a model.
 """
 
@@ -358,6 +362,190 @@ def _joint_path(
     return thresholds_for[chosen], reason
 
 
+def risk_control_min_evidence(target: float) -> int:
+    """Fewest evidence samples with which :func:`calibrate_risk_control` can open a gate (when none
+    of the samples that would leave disagrees): ``n >= 1 / (1 - target) - 1``.
+
+    Example:
+        >>> risk_control_min_evidence(0.99), risk_control_min_evidence(0.9)
+        (99, 9)
+    """
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"target must be in (0, 1), got {target}")
+    alpha = 1.0 - target
+    n = max(0, math.floor(1.0 / alpha - 1.0))
+    while not _crc_allows(0, n, alpha):
+        n += 1
+    while n > 0 and _crc_allows(0, n - 1, alpha):
+        n -= 1
+    return n
+
+
+#: Slack on the CRC inequality, so that 1 - 0.9 = 0.09999999999999998 still reads as 0.1.
+_CRC_SLACK = 1e-9
+
+
+def _crc_allows(losses: int | Tensor, n: int, alpha: float) -> bool | Tensor:
+    """The CRC condition ``(n / (n + 1)) * mean + 1 / (n + 1) <= alpha`` for a total of ``losses``
+    (bounded by 1 each) over ``n`` samples, i.e. ``losses + 1 <= alpha * (n + 1)``."""
+    return losses + 1 <= alpha * (n + 1) + _CRC_SLACK
+
+
+def risk_envelope(scores: Tensor, agree: Tensor, enabled: list[bool] | None = None) -> Tensor:
+    """``[N]``: per sample, the largest shared threshold at which it would leave early with a
+    wrong answer (``-inf``: at no threshold).
+
+    With several exits the loss ``L_i(lam)`` = "sample ``i`` leaves early at shared threshold
+    ``lam`` (first enabled exit whose score ``>= lam``) and that exit disagrees with the full
+    model" is not monotone in ``lam``: lowering ``lam`` can move a sample from a wrong later exit
+    to a right earlier one. Its monotone upper envelope ``max_{lam' >= lam} L_i(lam')`` is
+    ``1[lam <= t_i]`` with the ``t_i`` returned here: exit ``e`` is the first to let the sample
+    out exactly for ``lam`` in ``(max of the earlier enabled scores, s_e]``, so ``t_i`` is the
+    largest ``s_e`` of a disagreeing exit whose interval is not empty. NaN scores never pass.
+
+    Example:
+        >>> s = torch.tensor([[0.25, 0.75], [0.75, 0.5]])
+        >>> a = torch.tensor([[True, False], [True, False]])
+        >>> risk_envelope(s, a).tolist()  # row 1: exit 0 always passes first, exit 1 never serves
+        [0.75, -inf]
+    """
+    if scores.dim() != 2 or agree.shape != scores.shape:
+        raise ConfigError(
+            f"scores and agree must both be [N, E]; got {tuple(scores.shape)} and {tuple(agree.shape)}"
+        )
+    n, num_exits = scores.shape
+    enabled = [True] * num_exits if enabled is None else list(enabled)
+    if len(enabled) != num_exits:
+        raise ConfigError(f"enabled must hold one flag per exit ({num_exits}), got {len(enabled)}")
+    s = scores.detach().float().cpu().nan_to_num(nan=-math.inf)
+    a = agree.detach().bool().cpu()
+    worst = torch.full((n,), -math.inf)
+    before = torch.full((n,), -math.inf)  # max score of the earlier enabled exits
+    for e in range(num_exits):
+        if not enabled[e]:
+            continue
+        serves = (s[:, e] > before) & ~a[:, e]
+        worst = torch.where(serves, torch.maximum(worst, s[:, e]), worst)
+        before = torch.maximum(before, s[:, e])
+    return worst
+
+
+def calibrate_risk_control(
+    scores: Tensor,
+    agree: Tensor,
+    target: float,
+    *,
+    enabled: list[bool] | None = None,
+) -> CalibrationResult:
+    """One threshold shared by the enabled exits, by conformal risk control (CRC): the expected
+    disagreement of a served answer with the full model is at most ``1 - target``.
+
+    The promise, exactly: if the evidence samples and a new sample are exchangeable (e.g. i.i.d.
+    draws from the same traffic), then ``E[1(the new sample leaves early and its answer differs
+    from the full model's)] <= 1 - target``, the expectation taken over the draw of the evidence
+    *and* of the new sample. Samples that run to the end count as agreeing, so this is the
+    expected disagreement among *all* served answers; it is weaker than
+    :func:`calibrate_joint`'s promise (agreement among early answers ``>= target`` with
+    probability ``confidence``): a given calibration may serve more disagreement than
+    ``1 - target`` (only the average over calibrations is bounded), and agreement among the
+    early answers alone may fall below ``target`` when many samples leave early.
+
+    How: the loss ``L_i(lam)`` (sample ``i`` leaves early at ``lam`` and disagrees) is not
+    monotone in ``lam`` with several exits, so its monotone upper envelope ``L~_i(lam) =
+    max_{lam' >= lam} L_i(lam')`` is used (:func:`risk_envelope`, bounded by ``B = 1``), and
+    ``lam_hat`` is the smallest candidate (a sample's best enabled score; tested exactly, no grid)
+    with ``(n / (n + 1)) * mean_i L~_i(lam) + 1 / (n + 1) <= 1 - target``. Since ``L <= L~`` and
+    ``L~`` does not increase with ``lam``, the bound holds for the served loss. With no evidence
+    sample disagreeing it still needs ``n >= 1 / (1 - target) - 1`` samples
+    (:func:`risk_control_min_evidence`: 99 at 0.99, against ~300-470 for Learn-then-Test); below
+    that every gate stays closed. There is no ``confidence``: the guarantee is in expectation.
+    Every evidence sample weighs the same, so the evidence must be a uniform draw of traffic (not
+    only the samples that ran to the end). Scores must be on one scale across exits.
+
+    Args:
+        scores: ``[N, E]`` gate scores (higher = surer; NaN never passes).
+        agree: ``[N, E]`` bool, whether exit ``e``'s answer equals the full model's on sample ``n``.
+        target: ``1 - target`` is the bound on expected disagreement, e.g. 0.99.
+        enabled: per exit, False keeps that gate closed (``inf``) and ignores its scores.
+
+    Example:
+        >>> s = torch.tensor([[0.75, 0.25]] * 98 + [[0.5, 0.25], [0.25, 0.875]])
+        >>> a = torch.ones(100, 2, dtype=torch.bool)
+        >>> a[98, 0] = a[99, 1] = False  # two wrong answers, envelope levels 0.5 and 0.875
+        >>> calibrate_risk_control(s, a, target=0.98).thresholds  # at 0.5: 2 + 1 > 0.02 * 101
+        (0.75, 0.75)
+    """
+    if scores.dim() != 2 or agree.shape != scores.shape:
+        raise ConfigError(
+            f"scores and agree must both be [N, E]; got {tuple(scores.shape)} and {tuple(agree.shape)}"
+        )
+    if agree.dtype != torch.bool:
+        raise ConfigError(f"agree must be a bool tensor, got {agree.dtype}")
+    if not scores.is_floating_point():
+        raise ConfigError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    if not (isinstance(target, int | float) and 0.0 < target < 1.0):
+        raise ConfigError(f"target must be in (0, 1), got {target!r}")
+    n, num_exits = scores.shape
+    enabled = [True] * num_exits if enabled is None else list(enabled)
+    if len(enabled) != num_exits or not all(isinstance(f, bool) for f in enabled):
+        raise ConfigError(
+            f"enabled must hold one True/False per exit ({num_exits}), got {enabled!r}"
+        )
+    alpha = 1.0 - target
+    need = risk_control_min_evidence(target)
+    s = scores.detach().float().cpu()
+    a = agree.detach().bool().cpu()
+    closed = (math.inf,) * num_exits
+    on = [e for e in range(num_exits) if enabled[e]]
+
+    def result(thresholds: tuple[float, ...], reason: str) -> CalibrationResult:
+        where = simulate_exits(s, thresholds)
+        out, reaching = [], torch.ones(n, dtype=torch.bool)
+        for e in range(num_exits):
+            leave = where == e
+            count = int(leave.sum())
+            ok = int((a[:, e] & leave).sum())
+            # No confidence bound exists for an expectation guarantee: NaN says so.
+            out.append(
+                ExitCalibration(
+                    thresholds[e],
+                    int(reaching.sum()),
+                    count,
+                    ok / count if count else math.nan,
+                    math.nan,
+                    "switched off" if not enabled[e] else reason,
+                )
+            )
+            reaching &= ~leave
+        return CalibrationResult(thresholds, out, n)
+
+    if not on or n < need:
+        return result(closed, f"closed: {n} evidence samples, {need} needed (expected)")
+    worst = torch.sort(risk_envelope(s, a, enabled)).values  # ascending
+    best = s[:, on].nan_to_num(nan=-math.inf).max(dim=1).values
+    candidates = torch.unique(best[torch.isfinite(best)])  # ascending: loosest first
+    # Envelope losses at each candidate lam: samples with t_i >= lam.
+    losses = n - torch.searchsorted(worst, candidates, side="left")
+    ok = _crc_allows(losses, n, alpha)
+    if candidates.numel() == 0 or not bool(ok.any()):
+        return result(
+            closed,
+            f"closed: {n - int((worst == -math.inf).sum())} of {n} evidence samples leave early "
+            f"wrongly at the strictest threshold; CRC allows {alpha * (n + 1) - 1:.2f} (expected)",
+        )
+    # ok is monotone (losses fall as lam rises): the first True is the loosest allowed lam.
+    k = int(torch.nonzero(ok).flatten()[0])
+    lam = float(candidates[k])
+    thresholds = tuple(lam if enabled[e] else math.inf for e in range(num_exits))
+    leaving = int((simulate_exits(s, thresholds) < num_exits).sum())
+    bound = (int(losses[k]) + 1) / (n + 1)
+    reason = (
+        f"open (expected): {leaving}/{n} leave early; CRC bound on expected disagreement "
+        f"{bound:.4f} <= {alpha:.4f}"
+    )
+    return result(thresholds, reason)
+
+
 def _thin(candidates: Tensor, max_candidates: int) -> Tensor:
     """At most ``max_candidates`` thresholds, evenly spread over ``candidates`` (order kept)."""
     if candidates.numel() <= max_candidates:
@@ -384,10 +572,13 @@ def empirical_joint_thresholds(
     *,
     enabled: list[bool] | None = None,
     max_candidates: int = 200,
+    among: str = "early",
 ) -> tuple[float, ...]:
     """The most lenient threshold, shared by the enabled exits, at which the pooled agreement of
     the samples leaving early is ``>= target`` on these very samples: a point estimate with no
-    confidence bound, for comparing exit sets (what each would save), never for serving.
+    confidence bound, for comparing exit sets (what each would save), never for serving. With
+    ``among="all"`` the agreement is counted over all samples (those running to the end agree),
+    as the expected guarantee counts it.
 
     Example:
         >>> s = torch.tensor([[0.75, 0.125], [0.5, 0.875], [0.25, 0.375]])
@@ -399,6 +590,8 @@ def empirical_joint_thresholds(
         raise ConfigError(
             f"scores and agree must both be [N, E]; got {tuple(scores.shape)} and {tuple(agree.shape)}"
         )
+    if among not in ("early", "all"):
+        raise ConfigError(f"among must be 'early' or 'all', got {among!r}")
     n, num_exits = scores.shape
     enabled = [True] * num_exits if enabled is None else list(enabled)
     on = [e for e in range(num_exits) if enabled[e]]
@@ -407,7 +600,7 @@ def empirical_joint_thresholds(
     sub = scores.detach().float().cpu()[:, on]
     candidates = _thin(torch.unique(sub.max(dim=1).values), max_candidates)  # ascending
     exited, failed = _pooled_outcomes(sub, agree.detach().bool().cpu()[:, on], candidates)
-    ok = (exited > 0) & (failed <= (1.0 - target) * exited)
+    ok = (exited > 0) & (failed <= (1.0 - target) * (exited if among == "early" else n))
     if not bool(ok.any()):
         return (math.inf,) * num_exits
     lam = float(candidates[ok].min())
@@ -419,8 +612,11 @@ __all__ = [
     "ExitCalibration",
     "binomial_tail_pvalue",
     "calibrate_joint",
+    "calibrate_risk_control",
     "calibrate_thresholds",
     "clopper_pearson_lower",
     "empirical_joint_thresholds",
     "min_evidence",
+    "risk_control_min_evidence",
+    "risk_envelope",
 ]

@@ -733,6 +733,7 @@ def test_state_keeps_the_version_1_layout():
         "epoch",
         "non_finite_dropped",  # new, optional: older files lack it (read as 0)
         "allowance_seconds",  # new, optional: older files lack it (budget x serving time)
+        "first_open_sample",  # new, optional: older files lack it (read as None)
     ]
     assert list(state["rings"]) == ["replay", "evidence", "gate_data"]
     prefixes = {key.split(".")[0] for key in tensors}

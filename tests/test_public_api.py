@@ -42,6 +42,7 @@ def test_what_the_docs_send_users_to_is_exported():
         "register_adapter",
         "calibrate_thresholds",
         "calibrate_joint",
+        "calibrate_risk_control",
         "BackboneAdapter",
         "FeatureLayout",
     ):

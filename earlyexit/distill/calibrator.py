@@ -2,7 +2,8 @@
 
 The heads' scores on the evidence are recomputed (heads change, so stored scores would be stale),
 exits that save nothing are switched off (decided on every 4th evidence row), and thresholds are
-chosen by Learn-then-Test (:mod:`earlyexit.calibration`) on the other rows, tested once. The
+chosen by Learn-then-Test (``guarantee="high_probability"``) or by conformal risk control
+(``guarantee="expected"``, see :mod:`earlyexit.calibration`) on the other rows, tested once. The
 result is a :class:`Candidate`: heads and the thresholds calibrated for exactly those heads.
 """
 
@@ -22,9 +23,11 @@ from ..calibration import (
     TOLERATED_FAILURES,
     CalibrationResult,
     calibrate_joint,
+    calibrate_risk_control,
     calibrate_thresholds,
     empirical_joint_thresholds,
     min_evidence,
+    risk_control_min_evidence,
 )
 from ..gates import Gate, GateContext
 from ..model import EarlyExitModel
@@ -122,14 +125,19 @@ class PolicyCalibrator:
         self._scored: tuple[tuple[Any, int], list[Tensor]] | None = None
 
     def evidence_needed(self) -> int:
-        """Fewest evidence rows the most lenient test needs: below it nothing can open."""
+        """Fewest evidence rows the most lenient test needs: below it nothing can open (under
+        ``guarantee="expected"``, CRC's ``1 / (1 - target) - 1``)."""
         cfg = self.config
+        if cfg.guarantee == "expected":
+            return risk_control_min_evidence(cfg.target_agreement)
         return min_evidence(cfg.target_agreement, 1.0 - cfg.confidence, TOLERATED_FAILURES)
 
     def closed(self, have: int, epoch: int) -> Candidate:
         """The candidate while evidence is short: the served heads and gate, every gate closed."""
         num_exits = self.eem.num_exits
         reason = f"closed: {have} evidence samples, {self.evidence_needed()} needed"
+        if self.config.guarantee == "expected":
+            reason += " (expected)"
         reports = [{"state": ExitState.CLOSED, "reason": reason} for _ in range(num_exits)]
         return Candidate(
             self.eem.heads, self.eem.gate, (math.inf,) * num_exits, reports, 0.0, 0, epoch
@@ -258,8 +266,12 @@ class PolicyCalibrator:
 
     def calibrate(self, scores: Tensor, agree: Tensor, enabled: list[bool]) -> CalibrationResult:
         """Thresholds by Learn-then-Test: one shared threshold with agreement pooled over exits
-        (``"joint"``), or one per exit, each guaranteed (``"per_exit"``)."""
+        (``"joint"``), or one per exit, each guaranteed (``"per_exit"``); under
+        ``guarantee="expected"``, one shared threshold by conformal risk control (no search over
+        exit subsets: choosing among several paths on the same rows would void the bound)."""
         cfg = self.config
+        if cfg.guarantee == "expected":
+            return calibrate_risk_control(scores, agree, cfg.target_agreement, enabled=enabled)
         if cfg.calibration_mode == "joint":
             return calibrate_joint(
                 scores, agree, cfg.target_agreement, cfg.confidence, enabled=enabled
@@ -280,16 +292,21 @@ class PolicyCalibrator:
 
         Greedy on the evidence rows set aside for choosing (never those tested next): put every
         exit still on at the most lenient shared threshold whose agreement on these rows meets the
-        target, drop the open exit whose removal saves the most MACs (or that saves nothing),
-        repeat. A point estimate suffices here: the guarantee comes from the test that follows.
+        target (among early answers; among all answers under ``guarantee="expected"``), drop the
+        open exit whose removal saves the most MACs (or that saves nothing), repeat. A point
+        estimate suffices here: the guarantee comes from the test that follows.
         """
         num_exits = self.eem.num_exits
         enabled = [True] * num_exits
         switched: dict[int, str] = {}
         target = self.config.target_agreement
+        # Judge each exit set by what the guarantee in force counts.
+        among = "all" if self.config.guarantee == "expected" else "early"
 
         def cost_of(trial: list[bool]) -> tuple[tuple[float, ...], float]:
-            thresholds = empirical_joint_thresholds(scores, agree, target, enabled=trial)
+            thresholds = empirical_joint_thresholds(
+                scores, agree, target, enabled=trial, among=among
+            )
             return thresholds, self.expected_cost(scores, thresholds, gate)
 
         thresholds, cost = cost_of(enabled)

@@ -13,6 +13,10 @@ from ..errors import ConfigError
 CalibrationMethod = Literal["ltt", "clopper_pearson"]
 #: ``"joint"``: one threshold, agreement pooled over every early answer; ``"per_exit"``: each exit.
 CalibrationMode = Literal["joint", "per_exit"]
+#: What the calibration promises: Learn-then-Test with high probability, or CRC in expectation.
+Guarantee = Literal["high_probability", "expected"]
+#: The guarantee a config without the field (every learner saved before it existed) has.
+DEFAULT_GUARANTEE: Guarantee = "high_probability"
 #: ``"learned"``: fit a gate while learning; ``"fixed"``: keep the gate given to ``ee.wrap``.
 GateChoice = Literal["learned", "fixed"]
 #: dtype of the features stored in the replay and evidence buffers.
@@ -22,6 +26,7 @@ _STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
 _METHODS: tuple[str, ...] = get_args(CalibrationMethod)
 _MODES: tuple[str, ...] = get_args(CalibrationMode)
 _GATES: tuple[str, ...] = get_args(GateChoice)
+_GUARANTEES: tuple[str, ...] = get_args(Guarantee)
 #: Largest float32: the learner trains in float32.
 _FLOAT32_MAX = 3.4028234663852886e38
 #: Older spellings still accepted (saved configs, scripts): ``"wrap"`` read like the function.
@@ -32,7 +37,26 @@ _GATE_ALIASES = {"wrap": "fixed"}
 class DistillConfig:
     """How an :class:`~earlyexit.distill.OnlineDistiller` learns and when its gates open.
 
-    Guarantee (what is promised depends on ``calibration_mode``):
+    Guarantee (what is promised depends on ``guarantee`` and ``calibration_mode``):
+        guarantee: ``"high_probability"`` (default): Learn-then-Test, the promise below on
+            agreement among early answers, holding with probability ``confidence`` over the draw
+            of the evidence; proving 0.99 at 95% needs ~300-470 evidence samples before any gate
+            may open. ``"expected"``: conformal risk control
+            (:func:`earlyexit.calibration.calibrate_risk_control`): the *expected* disagreement of
+            a served answer with the full model, over the draw of the evidence and of the new
+            sample, is at most ``1 - target_agreement``. Samples that run to the end count as
+            agreeing, so this bounds disagreement among *all* served answers on average, not among
+            early answers, and not for every calibration (only the average over calibrations);
+            ``confidence`` plays no part in it. It needs far less evidence (99 samples at 0.99).
+            Joint mode only (``calibration_mode="per_exit"`` is refused). Both assume the evidence
+            is exchangeable with the traffic served next: evidence rows are held-out contents
+            drawn by audit coins that ignore what the heads say (every sample while gates are
+            closed, a uniform ``audit_share`` of held-out traffic once they open, exits and
+            non-exits alike), so they are a uniform sample of held-out traffic at each moment and
+            no reweighting is needed; traffic that drifts breaks exchangeability (the drift
+            monitor is the protection). Under ``"expected"`` the drift monitor tests the served
+            disagreement rate (see ``drift_alpha``). To make CRC the default, change
+            ``DEFAULT_GUARANTEE``.
         target_agreement: required agreement with the full model (argmax equal) among the samples
             that leave early, e.g. 0.99. In the default ``"joint"`` mode it is the agreement pooled
             over all early answers (one exit may be below it if another is above); in
@@ -118,7 +142,12 @@ class DistillConfig:
         min_exit_gain: share of the base model's MACs an exit must save (net) to stay on; at 0 an
             exit is switched off when it saves nothing net (its gate still costs wall-clock).
         drift_window: audited exits per exit the drift monitor looks back on.
-        drift_alpha: level of the monitor's one-sided binomial test "agreement < target".
+        drift_alpha: level of the monitor's one-sided binomial test "agreement < target" among
+            audited early answers (pooled in joint mode). Under ``guarantee="expected"`` it tests
+            "served disagreement > 1 - target" instead: disagreement among audited early answers
+            against ``(1 - target) / exit share`` (the share of recent traffic leaving early,
+            measured on every served sample), i.e. the rate of wrong early answers among all
+            answers.
         forget_on_drift: on a drift alarm also drop the replay buffer (heads then learn only from
             traffic after the shift).
 
@@ -136,6 +165,7 @@ class DistillConfig:
     confidence: float = 0.95
     calibration_method: CalibrationMethod = "ltt"
     calibration_mode: CalibrationMode = "joint"
+    guarantee: Guarantee = DEFAULT_GUARANTEE
     gate: GateChoice = "learned"
     gate_samples: int = 8192
     audit_rate: float = 0.05
@@ -227,6 +257,17 @@ class DistillConfig:
         if self.calibration_mode not in _MODES:
             raise ConfigError(
                 f"calibration_mode must be 'joint' or 'per_exit', got {self.calibration_mode!r}"
+            )
+        if self.guarantee not in _GUARANTEES:
+            raise ConfigError(
+                f"guarantee must be 'high_probability' (Learn-then-Test) or 'expected' (conformal "
+                f"risk control), got {self.guarantee!r}"
+            )
+        if self.guarantee == "expected" and self.calibration_mode != "joint":
+            raise ConfigError(
+                "guarantee='expected' (conformal risk control) calibrates one threshold shared by "
+                "the exits and bounds disagreement over all served answers: it needs "
+                f"calibration_mode='joint', got {self.calibration_mode!r}"
             )
         if isinstance(self.gate, str) and self.gate in _GATE_ALIASES:
             self.gate = _GATE_ALIASES[self.gate]  # type: ignore[assignment]

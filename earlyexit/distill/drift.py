@@ -4,13 +4,23 @@ Each audited early answer is checked against the full model. The monitor keeps t
 ``drift_window`` of these per exit and tests "agreement < target" with a one-sided binomial test
 at level ``drift_alpha``: per exit, or pooled over exits when the guarantee itself is pooled
 (``calibration_mode="joint"``).
+
+Under ``guarantee="expected"`` the promise is on disagreement among *all* served answers (those
+that run to the end agree by definition), so the alarm tests that: "the share of served answers
+that leave early and disagree exceeds ``1 - target``". Audits are drawn uniformly among held-out
+traffic, exits alike, so the pooled audited early answers estimate the disagreement ``d`` among
+early answers, and the share of traffic leaving early ``p`` is counted on every served sample
+(known far more precisely than ``d``): served disagreement ``p * d > 1 - target`` is tested as
+``d > (1 - target) / p``, the same binomial test at the target ``1 - (1 - target) / p``. After a
+shift that makes early answers wrong this still fires (``p * d`` grows), but later than the strict
+test when few samples leave early, which is what the weaker promise allows.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,10 +38,14 @@ class DriftAlarm:
     exit: int
     n: int
     failures: int
+    # Served-disagreement test (guarantee="expected"): the share of traffic leaving early.
+    exit_share: float | None = field(default=None, repr=False)
 
     @property
     def where(self) -> str:
         """Which answers drifted, in words."""
+        if self.exit_share is not None:
+            return f"early exits (pooled, {self.exit_share:.3f} of traffic leaving early)"
         return "early exits (pooled)" if self.exit < 0 else f"exit {self.exit}"
 
 
@@ -61,11 +75,18 @@ class DriftMonitor:
     """
 
     def __init__(
-        self, num_exits: int, window: int, target: float, alpha: float, pooled: bool
+        self,
+        num_exits: int,
+        window: int,
+        target: float,
+        alpha: float,
+        pooled: bool,
+        served: bool = False,
     ) -> None:
         self.target = target
         self.alpha = alpha
-        self.pooled = pooled
+        self.pooled = pooled or served
+        self.served = served  # test disagreement among all served answers (guarantee="expected")
         self.windows: list[deque[bool]] = [deque(maxlen=window) for _ in range(num_exits)]
         self.alarms = 0  # alarms raised, all time
 
@@ -78,8 +99,29 @@ class DriftMonitor:
         window = self.windows[exit_]
         return len(window), sum(window)
 
-    def check(self) -> DriftAlarm | None:
-        """The first window whose agreement is provably below target (p < ``alpha``), if any."""
+    def check(self, exit_share: float | None = None) -> DriftAlarm | None:
+        """The first window whose agreement is provably below target (p < ``alpha``), if any.
+
+        A monitor built with ``served=True`` needs ``exit_share`` (share of recent traffic that
+        left early) and alarms when the served disagreement ``exit_share * (1 - agreement)`` is
+        provably above ``1 - target``.
+
+        Example:
+            >>> m = DriftMonitor(1, window=100, target=0.99, alpha=1e-3, pooled=True, served=True)
+            >>> for ok in [True] * 90 + [False] * 10:
+            ...     m.record(0, ok)
+            >>> m.check(exit_share=0.05) is None  # 10% wrong of 5% leaving: 0.5% served
+            True
+            >>> m.check(exit_share=0.8).where  # 8% served: above 1%
+            'early exits (pooled, 0.800 of traffic leaving early)'
+        """
+        target = self.target
+        if self.served:
+            if exit_share is None:
+                raise ValueError("a served-disagreement monitor needs the exit share")
+            if exit_share <= 1.0 - target:
+                return None  # even all-wrong early answers keep served disagreement in bounds
+            target = 1.0 - (1.0 - target) / exit_share
         windows: list[tuple[int, Iterable[bool]]] = list(enumerate(self.windows))
         if self.pooled:  # the guarantee is pooled: so is the alarm
             windows = [(-1, [ok for window in self.windows for ok in window])]
@@ -91,8 +133,8 @@ class DriftMonitor:
             failures = n - sum(window)
             if failures == 0:
                 continue
-            if drift_pvalue(n, failures, self.target) < self.alpha:
-                return DriftAlarm(e, n, failures)
+            if drift_pvalue(n, failures, target) < self.alpha:
+                return DriftAlarm(e, n, failures, exit_share if self.served else None)
         return None
 
     def acknowledge(self) -> None:

@@ -28,13 +28,14 @@ How it works (one call of :meth:`OnlineDistiller.step`):
 5. On a schedule, the student is copied, a :class:`~earlyexit.gates.LearnedGate` is fitted, the
    copy's scores on the held-out evidence are recomputed (heads change, so stored scores would be
    stale), exits that save nothing are switched off (decided on a quarter of the evidence),
-   thresholds are chosen by Learn-then-Test (:mod:`earlyexit.calibration`) on the other three
-   quarters, tested once, and the copy is published together with its gate and
+   thresholds are chosen by Learn-then-Test (:mod:`earlyexit.calibration`; by conformal risk
+   control under ``guarantee="expected"``) on the other three quarters, tested once, and the copy is published together with its gate and
    thresholds (heads swapped as one ``ModuleList``: a served call never sees a half-trained head).
 6. A drift monitor tests the audited agreement (pooled over exits in the default ``"joint"``
    calibration mode, per exit in ``"per_exit"`` mode); when it is provably below the target every
    gate closes (all traffic becomes evidence again) and stale evidence is dropped; gates reopen when
-   the new evidence supports them.
+   the new evidence supports them. Under ``guarantee="expected"`` it tests the served
+   disagreement (early and wrong, over all answers) against ``1 - target`` instead.
 
 All learning work (bookkeeping, training, calibration) shares one wall-clock budget,
 ``train_time_budget`` of the time spent serving (in background mode, up to ``closed_time_budget``
@@ -105,7 +106,10 @@ class OnlineDistiller:
     that the samples they let out agree with the full model at ``config.target_agreement`` with
     ``config.confidence``: with the default ``calibration_mode="joint"`` that is the agreement
     pooled over every early answer (one shared threshold; a single exit may fall below the target
-    if another is above it), with ``"per_exit"`` it is each exit's own agreement.
+    if another is above it), with ``"per_exit"`` it is each exit's own agreement. With
+    ``config.guarantee="expected"`` the promise is weaker and needs far less evidence: the
+    expected disagreement of a served answer (early or not) with the full model is at most
+    ``1 - target_agreement`` (conformal risk control; see :class:`DistillConfig`).
 
     Half-precision models (float16/bfloat16, cast before or after wrapping) learn too: the student
     and its optimizer are kept in float32, and heads are calibrated and published in the served
@@ -164,6 +168,7 @@ class OnlineDistiller:
             config.target_agreement,
             config.drift_alpha,
             pooled=config.calibration_mode == "joint",
+            served=config.guarantee == "expected",
         )
         self.traffic = TrafficCounters.empty(num_exits)
         self.schedule = Schedule()
@@ -440,7 +445,8 @@ class OnlineDistiller:
                     self._before_write(self.trainer.replay, rows_teacher.shape[0])
                     self.trainer.add(rows_z, rows_teacher)
             if rows.audits:
-                alarm = self.drift.check()
+                share = sum(self.traffic.recent_exit_rates()) if self.drift.served else None
+                alarm = self.drift.check(share)
                 if alarm is not None:
                     self._on_drift(alarm)
 
@@ -635,6 +641,8 @@ class OnlineDistiller:
             self.schedule.calibrations += 1
             self.traffic.reset_publish()
             opened = any(t < math.inf for t in candidate.thresholds)
+            if opened and self.schedule.first_open_sample is None:
+                self.schedule.first_open_sample = self.traffic.samples
             if opened:
                 self._phase = PhaseStatus(Phase.SERVING)
             elif self._phase.phase is Phase.SERVING:
@@ -667,8 +675,12 @@ class OnlineDistiller:
         self._phase = PhaseStatus(
             Phase.DRIFT,
             f"{alarm.where} agreed on {alarm.n - alarm.failures}/{alarm.n} audited samples, "
-            f"below {self.config.target_agreement}; all gates closed until new evidence "
-            "supports them",
+            + (
+                f"so served disagreement is above {1 - self.config.target_agreement:.4g}"
+                if alarm.exit_share is not None
+                else f"below {self.config.target_agreement}"
+            )
+            + "; all gates closed until new evidence supports them",
         )
         for report in self._reports:
             report.update(state=ExitState.CLOSED, reason="closed by the drift monitor")
@@ -724,7 +736,10 @@ class OnlineDistiller:
         (the current policy on held-out evidence), ``exits`` (per exit: state, the reason for it,
         the numbers above), buffer/training counters, and ``non_finite_dropped`` (samples that
         ran to the end with a non-finite teacher or stored features: served flagged, never used
-        to teach, calibrate, fit the gate or watch for drift; saved with the learner). Built from
+        to teach, calibrate, fit the gate or watch for drift; saved with the learner), ``guarantee``
+        (which promise the thresholds carry: ``"high_probability"`` or ``"expected"``, see
+        :class:`DistillConfig`) and ``first_open_sample`` (samples served when a gate first
+        opened, ``None`` before; saved with the learner). Built from
         a :class:`~earlyexit.distill.stats.LearnerStats`.
 
         Example:
@@ -757,6 +772,7 @@ class OnlineDistiller:
                 expected_mac_saving=self._expected_saving,
                 target_agreement=cfg.target_agreement,
                 confidence=cfg.confidence,
+                guarantee=cfg.guarantee,
                 exits=exits,
                 evidence=len(self.evidence),
                 replay=len(replay) if replay is not None else 0,
@@ -766,6 +782,7 @@ class OnlineDistiller:
                 calibrations=self.schedule.calibrations,
                 drift_alarms=self.drift.alarms,
                 non_finite_dropped=traffic.non_finite_dropped,
+                first_open_sample=self.schedule.first_open_sample,
             ).to_dict()
 
     # ------------------------------------------------------------------ persistence

@@ -67,6 +67,8 @@ class Schedule:
     # Learning time earned so far: each served batch earns its serving time times the budget in
     # force when it was served (higher while every gate is closed, see DistillConfig).
     allowance_seconds: float = 0.0
+    # Samples served when a gate first opened (None before): how soon learning paid.
+    first_open_sample: int | None = None
 
     def earn(self, served: float, rate: float) -> None:
         """Count ``served`` seconds of serving, earning ``rate`` times as much learning time.
@@ -101,6 +103,7 @@ class Schedule:
                 "learn_seconds": self.learn_seconds,
                 "epoch": self.epoch,
                 "allowance_seconds": self.allowance_seconds,
+                "first_open_sample": self.first_open_sample,
             }
         }
 
@@ -121,12 +124,14 @@ class Schedule:
         if earned is None:
             earned = (budget or 0.0) * self.serve_seconds
         self.allowance_seconds = float(earned)
+        first = counters.get("first_open_sample")
+        self.first_open_sample = None if first is None else int(first)
 
 
 #: Keys of the ``counters`` record a :class:`Schedule` saves.
 SAVED_KEYS = ("calibrations", "last_calibration", "serve_seconds", "learn_seconds", "epoch")
 #: Saved since (older files lack it: it is then rebuilt from the budget and the serving time).
-LATER_KEYS = ("allowance_seconds",)
+LATER_KEYS = ("allowance_seconds", "first_open_sample")
 
 
 def check_schedule_state(state: Any) -> None:
@@ -144,6 +149,8 @@ def check_schedule_state(state: Any) -> None:
         expect_number(counters[key], f"counters.{key}", low=0.0)
     if counters.get("allowance_seconds") is not None:
         expect_number(counters["allowance_seconds"], "counters.allowance_seconds", low=0.0)
+    if counters.get("first_open_sample") is not None:
+        expect_int(counters["first_open_sample"], "counters.first_open_sample")
 
 
 def check_phase(text: Any) -> PhaseStatus:

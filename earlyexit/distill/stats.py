@@ -41,6 +41,7 @@ class LearnerStats:
     expected_mac_saving: float
     target_agreement: float
     confidence: float
+    guarantee: str
     exits: list[dict[str, Any]]
     evidence: int
     replay: int
@@ -50,6 +51,7 @@ class LearnerStats:
     calibrations: int
     drift_alarms: int
     non_finite_dropped: int = 0
+    first_open_sample: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict, keys in field order (exit states as strings)."""
