@@ -724,7 +724,9 @@ class OnlineDistiller:
         (the current policy on held-out evidence), ``exits`` (per exit: state, the reason for it,
         the numbers above), buffer/training counters, and ``non_finite_dropped`` (samples that
         ran to the end with a non-finite teacher or stored features: served flagged, never used
-        to teach, calibrate, fit the gate or watch for drift; saved with the learner). Built from
+        to teach, calibrate, fit the gate or watch for drift; saved with the learner),
+        ``head_time_fractions`` (with ``head_cost="time"``: what exit selection prices each head
+        at, as a share of the base model's batch-1 time; ``None`` before it is known). Built from
         a :class:`~earlyexit.distill.stats.LearnerStats`.
 
         Example:
@@ -766,6 +768,11 @@ class OnlineDistiller:
                 calibrations=self.schedule.calibrations,
                 drift_alarms=self.drift.alarms,
                 non_finite_dropped=traffic.non_finite_dropped,
+                head_time_fractions=(
+                    None
+                    if self.calibrator.head_time_fractions is None
+                    else list(self.calibrator.head_time_fractions)
+                ),
             ).to_dict()
 
     # ------------------------------------------------------------------ persistence

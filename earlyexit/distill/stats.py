@@ -50,6 +50,7 @@ class LearnerStats:
     calibrations: int
     drift_alarms: int
     non_finite_dropped: int = 0
+    head_time_fractions: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict, keys in field order (exit states as strings)."""
