@@ -84,8 +84,9 @@ def agreement_features(logits: Tensor, history: Sequence[Tensor | None] = ()) ->
     log_rest = log_probs.scatter(-1, pred, float("-inf")).logsumexp(dim=-1)
     log_odds = (log_p1 - log_rest).clamp(-_LOG_ODDS_CLAMP, _LOG_ODDS_CLAMP)
 
-    zeros = torch.zeros_like(p1)
-    prev_agrees, prev_prob, mean_max_prob = zeros, zeros, p1
+    prev_agrees: Tensor | None = None
+    prev_prob: Tensor | None = None
+    mean_max_prob = p1
     past_list = list(history)
     present = [(i, past) for i, past in enumerate(past_list) if past is not None]
     if present:
@@ -102,6 +103,8 @@ def agreement_features(logits: Tensor, history: Sequence[Tensor | None] = ()) ->
                 prev_agrees = (past.argmax(dim=-1, keepdim=True) == pred).squeeze(-1).float()
                 prev_prob = past_probs.gather(-1, pred).squeeze(-1)
         mean_max_prob = (prob_sum / (len(present) + 1)).amax(dim=-1)
+    if prev_agrees is None or prev_prob is None:  # no previous head: zeros (made only then)
+        prev_agrees = prev_prob = torch.zeros_like(p1)
     return torch.stack(
         [p1, margin, norm_neg_entropy, log_odds, prev_agrees, prev_prob, mean_max_prob], dim=-1
     )
@@ -185,6 +188,7 @@ class LearnedGate(Gate):
         self._weights: Tensor | None = None
         self._bias: Tensor | None = None
         self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._rows: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
         if weights is not None and bias is not None:
             rows = _as_rows(weights, "learned gate weights")
             biases = _as_rows(bias, "learned gate bias")
@@ -281,16 +285,21 @@ class LearnedGate(Gate):
             raise ConfigError(f"exit_index must be >= 0, got {e}")
         if self._weights is None or e >= self.num_exits:
             return max_softmax_score(logits)
-        weights, bias = self._params(logits.device)
         if self.use_history:
+            # This exit's weight row and bias, sliced once per device (two ops fewer a call).
+            rows = self._rows.get((logits.device, e))
+            if rows is None:
+                weights, bias = self._params(logits.device)
+                rows = self._rows[(logits.device, e)] = (weights[e], bias[e])
             history = ctx.history
             chosen = self.history_exits
             if chosen is not None:
                 # Only the heads read, in exit order: the previous one is the last read head
                 # (serving runs no other; in a trace the others ran but are not looked at).
                 history = [h for j, h in enumerate(history) if j >= len(chosen) or chosen[j]]
-            return agreement_features(logits, history) @ weights[e] + bias[e]
+            return agreement_features(logits, history) @ rows[0] + rows[1]
         # Without history the look-back columns get no weight, whatever the stored weights say.
+        weights, bias = self._params(logits.device)
         current = _NUM_FEATURES - _NUM_HISTORY_FEATURES
         return agreement_features(logits)[..., :current] @ weights[e, :current] + bias[e]
 
