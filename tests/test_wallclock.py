@@ -291,3 +291,14 @@ def test_head_cost_config_round_trips_and_rejects_bad_values():
     for bad in ([], "0.1", [0.1, -0.2], [math.nan], [True], [math.inf], 0.1):
         with pytest.raises(ConfigError, match="head_time_fractions"):
             DistillConfig(head_cost="time", head_time_fractions=bad)
+
+
+def test_a_saved_model_keeps_which_heads_its_gate_reads(tmp_path):
+    eem = three_wrap()
+    eem.gate = fitted_gate(history_exits=[True, False, True])
+    eem.set_thresholds([math.inf, math.inf, 0.5])
+    eem.save(tmp_path / "m")
+    loaded = ee.load(eem.base_model, tmp_path / "m")
+    assert loaded.gate.history_exits == (True, False, True)
+    x = torch.randn(5, 3, 8, 8)
+    assert torch.equal(loaded.predict(x).logits, eem.predict(x).logits)
