@@ -116,7 +116,8 @@ class DistillConfig:
 
     Exit selection and drift:
         auto_switch_off: switch off exits that cost more MACs (their head on every sample reaching
-            them) than they save; re-decided at every calibration, on every 4th evidence row, so
+            them; or time, see ``head_cost``) than they save (a switched-off exit's head no longer
+            runs: a learned gate's look-back skips it); re-decided at every calibration, on every 4th evidence row, so
             the thresholds are tested once, on rows that did not choose the exits.
         min_exit_gain: share of the base model's MACs an exit must save (net) to stay on; at 0 an
             exit is switched off when it saves nothing net (its gate still costs wall-clock).
