@@ -18,8 +18,13 @@ On a GPU (``--device cuda``) calls are timed with CUDA events, more repetitions 
 call is milliseconds), cuDNN autotuning is on (as a server with fixed input sizes would run) and
 the results go to ``latency_cuda.json``.
 
+``--workload fashion`` (or ``digits``, ``photos``) times a reference workload's trained model at its
+own input size instead (``--head conv`` as the demo serves it), where heads and gates weigh most:
+a small, dispatch-bound backbone at batch 1.
+
 Usage:
     python benchmarks/latency.py                  # ~5 minutes on 2 idle CPU cores (more when shared)
+    python benchmarks/latency.py --workload fashion --head conv --quick --threads 1
     python benchmarks/latency.py --quick          # ~1-2 minutes: batch 8 instead of 32, fewer reps
     python benchmarks/latency.py --device cuda    # ~1 minute on one GPU
 """
@@ -51,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
+        "--workload", default=None, help="time a reference workload's model instead of --models"
+    )
+    parser.add_argument("--head", default="linear", help="exit head kind (default linear)")
+    parser.add_argument(
         "--device", default="cpu", help="cpu or cuda (CUDA events time each call on a GPU)"
     )
     args = parser.parse_args(argv)
@@ -66,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     reps = {1: 5 if args.quick else 10, big: 2}
     if device.type == "cuda":  # milliseconds per call: many more repetitions for stable medians
         reps = {b: 20 * r for b, r in reps.items()}
-    stem = "latency" + ("_quick" if args.quick else "") + ("_cuda" if device.type == "cuda" else "")
+    stem = (
+        "latency"
+        + (f"_{args.workload}_{args.head}" if args.workload else "")
+        + ("_quick" if args.quick else "")
+        + ("_cuda" if device.type == "cuda" else "")
+    )
     out = args.out or RESULTS / f"{stem}.json"
     results = {
         "description": "wrapped / base wall-clock ratios, random weights, interleaved reps, on "
@@ -81,9 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     started = time.perf_counter()
-    for name in args.models.split(","):
+    names = [args.workload] if args.workload else args.models.split(",")
+    for name in names:
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False).eval().to(device)
+        input_size = None
+        if args.workload:
+            from earlyexit.evaluation.workloads import load_workload
+
+            workload = load_workload(args.workload, traffic_size=1, eval_size=1)
+            model = workload.model.eval().to(device)
+            first = workload.traffic[0]
+            input_size = tuple((first[0] if isinstance(first, tuple) else first).shape)
+        else:
+            model = timm.create_model(name, pretrained=False).eval().to(device)
         print(f"== {name} ==", file=sys.stderr, flush=True)
         mixes = default_mixes(4)
         keep_b1 = [m for m in mixes if m.pure]
@@ -98,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=10 if device.type == "cuda" else 1,
                 threads=args.threads,
                 progress=not args.no_progress,
+                input_size=input_size,
+                head=args.head,
             )
             exits = [p.name for p in eem.exits]
             fractions = [p.macs / eem.base_macs for p in eem.exits]

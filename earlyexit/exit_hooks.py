@@ -86,10 +86,17 @@ class ExitRun:
             self.records[i] = ExitRecord(self.rows, z, logits, scores)
         if threshold == math.inf:
             return None
+        remaining = self.rows.shape[0]
         if self.audit is None:
             # Serving without audits: a row that passes leaves at once, so no remaining row was
             # decided before and one count is all there is (fewer small ops at batch 1).
             passed = leaving = leaves(scores, threshold)
+            if remaining == 1:
+                # One row: it leaves or stays whole, so one host sync and no index arithmetic.
+                if not bool(passed):
+                    return None
+                self.answers.append((self.rows, logits, i, scores))
+                raise StopForward
             num_passed = num_leaving = int(passed.sum())
         else:
             passed = leaves(scores, threshold) & ~self.decided
@@ -99,14 +106,17 @@ class ExitRun:
             num_passed, num_leaving = torch.stack((passed.sum(), leaving.sum())).tolist()
         if num_passed == 0:
             return None
+        if num_leaving == remaining:
+            # Every row leaves (so every row passed and none was decided before): answer the
+            # whole batch as it is, no gather of rows.
+            self.answers.append((self.rows, logits, i, scores))
+            raise StopForward
         passed_rows = indices_of(passed, num_passed)
         self.answers.append((self.rows[passed_rows], logits[passed_rows], i, scores[passed_rows]))
         self.decided = self.decided | passed
         if num_leaving == 0:
             return None
-        remaining = self.rows.shape[0] - num_leaving
-        if remaining == 0:
-            raise StopForward
+        remaining -= num_leaving
         keep = indices_of(~leaving, remaining)
         self.rows = self.rows[keep]
         self.decided = self.decided[keep]

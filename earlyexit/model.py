@@ -177,8 +177,8 @@ class EarlyExitModel(nn.Module):
         to the end. Heads that are skipped (closed gate, no later gate needing them) cost nothing.
         """
         chosen = self._thresholds if thresholds is None else tuple(thresholds)
-        needs_history = (self.gate if gate is None else gate).needs_history
-        evaluated = heads_evaluated(gates_open(chosen), needs_history)
+        sources = (self.gate if gate is None else gate).history_sources(self.num_exits)
+        evaluated = heads_evaluated(gates_open(chosen), sources)
         return exit_path_macs(self.backbone_macs, self.head_macs, self.base_macs, evaluated)
 
     # ------------------------------------------------------------------ serving
@@ -233,7 +233,7 @@ class EarlyExitModel(nn.Module):
     ) -> tuple[bool, ...]:
         if capture:
             return (True,) * self.num_exits
-        return heads_evaluated(gates_open(thresholds), gate.needs_history)
+        return heads_evaluated(gates_open(thresholds), gate.history_sources(self.num_exits))
 
     def _serve(
         self, x: Tensor, *, capture: bool, audit: Tensor | None, checked: bool = False

@@ -62,18 +62,31 @@ def gates_open(thresholds: Sequence[float]) -> tuple[bool, ...]:
     return tuple(float(t) != math.inf for t in thresholds)
 
 
-def heads_evaluated(open_gates: Sequence[bool], needs_history: bool) -> tuple[bool, ...]:
-    """Which heads serving runs: those whose gate is open, and with a gate that looks back at
-    earlier heads (``needs_history``) every head up to the last open gate.
+def heads_evaluated(
+    open_gates: Sequence[bool], needs_history: bool | Sequence[bool]
+) -> tuple[bool, ...]:
+    """Which heads serving runs: those whose gate is open, and those a later open gate looks back
+    at. ``needs_history``: ``True`` when the gate looks back at every earlier head (then every head
+    up to the last open gate runs), ``False`` when it looks at none, or one bool per exit saying
+    whose heads it reads (see :meth:`~earlyexit.gates.Gate.history_sources`): a head that no
+    gate reads and whose own gate is closed (e.g. a switched-off exit) never runs.
 
     Example:
         >>> heads_evaluated([False, True, False], needs_history=True)
         (True, True, False)
+        >>> heads_evaluated([False, False, True], needs_history=[False, True, True])
+        (False, True, True)
     """
     gates = list(open_gates)
-    if needs_history:
-        return tuple(any(gates[i:]) for i in range(len(gates)))
-    return tuple(gates)
+    if isinstance(needs_history, bool):
+        sources = [needs_history] * len(gates)
+    else:
+        sources = [bool(s) for s in needs_history]
+        if len(sources) != len(gates):
+            raise ConfigError(
+                f"expected one history source flag per exit ({len(gates)}), got {len(sources)}"
+            )
+    return tuple(gates[i] or (sources[i] and any(gates[i + 1 :])) for i in range(len(gates)))
 
 
 def exit_path_macs(

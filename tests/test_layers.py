@@ -37,6 +37,7 @@ ROOMS: dict[str, int] = {
     "earlyexit.results": 5,
     "earlyexit.exit_hooks": 5,
     "earlyexit.model": 5,
+    "earlyexit.head_timing": 5,
     "earlyexit.wrapping": 6,
     "earlyexit.loading": 6,
     "earlyexit.distill": 7,

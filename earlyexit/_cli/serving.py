@@ -69,6 +69,13 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         "sees (log-odds that a head agrees with the full model); any other keeps that fixed rule",
     )
     group.add_argument(
+        "--head-cost",
+        choices=("macs", "time"),
+        default="macs",
+        help="how exit selection prices a head: 'macs' (default, deterministic) or 'time' "
+        "(its measured batch-1 time share: on small CPU backbones heads cost more time than MACs)",
+    )
+    group.add_argument(
         "--seed", type=int, default=0, help="seed for traffic, audits and replay (default 0)"
     )
     group.add_argument(
@@ -113,6 +120,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         sdn_baseline=args.baseline,
         progress=not args.no_progress,
         threads=args.threads,
+        distill={} if args.head_cost == "macs" else {"head_cost": args.head_cost},
     )
 
 

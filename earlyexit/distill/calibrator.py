@@ -29,9 +29,11 @@ from ..calibration import (
     min_evidence,
     risk_control_min_evidence,
 )
-from ..gates import Gate, GateContext
+from ..errors import ConfigError
+from ..gates import Gate, GateContext, LearnedGate
+from ..head_timing import measure_head_time_fractions
 from ..model import EarlyExitModel
-from ..routing import simulate_exits
+from ..routing import exit_path_macs, gates_open, heads_evaluated, simulate_exits
 from .config import DistillConfig
 from .trainer import agreement, classify_all
 
@@ -123,6 +125,8 @@ class PolicyCalibrator:
         self.config = config
         # (heads version, rows ever written) and the logits of every stored row, storage order.
         self._scored: tuple[tuple[Any, int], list[Tensor]] | None = None
+        # head_cost="time": per exit, head + gate time as a share of the base model's (batch 1).
+        self.head_time_fractions: tuple[float, ...] | None = config.head_time_fractions
 
     def evidence_needed(self) -> int:
         """Fewest evidence rows the most lenient test needs: below it nothing can open (under
@@ -168,6 +172,11 @@ class PolicyCalibrator:
         choose = rows % SELECT_EVERY == 0
         if cfg.auto_switch_off and int((~choose).sum()) >= need:
             enabled, switched = self.select_exits(scores[choose], agree[choose], gate)
+            if switched and isinstance(gate, LearnedGate) and gate.needs_history:
+                # Serve without the switched-off heads: the look-back skips them, and the
+                # thresholds are tested on the scores exactly as served.
+                gate = gate.reading(enabled)
+                scores, agree = self.score_evidence(heads, gate, evidence, logits)
             scores, agree = scores[~choose], agree[~choose]
         result = self.calibrate(scores, agree, enabled)
         cost = self.expected_cost(scores, result.thresholds, gate)
@@ -293,8 +302,11 @@ class PolicyCalibrator:
         Greedy on the evidence rows set aside for choosing (never those tested next): put every
         exit still on at the most lenient shared threshold whose agreement on these rows meets the
         target (among early answers; among all answers under ``guarantee="expected"``), drop the
-        open exit whose removal saves the most MACs (or that saves nothing), repeat. A point
-        estimate suffices here: the guarantee comes from the test that follows.
+        open exit whose removal saves the most (or that saves nothing), repeat. A path is priced as
+        served without the exits dropped so far (their heads do not run, a learned gate's look-back
+        skips them), each head at :meth:`selection_head_costs`: MACs, or measured time with
+        ``head_cost="time"``. A point estimate suffices here: the guarantee comes from the test
+        that follows.
         """
         num_exits = self.eem.num_exits
         enabled = [True] * num_exits
@@ -302,12 +314,22 @@ class PolicyCalibrator:
         target = self.config.target_agreement
         # Judge each exit set by what the guarantee in force counts.
         among = "all" if self.config.guarantee == "expected" else "early"
+        unit = "MACs" if self.config.head_cost == "macs" else "time-equivalent MACs"
+
+        head_costs = self.selection_head_costs(gate)
 
         def cost_of(trial: list[bool]) -> tuple[tuple[float, ...], float]:
             thresholds = empirical_joint_thresholds(
                 scores, agree, target, enabled=trial, among=among
             )
-            return thresholds, self.expected_cost(scores, thresholds, gate)
+            # Priced as served with ``trial``: a switched-off head is not read by the gate.
+            served = gate.reading(trial) if isinstance(gate, LearnedGate) else gate
+            evaluated = heads_evaluated(gates_open(thresholds), served.history_sources(num_exits))
+            eem = self.eem
+            path = exit_path_macs(eem.backbone_macs, head_costs, eem.base_macs, evaluated)
+            where = simulate_exits(scores, list(thresholds))
+            mean = torch.tensor(path, dtype=torch.float64)[where].mean() if where.numel() else None
+            return thresholds, float(path[-1]) if mean is None else float(mean)
 
         thresholds, cost = cost_of(enabled)
         base = float(self.eem.base_macs)
@@ -331,13 +353,36 @@ class PolicyCalibrator:
                 "switched off: it saves nothing on held-out evidence (no sample would leave "
                 "there), and its gate would still run on every sample reaching it"
                 if cost - cost_e < 0.5
-                else f"switched off: without it the path costs {cost - cost_e:.0f} MACs/sample "
-                f"less on held-out evidence; it saves {(cost_e - cost) / base:+.4f} of the base "
-                f"model net (its head costs {self.eem.head_macs[e]} MACs on every sample "
-                "reaching it)"
+                else f"switched off: without it the path costs {cost - cost_e:.0f} "
+                f"{unit}/sample less on held-out evidence; it saves {(cost_e - cost) / base:+.4f} "
+                f"of the base model net (its head costs {head_costs[e]:.0f} {unit} on every "
+                "sample reaching it)"
             )
             enabled[e] = False
             thresholds, cost = thresholds_e, cost_e
+
+    def selection_head_costs(self, gate: Gate) -> tuple[float, ...]:
+        """Per exit, what exit selection charges for its head (and gate) on every sample that
+        reaches it: its MACs (``head_cost="macs"``), or its share of the base model's batch-1
+        time in MAC units (``head_cost="time"``: share x base MACs), from
+        ``config.head_time_fractions`` or measured once, here, and kept.
+
+        Example:
+            >>> calibrator.selection_head_costs(eem.gate)  # doctest: +SKIP
+            (1320.0, 2210.0, 3050.0, 4100.0)
+        """
+        eem = self.eem
+        if self.config.head_cost == "macs":
+            return tuple(float(m) for m in eem.head_macs)
+        if self.head_time_fractions is None:
+            self.head_time_fractions = measure_head_time_fractions(eem, gate)
+        shares = self.head_time_fractions
+        if len(shares) != eem.num_exits:
+            raise ConfigError(
+                f"head_time_fractions has {len(shares)} values, expected {eem.num_exits} (one per "
+                "exit)"
+            )
+        return tuple(share * float(eem.base_macs) for share in shares)
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Nothing to save: the logits it remembers are recomputed when needed."""

@@ -19,6 +19,8 @@ Guarantee = Literal["high_probability", "expected"]
 DEFAULT_GUARANTEE: Guarantee = "high_probability"
 #: ``"learned"``: fit a gate while learning; ``"fixed"``: keep the gate given to ``ee.wrap``.
 GateChoice = Literal["learned", "fixed"]
+#: How exit selection prices a head: in MACs, or in measured wall-clock time (see DistillConfig).
+HeadCost = Literal["macs", "time"]
 #: dtype of the features stored in the replay and evidence buffers.
 StorageDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -27,6 +29,7 @@ _METHODS: tuple[str, ...] = get_args(CalibrationMethod)
 _MODES: tuple[str, ...] = get_args(CalibrationMode)
 _GATES: tuple[str, ...] = get_args(GateChoice)
 _GUARANTEES: tuple[str, ...] = get_args(Guarantee)
+_HEAD_COSTS: tuple[str, ...] = get_args(HeadCost)
 #: Largest float32: the learner trains in float32.
 _FLOAT32_MAX = 3.4028234663852886e38
 #: Older spellings still accepted (saved configs, scripts): ``"wrap"`` read like the function.
@@ -137,10 +140,24 @@ class DistillConfig:
 
     Exit selection and drift:
         auto_switch_off: switch off exits that cost more MACs (their head on every sample reaching
-            them) than they save; re-decided at every calibration, on every 4th evidence row, so
+            them; or time, see ``head_cost``) than they save (a switched-off exit's head no longer
+            runs: a learned gate's look-back skips it); re-decided at every calibration, on every 4th evidence row, so
             the thresholds are tested once, on rows that did not choose the exits.
         min_exit_gain: share of the base model's MACs an exit must save (net) to stay on; at 0 an
             exit is switched off when it saves nothing net (its gate still costs wall-clock).
+        head_cost: how exit selection prices each head (and its gate) on every sample reaching
+            it. ``"macs"`` (default): its MACs, a deterministic number, so a seed gives the same
+            run on any machine. ``"time"``: its measured time at batch 1 as a share of the base
+            model's batch-1 time, in MAC units (share x base MACs; the backbone is priced by its
+            MACs, which track its time): on small, dispatch-bound backbones a head costs ~1% of
+            the MACs but 3-5% of the time, and pricing it so switches off exits whose time saving
+            does not pay for their heads. Selection only: thresholds, the guarantee and the
+            reported MAC saving are unchanged.
+        head_time_fractions: with ``head_cost="time"``, one share per exit (of the base model's
+            batch-1 time) to price heads with; ``None`` (default) measures them once, at the
+            first exit selection (:func:`~earlyexit.head_timing.measure_head_time_fractions`),
+            and the learner reports them in ``stats()["head_time_fractions"]``: give them back
+            here to make a run reproducible.
         drift_window: audited exits per exit the drift monitor looks back on.
         drift_alpha: level of the monitor's one-sided binomial test "agreement < target" among
             audited early answers (pooled in joint mode). Under ``guarantee="expected"`` it tests
@@ -189,6 +206,8 @@ class DistillConfig:
     recalibrate_every: int = 512
     auto_switch_off: bool = True
     min_exit_gain: float = 0.0
+    head_cost: HeadCost = "macs"
+    head_time_fractions: tuple[float, ...] | None = None
     drift_window: int = 400
     drift_alpha: float = 1e-3
     forget_on_drift: bool = True
@@ -287,10 +306,41 @@ class DistillConfig:
         for name in ("auto_switch_off", "forget_on_drift", "background"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self._check_head_cost()
+
+    def _check_head_cost(self) -> None:
+        if self.head_cost not in _HEAD_COSTS:
+            raise ConfigError(f"head_cost must be 'macs' or 'time', got {self.head_cost!r}")
+        shares = self.head_time_fractions
+        if shares is None:
+            return
+        if self.head_cost != "time":
+            raise ConfigError(
+                "head_time_fractions is used only with head_cost='time'; set head_cost='time' "
+                "or drop head_time_fractions"
+            )
+        if isinstance(shares, (str, bytes)) or not isinstance(shares, (list, tuple)) or not shares:
+            raise ConfigError(
+                "head_time_fractions must be a non-empty list of numbers (one per exit: its head's "
+                f"batch-1 time as a share of the base model's), got {shares!r}"
+            )
+        for i, value in enumerate(shares):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (math.isfinite(value) and 0.0 <= value <= _FLOAT32_MAX)
+            ):
+                raise ConfigError(
+                    f"head_time_fractions[{i}] must be a finite number >= 0, got {value!r}"
+                )
+        self.head_time_fractions = tuple(float(v) for v in shares)  # JSON gives a list back
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (saved with the learner's state)."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.head_time_fractions is not None:
+            data["head_time_fractions"] = list(self.head_time_fractions)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DistillConfig:

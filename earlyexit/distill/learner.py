@@ -738,8 +738,10 @@ class OnlineDistiller:
         ran to the end with a non-finite teacher or stored features: served flagged, never used
         to teach, calibrate, fit the gate or watch for drift; saved with the learner), ``guarantee``
         (which promise the thresholds carry: ``"high_probability"`` or ``"expected"``, see
-        :class:`DistillConfig`) and ``first_open_sample`` (samples served when a gate first
-        opened, ``None`` before; saved with the learner). Built from
+        :class:`DistillConfig`), ``first_open_sample`` (samples served when a gate first
+        opened, ``None`` before; saved with the learner) and ``head_time_fractions`` (with
+        ``head_cost="time"``: what exit selection prices each head at, as a share of the base
+        model's batch-1 time; ``None`` before it is known). Built from
         a :class:`~earlyexit.distill.stats.LearnerStats`.
 
         Example:
@@ -783,6 +785,11 @@ class OnlineDistiller:
                 drift_alarms=self.drift.alarms,
                 non_finite_dropped=traffic.non_finite_dropped,
                 first_open_sample=self.schedule.first_open_sample,
+                head_time_fractions=(
+                    None
+                    if self.calibrator.head_time_fractions is None
+                    else list(self.calibrator.head_time_fractions)
+                ),
             ).to_dict()
 
     # ------------------------------------------------------------------ persistence

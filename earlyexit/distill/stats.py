@@ -52,6 +52,7 @@ class LearnerStats:
     drift_alarms: int
     non_finite_dropped: int = 0
     first_open_sample: int | None = None
+    head_time_fractions: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict, keys in field order (exit states as strings)."""

@@ -86,7 +86,8 @@ class StreamRecord:
         head_macs: per exit, per-sample MACs of its head.
         base_macs: per-sample MACs of the base model.
         needs_history: whether the gate looks at earlier heads (then every earlier head is
-            evaluated whenever a later gate is open; see :meth:`path_macs`).
+            evaluated whenever a later gate is open; see :meth:`path_macs`), or per exit whether
+            it reads that exit's head (:meth:`~earlyexit.gates.Gate.history_sources`).
         exit_names: module name of each exit.
         served_exit: ``[N]`` the exit the wrapper chose with the thresholds it had while recording.
         recorded_thresholds: those thresholds.
@@ -103,7 +104,7 @@ class StreamRecord:
     backbone_macs: tuple[int, ...]
     head_macs: tuple[int, ...]
     base_macs: int
-    needs_history: bool = False
+    needs_history: bool | tuple[bool, ...] = False
     exit_names: tuple[str, ...] = ()
     served_exit: Tensor | None = None
     recorded_thresholds: tuple[float, ...] | None = None
@@ -195,7 +196,7 @@ class StreamRecord:
             scores=torch.cat(scores),
             max_prob=torch.cat(max_prob),
             preds=torch.cat(preds),
-            needs_history=bool(gate.needs_history),
+            needs_history=gate.history_sources(self.num_exits),
             served_exit=None,
             recorded_thresholds=None,
         )
@@ -296,7 +297,7 @@ def record_stream(
         backbone_macs=tuple(eem.backbone_macs),
         head_macs=tuple(eem.head_macs),
         base_macs=int(eem.base_macs),
-        needs_history=bool(eem.gate.needs_history),
+        needs_history=eem.gate.history_sources(eem.num_exits),
         exit_names=tuple(p.name for p in eem.exits),
         served_exit=torch.cat(parts["served"]),
         recorded_thresholds=tuple(eem.thresholds),

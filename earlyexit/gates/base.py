@@ -79,6 +79,18 @@ class Gate:
     def score(self, logits: Tensor, ctx: GateContext) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def history_sources(self, num_exits: int) -> tuple[bool, ...]:
+        """Per exit, whether this gate reads that exit's head as history: serving runs such a
+        head whenever a later gate is open, even where its own gate is closed. The default: every
+        head when :attr:`needs_history`, none otherwise. A gate that reads fewer heads (e.g. a
+        :class:`~earlyexit.gates.LearnedGate` that skips switched-off exits) saves their cost.
+
+        Example:
+            >>> PatienceGate().history_sources(3)
+            (True, True, True)
+        """
+        return (bool(self.needs_history),) * num_exits
+
     def checked_score(self, logits: Tensor, ctx: GateContext) -> Tensor:
         """The float32 score serving and calibration compare with a threshold: :meth:`score`, NaN
         wherever a row of ``logits`` is not finite: a NaN score passes no gate, so no answer is

@@ -79,12 +79,14 @@ def agreement_features(logits: Tensor, history: Sequence[Tensor | None] = ()) ->
         margin = p1 - top2[..., 1]
         plogp = probs * log_probs.clamp_min(-1e30)  # 0 * log 0 -> 0, not nan
         norm_neg_entropy = (1.0 + plogp.sum(dim=-1) / math.log(num_classes)).clamp(0.0, 1.0)
-    log_p1 = log_probs.gather(-1, pred).squeeze(-1)
+    # The largest log-probability is the one at the argmax (log_softmax is monotone): one op.
+    log_p1 = log_probs.amax(dim=-1)
     log_rest = log_probs.scatter(-1, pred, float("-inf")).logsumexp(dim=-1)
     log_odds = (log_p1 - log_rest).clamp(-_LOG_ODDS_CLAMP, _LOG_ODDS_CLAMP)
 
-    zeros = torch.zeros_like(p1)
-    prev_agrees, prev_prob, mean_max_prob = zeros, zeros, p1
+    prev_agrees: Tensor | None = None
+    prev_prob: Tensor | None = None
+    mean_max_prob = p1
     past_list = list(history)
     present = [(i, past) for i, past in enumerate(past_list) if past is not None]
     if present:
@@ -101,6 +103,8 @@ def agreement_features(logits: Tensor, history: Sequence[Tensor | None] = ()) ->
                 prev_agrees = (past.argmax(dim=-1, keepdim=True) == pred).squeeze(-1).float()
                 prev_prob = past_probs.gather(-1, pred).squeeze(-1)
         mean_max_prob = (prob_sum / (len(present) + 1)).amax(dim=-1)
+    if prev_agrees is None or prev_prob is None:  # no previous head: zeros (made only then)
+        prev_agrees = prev_prob = torch.zeros_like(p1)
     return torch.stack(
         [p1, margin, norm_neg_entropy, log_odds, prev_agrees, prev_prob, mean_max_prob], dim=-1
     )
@@ -136,6 +140,14 @@ class LearnedGate(Gate):
     look-back features are not used (their weights are ignored; :func:`fit_learned_gate` sets them
     to 0).
 
+    ``history_exits`` (one bool per exit, or ``None`` for all) says whose heads the look-back
+    reads: the previous head is the last *read* one, and serving never runs a head that no open
+    gate reads and whose own gate is closed (:meth:`history_sources`). The calibrator sets it to
+    the exits left on after exit selection (:meth:`reading`), so a switched-off exit's head costs
+    nothing; the weights stay those fitted with every head as history, and the thresholds are
+    calibrated on the scores exactly as served (history restricted), so fit, calibration and
+    serving agree on what is scored.
+
     Example:
         >>> gate = LearnedGate([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]], [0.5], use_history=False)
         >>> gate.score(torch.tensor([[2.0, 0.0]]), GateContext(0, torch.arange(1))).tolist()
@@ -155,9 +167,18 @@ class LearnedGate(Gate):
         weights: Sequence[Sequence[float]] | None = None,
         bias: Sequence[float] | None = None,
         use_history: bool = True,
+        history_exits: Sequence[bool] | None = None,
     ) -> None:
         if not isinstance(use_history, bool):
             raise ConfigError(f"learned gate use_history must be a bool, got {use_history!r}")
+        if history_exits is not None:
+            flags = _as_rows(history_exits, "learned gate history_exits")
+            if not all(isinstance(v, bool) for v in flags):
+                raise ConfigError(
+                    f"learned gate history_exits must be one bool per exit, got {flags!r}"
+                )
+            history_exits = tuple(flags)
+        self.history_exits: tuple[bool, ...] | None = history_exits
         if (weights is None) != (bias is None):
             raise ConfigError(
                 "learned gate needs both weights and bias (a fitted gate) or neither (unfitted); "
@@ -167,6 +188,7 @@ class LearnedGate(Gate):
         self._weights: Tensor | None = None
         self._bias: Tensor | None = None
         self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._rows: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
         if weights is not None and bias is not None:
             rows = _as_rows(weights, "learned gate weights")
             biases = _as_rows(bias, "learned gate bias")
@@ -219,6 +241,36 @@ class LearnedGate(Gate):
         """``[E]`` float32 biases (``None`` when unfitted)."""
         return None if self._bias is None else self._bias.clone()
 
+    def history_sources(self, num_exits: int) -> tuple[bool, ...]:
+        """Per exit, whether the look-back reads its head (none unless :attr:`needs_history`;
+        exits beyond ``history_exits`` are read).
+
+        Example:
+            >>> w = [[0.0] * 7] * 3
+            >>> LearnedGate(w, [0.0] * 3, history_exits=[True, False, True]).history_sources(3)
+            (True, False, True)
+        """
+        if not self.needs_history:
+            return (False,) * num_exits
+        chosen = self.history_exits or ()
+        return tuple(chosen[i] if i < len(chosen) else True for i in range(num_exits))
+
+    def reading(self, history_exits: Sequence[bool] | None) -> LearnedGate:
+        """The same gate (same weights) whose look-back reads only the heads of
+        ``history_exits`` (``None``: every head). A new gate: a served one is never changed.
+
+        Example:
+            >>> gate = LearnedGate([[0.0] * 7] * 2, [0.0, 0.0])
+            >>> gate.reading([False, True]).history_exits
+            (False, True)
+        """
+        return LearnedGate(
+            None if self._weights is None else self._weights.tolist(),
+            None if self._bias is None else self._bias.tolist(),
+            use_history=self.use_history,
+            history_exits=history_exits,
+        )
+
     def _params(self, device: torch.device) -> tuple[Tensor, Tensor]:
         cached = self._on_device.get(device)
         if cached is None:
@@ -233,32 +285,48 @@ class LearnedGate(Gate):
             raise ConfigError(f"exit_index must be >= 0, got {e}")
         if self._weights is None or e >= self.num_exits:
             return max_softmax_score(logits)
-        weights, bias = self._params(logits.device)
         if self.use_history:
-            return agreement_features(logits, ctx.history) @ weights[e] + bias[e]
+            # This exit's weight row and bias, sliced once per device (two ops fewer a call).
+            rows = self._rows.get((logits.device, e))
+            if rows is None:
+                weights, bias = self._params(logits.device)
+                rows = self._rows[(logits.device, e)] = (weights[e], bias[e])
+            history = ctx.history
+            chosen = self.history_exits
+            if chosen is not None:
+                # Only the heads read, in exit order: the previous one is the last read head
+                # (serving runs no other; in a trace the others ran but are not looked at).
+                history = [h for j, h in enumerate(history) if j >= len(chosen) or chosen[j]]
+            return agreement_features(logits, history) @ rows[0] + rows[1]
         # Without history the look-back columns get no weight, whatever the stored weights say.
+        weights, bias = self._params(logits.device)
         current = _NUM_FEATURES - _NUM_HISTORY_FEATURES
         return agreement_features(logits)[..., :current] @ weights[e, :current] + bias[e]
 
     def config(self) -> dict:
         if self._weights is None or self._bias is None:
-            return {
+            config = {
                 "name": self.name,
                 "weights": None,
                 "bias": None,
                 "use_history": self.use_history,
             }
-        return {
-            "name": self.name,
-            "weights": [[float(v) for v in row] for row in self._weights.tolist()],
-            "bias": [float(v) for v in self._bias.tolist()],
-            "use_history": self.use_history,
-        }
+        else:
+            config = {
+                "name": self.name,
+                "weights": [[float(v) for v in row] for row in self._weights.tolist()],
+                "bias": [float(v) for v in self._bias.tolist()],
+                "use_history": self.use_history,
+            }
+        if self.history_exits is not None:  # absent in configs saved before it existed
+            config["history_exits"] = list(self.history_exits)
+        return config
 
     def __repr__(self) -> str:
         if not self.fitted:
             return f"LearnedGate(unfitted, use_history={self.use_history})"
-        return f"LearnedGate(fitted, exits={self.num_exits}, use_history={self.use_history})"
+        reads = "" if self.history_exits is None else f", history_exits={list(self.history_exits)}"
+        return f"LearnedGate(fitted, exits={self.num_exits}, use_history={self.use_history}{reads})"
 
 
 def _fit_logistic(x: Tensor, y: Tensor, l2: float, max_iter: int) -> tuple[Tensor, Tensor]:
