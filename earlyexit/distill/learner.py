@@ -36,12 +36,16 @@ How it works (one call of :meth:`OnlineDistiller.step`):
    gate closes (all traffic becomes evidence again) and stale evidence is dropped; gates reopen when
    the new evidence supports them.
 
-All learning work (bookkeeping, training, calibration) shares one wall-clock budget,
-``train_time_budget`` of the time spent serving (in background mode, up to ``closed_time_budget``
-for traffic the full model answers, all of it while every gate is closed: that traffic saves
-nothing, and only learning can make savings possible). In background mode the serving thread only serves: the batch's bookkeeping
-(step 2's sorting and everything after it) is queued for the background thread, and a scheduled
-calibration waits until the budget allows it.
+Learning is scheduled in samples and steps, never in wall-clock (:mod:`.schedule`): each stored
+training row owes optimizer steps at the replay ratio in force, high while the heads still
+improve (measured by their loss on fresh rows, before training on them), tapering to a small
+steady-state ratio as that loss flattens, high again after a drift alarm. A synchronous learner
+takes every owed step after each batch, so the same seed and stream give bit-identical heads and
+thresholds on any machine load. The work is counted in MACs (head training ~3x the heads'
+forward MACs per row, plus calibration work) next to the MACs served (``stats()
+["learning_cost"]``). A wall-clock cap (``train_time_budget``, opt-in) may bound it further. In
+background mode the serving thread only serves: the batch's bookkeeping (step 2's sorting and
+everything after it) is queued for the background thread, which pays the steps owed.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from torch import Tensor, nn
 
 from .._threads import fixed_threads
 from ..errors import BackgroundTrainingError, CheckpointError, ConfigError, InputError
-from ..gates import Gate
+from ..gates import AGREEMENT_FEATURES, Gate
 from ..io import save_early_exit_model
 from ..model import EarlyExitModel, ExitResult, ExitTrace
 from .buffers import TensorRing, ring_layout
@@ -73,13 +77,13 @@ from .checkpoint import (
 from .config import DistillConfig
 from .drift import DriftAlarm, DriftMonitor
 from .evidence import ContentSplit, Evidence
-from .gate_data import GateData
+from .gate_data import MIN_GATE_SAMPLES, GateData
 from .replica import HeadsRelease
 from .rows import BatchRows, check_rows, sort_rows
 from .schedule import Phase, PhaseStatus, Schedule
 from .stats import LearnerStats, audited_agreement, exit_entries
 from .traffic import TrafficCounters
-from .trainer import HeadTrainer, distillation_loss
+from .trainer import MAX_OWED_STEPS, HeadTrainer, distillation_loss
 from .undo import StepUndo
 from .worker import BackgroundWorker
 
@@ -91,6 +95,11 @@ _T = TypeVar("_T")
 #: Served batches a background learner may hold before the serving thread records them itself
 #: (a bound on the memory of a lagging trainer, never a loss of traffic).
 MAX_QUEUED_BATCHES = 64
+
+#: Forward plus backward pass of a head, in multiples of its forward MACs (learning cost).
+TRAIN_MACS_FACTOR = 3
+#: Newton steps (at most) of a learned gate's fit, each ~``features**2`` MACs per row and exit.
+GATE_FIT_STEPS = 50
 
 #: Attributes of the traffic counters and the schedule a step may change (all but the sizes).
 TRAFFIC_STATE = tuple(f.name for f in fields(TrafficCounters) if f.name != "num_exits")
@@ -182,6 +191,9 @@ class OnlineDistiller:
         self._calibration_due = False
         self._ready: Candidate | None = None
         self._undo: StepUndo | None = None  # set while a synchronous step runs
+        # The calibrator's rows key at the last scoring: which evidence rows it rescores next
+        # (learning cost only; the calibrator keeps the logits themselves).
+        self._scored_key: tuple[Any, int] | None = None
         if config.background:
             self.worker.start()
 
@@ -351,8 +363,10 @@ class OnlineDistiller:
     def _record(self, rows: BatchRows, serve_seconds: float, started: float) -> None:
         """Store ``rows``, count the batch's time (learning work since ``started``; the serving
         time earns learning time, see :meth:`_budget_rate`), then train or calibrate if due."""
-        self._store(rows)
+        probe = self._probe(rows)
+        self._store(rows, probe)
         with self._lock:
+            self.schedule.count_serving(rows.spent, sum(rows.counts))
             self.schedule.earn(serve_seconds, self._budget_rate(rows.counts))
             # Per-batch bookkeeping (checks, hashing, buffers) is learning work too: it counts
             # against the same budget as training, so the budget bounds the whole overhead.
@@ -410,7 +424,39 @@ class OnlineDistiller:
         if self.eem.base_model.training:
             raise InputError("the base model is in training mode; call model.eval() before serving")
 
-    def _store(self, rows: BatchRows) -> None:
+    def _probe(self, rows: BatchRows) -> float | None:
+        """The student's fresh loss on the training rows of ``rows`` that go straight to replay
+        (fixed gate, or later epochs of :meth:`fit`); ``None`` when there are none (rows held
+        back for the learned gate are measured when they are flushed)."""
+        if rows.zs is None or not bool(rows.train.any()):
+            return None
+        if self.config.gate == "learned" and self._collect_evidence:
+            return None
+        zs, teacher = [z[rows.train] for z in rows.zs], rows.teacher[rows.train]
+        logits = self.trainer.classify(zs)
+        with self._lock:
+            self.schedule.count_learning(teacher.shape[0] * self._head_macs, calibration=True)
+        return self.trainer.fresh_loss(logits, teacher)
+
+    @property
+    def _head_macs(self) -> int:
+        """Forward MACs of every head on one row (what learning pays per row seen)."""
+        return sum(self.eem.head_macs)
+
+    def _owe_steps(self, zs: list[Tensor], teacher: Tensor, loss: float | None) -> None:
+        """Let training rows into replay: their fresh ``loss`` (summed, before training on them)
+        moves the schedule first, then they owe steps at the ratio in force (call under _lock)."""
+        cfg = self.config
+        schedule = self.schedule
+        if loss is not None:
+            schedule.observe(loss, teacher.shape[0], cfg.plateau_window, cfg.plateau_tolerance)
+        self._before_write(self.trainer.replay, teacher.shape[0])
+        ratio = schedule.replay_ratio(cfg.warmup_replay_ratio, cfg.replay_ratio)
+        # Synchronous: every owed step is taken after this batch, none is ever dropped.
+        cap = MAX_OWED_STEPS if self.worker.running else math.inf
+        self.trainer.add(zs, teacher, ratio, cap)
+
+    def _store(self, rows: BatchRows, probe: float | None = None) -> None:
         """Count the batch, check its audited answers, and route what ran to the end to the
         evidence (held-out contents that were audited) or to training (the other contents).
 
@@ -437,8 +483,7 @@ class OnlineDistiller:
                     # Held back from replay until the student's view of them is recorded.
                     self.gate_data.hold(rows_z, rows_teacher)
                 else:
-                    self._before_write(self.trainer.replay, rows_teacher.shape[0])
-                    self.trainer.add(rows_z, rows_teacher)
+                    self._owe_steps(rows_z, rows_teacher, probe)
             if rows.audits:
                 alarm = self.drift.check()
                 if alarm is not None:
@@ -476,7 +521,15 @@ class OnlineDistiller:
         undo.keep_attributes(self.calibrator, ("_scored",))  # logits of evidence rows undone
         undo.keep_attributes(self.gate_data, ("ring", "pending", "pending_rows"))
         undo.keep_attributes(
-            self, ("_reports", "_expected_saving", "_phase", "_calibration_due", "_ready")
+            self,
+            (
+                "_reports",
+                "_expected_saving",
+                "_phase",
+                "_calibration_due",
+                "_ready",
+                "_scored_key",
+            ),
         )
         eem = self.eem
         heads, gate, thresholds = eem.heads, eem.gate, eem.thresholds
@@ -563,10 +616,11 @@ class OnlineDistiller:
         if self._undo is not None:  # the step's first update: keep the student as it was
             self._undo.keep_module(self.trainer.student, self.trainer.optimizer)
         started = time.perf_counter()
-        self._timed(self.trainer.train_step)
+        rows = self._timed(self.trainer.train_step)
         took = time.perf_counter() - started
         with self._lock:  # a running mean of what a step costs, for the budget check
             self.trainer.record_step_seconds(took)
+            self.schedule.count_learning(TRAIN_MACS_FACTOR * rows * self._head_macs)
 
     def _flush_pending(self) -> None:
         """Record how the student sees the training rows held back since the last flush (it has
@@ -582,12 +636,14 @@ class OnlineDistiller:
             zs, teacher = block
             target = teacher.argmax(dim=-1)
             logits = self.trainer.classify(zs)
+            loss = self.trainer.fresh_loss(logits, teacher)
             with self._lock:
                 self.gate_data.release_pending(taken)
                 self._before_write(self.gate_data.ring, teacher.shape[0])
                 self.gate_data.record(logits, target)
-                self._before_write(self.trainer.replay, teacher.shape[0])
-                self.trainer.add(zs, teacher)
+                rows = teacher.shape[0]
+                self.schedule.count_learning(rows * self._head_macs, calibration=True)
+                self._owe_steps(zs, teacher, loss)
 
     def _fit_gate(self) -> tuple[Gate, str]:
         """The gate to calibrate and serve with the next heads, and a word on how it was chosen."""
@@ -614,7 +670,29 @@ class OnlineDistiller:
             rows_key = ((epoch, self.trainer.train_steps), ring.head, ring.added)
         heads = self.trainer.copy_student(self.eem.training, like=self.eem.heads)
         gate, gate_note = self._fit_gate()
-        return self.calibrator.candidate(heads, gate, gate_note, data, epoch, rows_key)
+        candidate = self.calibrator.candidate(heads, gate, gate_note, data, epoch, rows_key)
+        with self._lock:
+            self.schedule.count_learning(self._calibration_macs(rows_key, have), calibration=True)
+        return candidate
+
+    def _calibration_macs(self, rows_key: tuple[Any, int, int], have: int) -> int:
+        """MACs of one calibration: every head on the evidence rows the calibrator rescored (all
+        of them after training, the new ones otherwise), plus the learned gate's fit (an upper
+        bound: every Newton step, ``features**2`` per row and exit). Selection and tests on the
+        scores are counted as free: they are a few passes over ``[N, E]`` numbers."""
+        version, _, added = rows_key
+        last, self._scored_key = self._scored_key, (version, added)
+        rescored = have
+        if last is not None and last[0] == version and 0 <= added - last[1] < have:
+            rescored = added - last[1]
+        macs = rescored * self._head_macs
+        if self.config.gate == "learned":
+            ring = self.gate_data.ring
+            fitted = len(ring) if ring is not None else 0
+            if fitted >= MIN_GATE_SAMPLES:
+                features = len(AGREEMENT_FEATURES)
+                macs += GATE_FIT_STEPS * fitted * self.eem.num_exits * features * features
+        return macs
 
     def _publish(self, candidate: Candidate) -> None:
         """Serve ``candidate``: its heads and its thresholds, never one without the other."""
@@ -660,6 +738,7 @@ class OnlineDistiller:
             # How confidence maps to agreement may have moved too.
             self.gate_data.forget()
         self.drift.acknowledge()
+        self.schedule.restart_learning()  # learn hard again: the traffic has moved
         self._ready = None
         # Gather a fresh round of evidence before reopening.
         self.schedule.last_calibration = self.traffic.samples
@@ -724,8 +803,12 @@ class OnlineDistiller:
         (the current policy on held-out evidence), ``exits`` (per exit: state, the reason for it,
         the numbers above), buffer/training counters, and ``non_finite_dropped`` (samples that
         ran to the end with a non-finite teacher or stored features: served flagged, never used
-        to teach, calibrate, fit the gate or watch for drift; saved with the learner). Built from
-        a :class:`~earlyexit.distill.stats.LearnerStats`.
+        to teach, calibrate, fit the gate or watch for drift; saved with the learner),
+        ``replay_ratio`` (replay samples each stored row owes now: the learning schedule) and
+        ``learning_cost`` (learning work next to serving: ``macs_ratio_total``,
+        ``macs_ratio_recent`` over the last 2048-4096 samples served, ``seconds_ratio_total``,
+        and the MAC counts; see :meth:`~earlyexit.distill.schedule.Schedule.learning_cost`).
+        Built from a :class:`~earlyexit.distill.stats.LearnerStats`.
 
         Example:
             >>> learner.stats()["mac_saving"]  # doctest: +SKIP
@@ -766,6 +849,8 @@ class OnlineDistiller:
                 calibrations=self.schedule.calibrations,
                 drift_alarms=self.drift.alarms,
                 non_finite_dropped=traffic.non_finite_dropped,
+                replay_ratio=self.schedule.replay_ratio(cfg.warmup_replay_ratio, cfg.replay_ratio),
+                learning_cost=self.schedule.learning_cost(traffic.macs),
             ).to_dict()
 
     # ------------------------------------------------------------------ persistence

@@ -50,6 +50,8 @@ class LearnerStats:
     calibrations: int
     drift_alarms: int
     non_finite_dropped: int = 0
+    replay_ratio: float = 0.0
+    learning_cost: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict, keys in field order (exit states as strings)."""
