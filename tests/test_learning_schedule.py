@@ -4,6 +4,7 @@ and the learning cost in MACs next to the MACs served."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -155,7 +156,7 @@ def test_learned_gate_rows_are_measured_when_flushed_and_taper_a_real_learner():
         ratios.append(learner.stats()["replay_ratio"])
     # The toy is learned within a few windows: the ratio leaves the warm-up value and only falls.
     assert ratios[0] == 64.0 and ratios[-1] < 64.0
-    assert all(b <= a for a, b in zip(ratios, ratios[1:], strict=False))
+    assert all(b <= a for a, b in itertools.pairwise(ratios))
     assert learner.schedule.best_loss is not None
 
 

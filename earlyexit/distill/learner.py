@@ -191,9 +191,6 @@ class OnlineDistiller:
         self._calibration_due = False
         self._ready: Candidate | None = None
         self._undo: StepUndo | None = None  # set while a synchronous step runs
-        # The calibrator's rows key at the last scoring: which evidence rows it rescores next
-        # (learning cost only; the calibrator keeps the logits themselves).
-        self._scored_key: tuple[Any, int] | None = None
         if config.background:
             self.worker.start()
 
@@ -528,7 +525,6 @@ class OnlineDistiller:
                 "_phase",
                 "_calibration_due",
                 "_ready",
-                "_scored_key",
             ),
         )
         eem = self.eem
@@ -672,20 +668,18 @@ class OnlineDistiller:
         gate, gate_note = self._fit_gate()
         candidate = self.calibrator.candidate(heads, gate, gate_note, data, epoch, rows_key)
         with self._lock:
-            self.schedule.count_learning(self._calibration_macs(rows_key, have), calibration=True)
+            self.schedule.count_learning(self._calibration_macs(have), calibration=True)
         return candidate
 
-    def _calibration_macs(self, rows_key: tuple[Any, int, int], have: int) -> int:
-        """MACs of one calibration: every head on the evidence rows the calibrator rescored (all
-        of them after training, the new ones otherwise), plus the learned gate's fit (an upper
-        bound: every Newton step, ``features**2`` per row and exit). Selection and tests on the
-        scores are counted as free: they are a few passes over ``[N, E]`` numbers."""
-        version, _, added = rows_key
-        last, self._scored_key = self._scored_key, (version, added)
-        rescored = have
-        if last is not None and last[0] == version and 0 <= added - last[1] < have:
-            rescored = added - last[1]
-        macs = rescored * self._head_macs
+    def _calibration_macs(self, have: int) -> int:
+        """MACs of one calibration on ``have`` evidence rows: every head on every row (an upper
+        bound: the calibrator skips rows it scored with the same heads, rare when the heads
+        train between calibrations; counted the same way whatever its cache holds, so a
+        resumed learner counts what one that never stopped counts), plus the learned gate's fit
+        (an upper bound too: every Newton step, ``features**2`` per row and exit). Selecting
+        exits and testing thresholds on the scores is counted as free (passes over ``[N, E]``
+        numbers)."""
+        macs = have * self._head_macs
         if self.config.gate == "learned":
             ring = self.gate_data.ring
             fitted = len(ring) if ring is not None else 0

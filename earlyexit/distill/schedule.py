@@ -299,8 +299,8 @@ LATER_KEYS = (
 
 
 def check_schedule_state(state: Any) -> None:
-    """Check the saved counts and clocks of :meth:`Schedule.state_dict`: integers >= 0 and
-    finite seconds >= 0. Raises a :class:`~earlyexit.CheckpointError` naming the field.
+    """Check the saved counts and clocks of :meth:`Schedule.state_dict`: integers >= 0, finite
+    seconds and losses >= 0, the taper within ``MAX_TAPER``, cost blocks of three integers. Raises a :class:`~earlyexit.CheckpointError` naming the field.
 
     Example:
         >>> check_schedule_state(Schedule().state_dict()[1])
@@ -311,16 +311,20 @@ def check_schedule_state(state: Any) -> None:
         expect_int(counters[key], f"counters.{key}")
     for key in ("serve_seconds", "learn_seconds"):
         expect_number(counters[key], f"counters.{key}", low=0.0)
-    for key in ("allowance_seconds", "window_loss", "best_loss"):
-        if counters.get(key) is not None:
-            expect_number(counters[key], f"counters.{key}", low=0.0)
-    if counters.get("taper") is not None:
+    if counters.get("allowance_seconds") is not None:
+        expect_number(counters["allowance_seconds"], "counters.allowance_seconds", low=0.0)
+    # The learning schedule's keys may be absent (older files); present, they must be right.
+    if counters.get("best_loss", None) is not None:  # None: no window closed yet
+        expect_number(counters["best_loss"], "counters.best_loss", low=0.0)
+    if "window_loss" in counters:
+        expect_number(counters["window_loss"], "counters.window_loss", low=0.0)
+    if "taper" in counters:
         expect_int(counters["taper"], "counters.taper", 0, MAX_TAPER)
     for key in ("window_rows", "train_macs", "calibration_macs"):
-        if counters.get(key) is not None:
+        if key in counters:
             expect_int(counters[key], f"counters.{key}")
     for key in ("cost_block", "cost_last_block"):
-        if counters.get(key) is not None:
+        if key in counters:
             for i, value in enumerate(expect_list(counters[key], f"counters.{key}", 3)):
                 expect_int(value, f"counters.{key}[{i}]")
 
