@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=64,
         help="warm-up batches timed side by side with plain model(x) (the overhead is an average: "
-        "training and calibration are budgeted over time, not per batch)",
+        "training steps come in bursts as rows join replay, calibrations every few hundred "
+        "samples)",
     )
     parser.add_argument(
         "--seed",

@@ -167,9 +167,9 @@ class DistillConfig:
     hard_label_weight: float = 0.0
     batch_size: int = 64
     replay_ratio: float = 8.0
-    warmup_replay_ratio: float = 64.0
+    warmup_replay_ratio: float = 128.0
     plateau_window: int = 256
-    plateau_tolerance: float = 0.05
+    plateau_tolerance: float = 0.02
     train_time_budget: float | None = None
     closed_time_budget: float = 1.0
     replay_samples: int = 20000
