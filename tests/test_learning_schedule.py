@@ -252,7 +252,7 @@ def test_the_recent_cost_covers_the_current_and_previous_block():
 
 # ---------------------------------------------------------------------------------------- state
 def test_the_schedule_survives_save_and_load(tmp_path):
-    learner = OnlineDistiller(toy_wrap(), config(plateau_window=32))
+    learner = OnlineDistiller(toy_wrap(), config(plateau_window=32, plateau_tolerance=0.2))
     g = torch.Generator().manual_seed(5)
     for _ in range(10):
         learner.step(stream(64, g))
