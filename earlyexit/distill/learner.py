@@ -518,14 +518,7 @@ class OnlineDistiller:
         undo.keep_attributes(self.calibrator, ("_scored",))  # logits of evidence rows undone
         undo.keep_attributes(self.gate_data, ("ring", "pending", "pending_rows"))
         undo.keep_attributes(
-            self,
-            (
-                "_reports",
-                "_expected_saving",
-                "_phase",
-                "_calibration_due",
-                "_ready",
-            ),
+            self, ("_reports", "_expected_saving", "_phase", "_calibration_due", "_ready")
         )
         eem = self.eem
         heads, gate, thresholds = eem.heads, eem.gate, eem.thresholds
