@@ -7,7 +7,9 @@ State versions: 1 (every learner saved so far). The record's keys: ``version``, 
 ``counters``, ``credit``, ``param_groups``, ``rings``, ``reports``, ``expected_mac_saving``,
 ``phase``, ``last_loss`` and (since the learner was split into parts) ``recent``, the window
 behind the recent exit rates, which older files lack and older readers ignore; tensors ``student.*``, ``opt.*``, ``rng.audit``, ``rng.train``,
-``replay.*``, ``evidence.*``, ``gate_data.*``, ``monitor.{e}``, ``pending.*``.
+``replay.*``, ``evidence.*``, ``gate_data.*``, ``monitor.{e}``, ``pending.*``. Counters added
+since version 1 was first written (``_LATER_COUNTER_KEYS``: the traffic's and the schedule's,
+e.g. the learning schedule's taper and cost counts) may be absent: older files read defaults.
 """
 
 from __future__ import annotations

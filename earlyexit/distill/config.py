@@ -106,29 +106,42 @@ class DistillConfig:
         temperature: distillation temperature (KL between softened student and teacher).
         hard_label_weight: weight of cross-entropy on the teacher's argmax, mixed with the KL.
         batch_size: replay minibatch size.
-        replay_ratio: replay samples drawn for training per sample stored, i.e. how many times each
-            sample is seen on average at most; training cost grows with traffic, not with batch
-            count (``train_time_budget`` usually binds first next to a cheap backbone).
-        train_time_budget: all learning work (per-batch bookkeeping, training steps,
-            calibrations) may take at most this share of the wall-clock spent serving (``None``:
-            no cap, and runs are reproducible step for step); keeps learning cheap next to small
-            backbones, generous next to big ones. Precisely: every served batch earns its serving
-            time times the budget (in background mode, more for the samples the full model
-            answered, see ``closed_time_budget``), and a training step starts only while the
-            learning time spent so far plus one step stays within the time earned so far.
-            Bookkeeping always runs and is counted. In background mode a scheduled calibration
-            also waits until the time spent is within the time earned; in synchronous mode
-            calibrations run on schedule (the caller waits for them).
-        closed_time_budget: background mode only: the budget earned by the samples the full model
-            answered (every sample while every gate is closed: warm-up, after a drift alarm). A
-            batch earns its serving time times ``train_time_budget + (closed_time_budget -
-            train_time_budget) * share answered by the full model`` (``train_time_budget`` if it
-            is the higher). Traffic that runs to the end saves nothing whatever the learner does,
-            and only learning can make savings possible, so the background thread learns harder
-            while little leaves early and tapers as gates open (time earned and not spent
-            carries over; time overspent is paid back first). Learning then runs on its own
-            thread, beside serving; a synchronous step's learning delays its own answers, so it
-            earns only ``train_time_budget``. Ignored when ``train_time_budget`` is ``None``.
+        replay_ratio: steady-state replay ratio: replay samples drawn for training per training
+            sample stored (each stored row owes ``replay_ratio / batch_size`` optimizer steps), the
+            floor the learning schedule tapers to once the heads stop improving; small, but
+            enough to follow slow drift.
+        warmup_replay_ratio: the replay ratio while the heads still improve: from the start and
+            again after a drift alarm. Traffic that runs to the end saves nothing whatever the
+            learner does, and only learning makes savings possible, so the learner learns hard
+            first. The ratio halves after each *plateau window* (below) down to
+            ``replay_ratio``; a value below ``replay_ratio`` is read as ``replay_ratio`` (a flat
+            schedule).
+        plateau_window: training rows per progress window. Before rows join replay the student
+            sees them (it has never trained on them): their mean distillation loss over a window
+            is the *fresh loss*, a cheap, deterministic measure of how well the heads generalise.
+        plateau_tolerance: a window whose fresh loss is not at least this share below the best
+            window so far is a plateau (halves the replay ratio in force); ``0`` tapers only when
+            the loss does not fall at all.
+        train_time_budget: ``None`` (default): learning is scheduled in samples and steps only
+            (above), never in wall-clock, so the same seed and stream give bit-identical heads,
+            thresholds and figures on an idle or a busy machine (synchronous mode). A number
+            opts in to a wall-clock cap on top of the schedule: all learning work (per-batch
+            bookkeeping, training steps, calibrations) may take at most this share of the
+            wall-clock spent serving; runs then depend on the machine's speed. Precisely: every
+            served batch earns its serving time times the budget (in background mode, more for
+            the samples the full model answered, see ``closed_time_budget``), and an owed
+            training step starts only while the learning time spent so far plus one step stays
+            within the time earned so far. Bookkeeping always runs and is counted. In
+            background mode a scheduled calibration also waits until the time spent is within
+            the time earned; in synchronous mode calibrations run on schedule.
+        closed_time_budget: with a ``train_time_budget`` in background mode only: the budget
+            earned by the samples the full model answered (every sample while every gate is
+            closed: warm-up, after a drift alarm). A batch earns its serving time times
+            ``train_time_budget + (closed_time_budget - train_time_budget) * share answered by
+            the full model`` (``train_time_budget`` if it is the higher); time earned and not
+            spent carries over, time overspent is paid back first. A synchronous step's
+            learning delays its own answers, so it earns only ``train_time_budget``. Ignored
+            when ``train_time_budget`` is ``None``.
         replay_samples: cap on the replay buffer (features at every exit + teacher logits).
         max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
         storage_dtype: dtype of stored features (``"float16"`` halves the memory).
@@ -169,7 +182,11 @@ class DistillConfig:
             traffic after the shift).
 
     Runtime:
-        background: train on a background thread while :meth:`step` serves.
+        background: train on a background thread while :meth:`step` serves. The schedule still
+            decides how many steps each stored row owes (a worker more than ``MAX_OWED_STEPS``
+            behind drops the excess), but when the steps run next to serving, and so which
+            student each calibration copies and each fresh-loss window measures, depends on
+            thread timing: background runs are not reproducible step for step.
         seed: seeds audit coins, evidence hashing and replay sampling (reproducible runs).
 
     Example:
@@ -196,8 +213,11 @@ class DistillConfig:
     temperature: float = 2.0
     hard_label_weight: float = 0.0
     batch_size: int = 64
-    replay_ratio: float = 32.0
-    train_time_budget: float | None = 0.12
+    replay_ratio: float = 8.0
+    warmup_replay_ratio: float = 128.0
+    plateau_window: int = 256
+    plateau_tolerance: float = 0.02
+    train_time_budget: float | None = None
     closed_time_budget: float = 1.0
     replay_samples: int = 20000
     max_memory_bytes: int | None = 256 * 2**20
@@ -248,7 +268,13 @@ class DistillConfig:
 
         for name in ("target_agreement", "confidence", "calibration_fraction", "drift_alpha"):
             unit_open(name)
-        for name in ("audit_rate", "audit_boost", "hard_label_weight", "min_exit_gain"):
+        for name in (
+            "audit_rate",
+            "audit_boost",
+            "hard_label_weight",
+            "min_exit_gain",
+            "plateau_tolerance",
+        ):
             unit_closed(name)
         for name in (
             "evidence_samples",
@@ -256,6 +282,7 @@ class DistillConfig:
             "replay_samples",
             "drift_window",
             "gate_samples",
+            "plateau_window",
         ):
             positive_int(name)
         for name in (
@@ -266,7 +293,13 @@ class DistillConfig:
             "evidence_target",
         ):
             positive_int(name, allow_zero=name != "recalibrate_every")
-        for name in ("lr", "temperature", "replay_ratio", "closed_time_budget"):
+        for name in (
+            "lr",
+            "temperature",
+            "replay_ratio",
+            "warmup_replay_ratio",
+            "closed_time_budget",
+        ):
             positive(name)
         positive("weight_decay", allow_zero=True)
         if self.calibration_method not in _METHODS:

@@ -37,12 +37,16 @@ How it works (one call of :meth:`OnlineDistiller.step`):
    the new evidence supports them. Under ``guarantee="expected"`` it tests the served
    disagreement (early and wrong, over all answers) against ``1 - target`` instead.
 
-All learning work (bookkeeping, training, calibration) shares one wall-clock budget,
-``train_time_budget`` of the time spent serving (in background mode, up to ``closed_time_budget``
-for traffic the full model answers, all of it while every gate is closed: that traffic saves
-nothing, and only learning can make savings possible). In background mode the serving thread only serves: the batch's bookkeeping
-(step 2's sorting and everything after it) is queued for the background thread, and a scheduled
-calibration waits until the budget allows it.
+Learning is scheduled in samples and steps, never in wall-clock (:mod:`.schedule`): each stored
+training row owes optimizer steps at the replay ratio in force, high while the heads still
+improve (measured by their loss on fresh rows, before training on them), tapering to a small
+steady-state ratio as that loss flattens, high again after a drift alarm. A synchronous learner
+takes every owed step after each batch, so the same seed and stream give bit-identical heads and
+thresholds on any machine load. The work is counted in MACs (head training ~3x the heads'
+forward MACs per row, plus calibration work) next to the MACs served (``stats()
+["learning_cost"]``). A wall-clock cap (``train_time_budget``, opt-in) may bound it further. In
+background mode the serving thread only serves: the batch's bookkeeping (step 2's sorting and
+everything after it) is queued for the background thread, which pays the steps owed.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from torch import Tensor, nn
 
 from .._threads import fixed_threads
 from ..errors import BackgroundTrainingError, CheckpointError, ConfigError, InputError
-from ..gates import Gate
+from ..gates import AGREEMENT_FEATURES, Gate
 from ..io import save_early_exit_model
 from ..model import EarlyExitModel, ExitResult, ExitTrace
 from .buffers import TensorRing, ring_layout
@@ -74,13 +78,13 @@ from .checkpoint import (
 from .config import DistillConfig
 from .drift import DriftAlarm, DriftMonitor
 from .evidence import ContentSplit, Evidence
-from .gate_data import GateData
+from .gate_data import MIN_GATE_SAMPLES, GateData
 from .replica import HeadsRelease
 from .rows import BatchRows, check_rows, sort_rows
 from .schedule import Phase, PhaseStatus, Schedule
 from .stats import LearnerStats, audited_agreement, exit_entries
 from .traffic import TrafficCounters
-from .trainer import HeadTrainer, distillation_loss
+from .trainer import MAX_OWED_STEPS, HeadTrainer, distillation_loss
 from .undo import StepUndo
 from .worker import BackgroundWorker
 
@@ -92,6 +96,11 @@ _T = TypeVar("_T")
 #: Served batches a background learner may hold before the serving thread records them itself
 #: (a bound on the memory of a lagging trainer, never a loss of traffic).
 MAX_QUEUED_BATCHES = 64
+
+#: Forward plus backward pass of a head, in multiples of its forward MACs (learning cost).
+TRAIN_MACS_FACTOR = 3
+#: Newton steps (at most) of a learned gate's fit, each ~``features**2`` MACs per row and exit.
+GATE_FIT_STEPS = 50
 
 #: Attributes of the traffic counters and the schedule a step may change (all but the sizes).
 TRAFFIC_STATE = tuple(f.name for f in fields(TrafficCounters) if f.name != "num_exits")
@@ -356,8 +365,10 @@ class OnlineDistiller:
     def _record(self, rows: BatchRows, serve_seconds: float, started: float) -> None:
         """Store ``rows``, count the batch's time (learning work since ``started``; the serving
         time earns learning time, see :meth:`_budget_rate`), then train or calibrate if due."""
-        self._store(rows)
+        probe = self._probe(rows)
+        self._store(rows, probe)
         with self._lock:
+            self.schedule.count_serving(rows.spent, sum(rows.counts))
             self.schedule.earn(serve_seconds, self._budget_rate(rows.counts))
             # Per-batch bookkeeping (checks, hashing, buffers) is learning work too: it counts
             # against the same budget as training, so the budget bounds the whole overhead.
@@ -415,7 +426,39 @@ class OnlineDistiller:
         if self.eem.base_model.training:
             raise InputError("the base model is in training mode; call model.eval() before serving")
 
-    def _store(self, rows: BatchRows) -> None:
+    def _probe(self, rows: BatchRows) -> float | None:
+        """The student's fresh loss on the training rows of ``rows`` that go straight to replay
+        (fixed gate, or later epochs of :meth:`fit`); ``None`` when there are none (rows held
+        back for the learned gate are measured when they are flushed)."""
+        if rows.zs is None or not bool(rows.train.any()):
+            return None
+        if self.config.gate == "learned" and self._collect_evidence:
+            return None
+        zs, teacher = [z[rows.train] for z in rows.zs], rows.teacher[rows.train]
+        logits = self.trainer.classify(zs)
+        with self._lock:
+            self.schedule.count_learning(teacher.shape[0] * self._head_macs, calibration=True)
+        return self.trainer.fresh_loss(logits, teacher)
+
+    @property
+    def _head_macs(self) -> int:
+        """Forward MACs of every head on one row (what learning pays per row seen)."""
+        return sum(self.eem.head_macs)
+
+    def _owe_steps(self, zs: list[Tensor], teacher: Tensor, loss: float | None) -> None:
+        """Let training rows into replay: their fresh ``loss`` (summed, before training on them)
+        moves the schedule first, then they owe steps at the ratio in force (call under _lock)."""
+        cfg = self.config
+        schedule = self.schedule
+        if loss is not None:
+            schedule.observe(loss, teacher.shape[0], cfg.plateau_window, cfg.plateau_tolerance)
+        self._before_write(self.trainer.replay, teacher.shape[0])
+        ratio = schedule.replay_ratio(cfg.warmup_replay_ratio, cfg.replay_ratio)
+        # Synchronous: every owed step is taken after this batch, none is ever dropped.
+        cap = MAX_OWED_STEPS if self.worker.running else math.inf
+        self.trainer.add(zs, teacher, ratio, cap)
+
+    def _store(self, rows: BatchRows, probe: float | None = None) -> None:
         """Count the batch, check its audited answers, and route what ran to the end to the
         evidence (held-out contents that were audited) or to training (the other contents).
 
@@ -442,8 +485,7 @@ class OnlineDistiller:
                     # Held back from replay until the student's view of them is recorded.
                     self.gate_data.hold(rows_z, rows_teacher)
                 else:
-                    self._before_write(self.trainer.replay, rows_teacher.shape[0])
-                    self.trainer.add(rows_z, rows_teacher)
+                    self._owe_steps(rows_z, rows_teacher, probe)
             if rows.audits:
                 share = sum(self.traffic.recent_exit_rates()) if self.drift.served else None
                 alarm = self.drift.check(share)
@@ -569,10 +611,11 @@ class OnlineDistiller:
         if self._undo is not None:  # the step's first update: keep the student as it was
             self._undo.keep_module(self.trainer.student, self.trainer.optimizer)
         started = time.perf_counter()
-        self._timed(self.trainer.train_step)
+        rows = self._timed(self.trainer.train_step)
         took = time.perf_counter() - started
         with self._lock:  # a running mean of what a step costs, for the budget check
             self.trainer.record_step_seconds(took)
+            self.schedule.count_learning(TRAIN_MACS_FACTOR * rows * self._head_macs)
 
     def _flush_pending(self) -> None:
         """Record how the student sees the training rows held back since the last flush (it has
@@ -588,12 +631,14 @@ class OnlineDistiller:
             zs, teacher = block
             target = teacher.argmax(dim=-1)
             logits = self.trainer.classify(zs)
+            loss = self.trainer.fresh_loss(logits, teacher)
             with self._lock:
                 self.gate_data.release_pending(taken)
                 self._before_write(self.gate_data.ring, teacher.shape[0])
                 self.gate_data.record(logits, target)
-                self._before_write(self.trainer.replay, teacher.shape[0])
-                self.trainer.add(zs, teacher)
+                rows = teacher.shape[0]
+                self.schedule.count_learning(rows * self._head_macs, calibration=True)
+                self._owe_steps(zs, teacher, loss)
 
     def _fit_gate(self) -> tuple[Gate, str]:
         """The gate to calibrate and serve with the next heads, and a word on how it was chosen."""
@@ -620,7 +665,27 @@ class OnlineDistiller:
             rows_key = ((epoch, self.trainer.train_steps), ring.head, ring.added)
         heads = self.trainer.copy_student(self.eem.training, like=self.eem.heads)
         gate, gate_note = self._fit_gate()
-        return self.calibrator.candidate(heads, gate, gate_note, data, epoch, rows_key)
+        candidate = self.calibrator.candidate(heads, gate, gate_note, data, epoch, rows_key)
+        with self._lock:
+            self.schedule.count_learning(self._calibration_macs(have), calibration=True)
+        return candidate
+
+    def _calibration_macs(self, have: int) -> int:
+        """MACs of one calibration on ``have`` evidence rows: every head on every row (an upper
+        bound: the calibrator skips rows it scored with the same heads, rare when the heads
+        train between calibrations; counted the same way whatever its cache holds, so a
+        resumed learner counts what one that never stopped counts), plus the learned gate's fit
+        (an upper bound too: every Newton step, ``features**2`` per row and exit). Selecting
+        exits and testing thresholds on the scores is counted as free (passes over ``[N, E]``
+        numbers)."""
+        macs = have * self._head_macs
+        if self.config.gate == "learned":
+            ring = self.gate_data.ring
+            fitted = len(ring) if ring is not None else 0
+            if fitted >= MIN_GATE_SAMPLES:
+                features = len(AGREEMENT_FEATURES)
+                macs += GATE_FIT_STEPS * fitted * self.eem.num_exits * features * features
+        return macs
 
     def _publish(self, candidate: Candidate) -> None:
         """Serve ``candidate``: its heads and its thresholds, never one without the other."""
@@ -668,6 +733,7 @@ class OnlineDistiller:
             # How confidence maps to agreement may have moved too.
             self.gate_data.forget()
         self.drift.acknowledge()
+        self.schedule.restart_learning()  # learn hard again: the traffic has moved
         self._ready = None
         # Gather a fresh round of evidence before reopening.
         self.schedule.last_calibration = self.traffic.samples
@@ -739,10 +805,14 @@ class OnlineDistiller:
         to teach, calibrate, fit the gate or watch for drift; saved with the learner), ``guarantee``
         (which promise the thresholds carry: ``"high_probability"`` or ``"expected"``, see
         :class:`DistillConfig`), ``first_open_sample`` (samples served when a gate first
-        opened, ``None`` before; saved with the learner) and ``head_time_fractions`` (with
+        opened, ``None`` before; saved with the learner), ``head_time_fractions`` (with
         ``head_cost="time"``: what exit selection prices each head at, as a share of the base
-        model's batch-1 time; ``None`` before it is known). Built from
-        a :class:`~earlyexit.distill.stats.LearnerStats`.
+        model's batch-1 time; ``None`` before it is known), ``replay_ratio`` (replay samples
+        each stored row owes now: the learning schedule) and ``learning_cost`` (learning work
+        next to serving: ``macs_ratio_total``, ``macs_ratio_recent`` over the last 2048-4096
+        samples served, ``seconds_ratio_total``, and the MAC counts; see
+        :meth:`~earlyexit.distill.schedule.Schedule.learning_cost`). Built from a
+        :class:`~earlyexit.distill.stats.LearnerStats`.
 
         Example:
             >>> learner.stats()["mac_saving"]  # doctest: +SKIP
@@ -790,6 +860,8 @@ class OnlineDistiller:
                     if self.calibrator.head_time_fractions is None
                     else list(self.calibrator.head_time_fractions)
                 ),
+                replay_ratio=self.schedule.replay_ratio(cfg.warmup_replay_ratio, cfg.replay_ratio),
+                learning_cost=self.schedule.learning_cost(traffic.macs),
             ).to_dict()
 
     # ------------------------------------------------------------------ persistence

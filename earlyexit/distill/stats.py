@@ -53,6 +53,8 @@ class LearnerStats:
     non_finite_dropped: int = 0
     first_open_sample: int | None = None
     head_time_fractions: list[float] | None = None
+    replay_ratio: float = 0.0
+    learning_cost: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict, keys in field order (exit states as strings)."""

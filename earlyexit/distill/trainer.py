@@ -43,8 +43,9 @@ from .buffers import (
 )
 from .config import DistillConfig
 
-#: Optimizer steps a lagging background trainer may owe before new traffic stops adding more.
-MAX_OWED_STEPS = 64.0
+#: Optimizer steps a lagging background trainer may owe before new traffic stops adding more
+#: (a synchronous learner takes every step owed after each batch, so it never nears this).
+MAX_OWED_STEPS = 4096.0
 
 
 def distillation_loss(
@@ -167,15 +168,23 @@ class HeadTrainer:
         )
 
     # ------------------------------------------------------------------ credit and schedule
-    def add(self, zs: list[Tensor], teacher: Tensor) -> None:
-        """Store training rows and owe the optimizer steps they pay for (call under the lock)."""
+    def add(
+        self,
+        zs: list[Tensor],
+        teacher: Tensor,
+        replay_ratio: float | None = None,
+        max_owed: float = MAX_OWED_STEPS,
+    ) -> None:
+        """Store training rows and owe the optimizer steps they pay for: ``replay_ratio`` (the
+        schedule's ratio in force; ``config.replay_ratio`` when not given) replay samples per row,
+        ``batch_size`` per step. Owed steps above ``max_owed`` are dropped (a background trainer
+        that falls behind skips steps rather than lagging ever further). Call under the lock."""
         assert self.replay is not None, "build() first"
         n = teacher.shape[0]
         self.replay.add(**{f"z{i}": z for i, z in enumerate(zs)}, teacher=teacher)
         self.trained_samples += n
-        owed = self.credit + n * self.config.replay_ratio / self.config.batch_size
-        # A trainer that falls behind skips steps rather than lagging ever further.
-        self.credit = min(owed, MAX_OWED_STEPS)
+        ratio = self.config.replay_ratio if replay_ratio is None else replay_ratio
+        self.credit = min(self.credit + n * ratio / self.config.batch_size, max_owed)
 
     def may_train(self, learn_seconds: float, allowance_seconds: float) -> bool:
         """A step is owed (replay ratio) and affordable: learning so far plus one more step stays
@@ -210,20 +219,40 @@ class HeadTrainer:
             return self.config.lr
         return self.config.lr * 0.5 ** (self.trained_samples / half_life)
 
-    def train_step(self) -> None:
-        """One AdamW step of every head on a replay minibatch (stored z, never the backbone)."""
+    def train_step(self) -> int:
+        """One AdamW step of every head on a replay minibatch (stored z, never the backbone);
+        returns the rows it trained on (0: replay is empty, no step)."""
         with self._lock:
             replay = self.replay
             if replay is None or len(replay) == 0:
-                return
+                return 0
             rng_state = self.rng.get_state()
-            batch = replay.sample(min(self.config.batch_size, len(replay)), self.rng)
+            rows = min(self.config.batch_size, len(replay))
+            batch = replay.sample(rows, self.rng)
         try:
             self._step_on(batch)
         except BaseException:
             with self._lock:  # a step that failed before updating anything draws nothing
                 self.rng.set_state(rng_state)
             raise
+        return rows
+
+    def fresh_loss(self, logits: Sequence[Tensor], teacher: Tensor) -> float:
+        """Summed distillation loss (mean over heads) of the student's ``logits`` on rows it has
+        not trained on: the learning schedule's measure of progress (``Schedule.observe``).
+
+        Example:
+            >>> t = torch.randn(4, 10)
+            >>> trainer.fresh_loss([t.clone()], t) < 1e-5  # doctest: +SKIP
+            True
+        """
+        cfg = self.config
+        with torch.no_grad():
+            per_head = [
+                distillation_loss(out, teacher, cfg.temperature, cfg.hard_label_weight)
+                for out in logits
+            ]
+        return float(sum(per_head)) / max(len(per_head), 1) * teacher.shape[0]
 
     def _step_on(self, batch: dict[str, Tensor]) -> None:
         """The loss and backward pass first (what can fail), then the update and the counts."""
