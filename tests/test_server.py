@@ -555,6 +555,31 @@ def test_the_command_refuses_a_public_host_without_a_token(capsys, monkeypatch):
     assert args.token == "from-env"
 
 
+def test_the_server_caps_learning_time_unless_told_not_to(capsys):
+    from earlyexit._cli.serve import SERVER_LEARN_BUDGET, _distill_config
+    from earlyexit.cli import build_parser
+
+    parse = build_parser().parse_args
+    config = _distill_config(parse(["serve", "--model", "timm:resnet18"]))
+    assert config.background and config.train_time_budget == SERVER_LEARN_BUDGET
+    assert (
+        _distill_config(
+            parse(["serve", "--model", "timm:resnet18", "--learn-budget", "none"])
+        ).train_time_budget
+        is None
+    )
+    assert (
+        _distill_config(
+            parse(["serve", "--model", "timm:resnet18", "--learn-budget", "0.3"])
+        ).train_time_budget
+        == 0.3
+    )
+    for bad in ("0", "-1", "nan", "lots"):
+        with pytest.raises(SystemExit):
+            parse(["serve", "--model", "timm:resnet18", "--learn-budget", bad])
+        assert "expected a share of serving time > 0" in capsys.readouterr().err
+
+
 def test_the_command_says_when_the_heads_file_is_missing(capsys, tmp_path):
     from earlyexit.cli import main
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,26 @@ TOKEN_VARIABLE = "EARLYEXIT_SERVE_TOKEN"
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 
 
+#: Default cap on the server's learning work, as a share of serving wall-clock: the learner's
+#: thread shares the cores with serving, so an uncapped sample schedule would slow every answer.
+SERVER_LEARN_BUDGET = 0.12
+
+
+def _budget(text: str) -> float | None:
+    """``--learn-budget``: a share > 0, or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a share of serving time > 0 (e.g. 0.12) or 'none', got {text!r}"
+        )
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_source_arguments(parser)
     parser.add_argument(
@@ -107,6 +128,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.99,
         metavar="P",
         help="agreement with the full model that exiting samples must keep (default 0.99)",
+    )
+    serving.add_argument(
+        "--learn-budget",
+        type=_budget,
+        default=SERVER_LEARN_BUDGET,
+        metavar="SHARE|none",
+        help="cap the learner's background work at this share of serving wall-clock, earned "
+        f"per batch (default {SERVER_LEARN_BUDGET}: a server is latency-critical; more while "
+        "every gate is closed, see DistillConfig.train_time_budget); 'none' learns on the "
+        "sample schedule alone, as earlyexit run does (more steps, reproducible counts)",
     )
     serving.add_argument(
         "--max-batch",
@@ -321,6 +352,7 @@ def _distill_config(args: argparse.Namespace) -> Any:
         seed=defaults.seed,
         gate="learned" if defaults.gate == "learned" else "fixed",
         background=True,  # training and calibration never hold up a request
+        train_time_budget=args.learn_budget,
     )
 
 
