@@ -75,7 +75,6 @@ class PipelineOptions:
         )
 
 
-
 @dataclass
 class PipelineResult:
     """What a run produced: the report, where it was written, the learner and timings."""
