@@ -43,9 +43,11 @@ writes ``benchmarks/results/savings_<workload>.json`` (strict JSON).
 earlyon is a benchmark peer, never a dependency: ``pip install --no-deps earlyon==0.3.0``.
 Without it (or with ``--no-earlyon``) its rows are skipped with a note.
 
-Runtime, one CPU thread, digits at its default sizes (4000 / 2000): a few minutes without
-earlyon; earlyon's stage-2 training (the whole backbone every epoch) adds about 3 minutes per
-trained width. Pass ``--threads 1`` on a shared machine.
+Runtime, one CPU thread, digits at its default sizes (4000 / 2000), measured on a 2-core machine
+shared with other jobs (load ~10): 18 minutes of wall clock, of which ours 2.4, our heads to
+convergence 4.4, the recipe 0.9 and earlyon 9 (its stage-2 training runs the whole backbone every
+epoch); on an idle machine a fraction of that. ``--no-earlyon`` and a smaller
+``--converge-epochs`` shorten it; pass ``--threads 1`` on a shared machine.
 
 Example:
     python benchmarks/savings.py --workload digits --seed 0
