@@ -646,7 +646,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--calibration-share must be in (0, 1]")
     if args.recipe_epochs < 1 or args.converge_epochs < 1:
         parser.error("--recipe-epochs and --converge-epochs must be >= 1")
-    parse_config(args.config)  # a malformed key=value fails before any work
+    try:  # a malformed key=value or an unknown or invalid field fails before any work
+        PipelineOptions(distill=parse_config(args.config)).distill_config()
+    except (TypeError, ValueError) as error:
+        parser.error(f"--config: {error}")
     return args
 
 
