@@ -248,3 +248,34 @@ def test_savings_quick_run_writes_its_json(tmp_path):
     # Strict JSON: the file parses without NaN or Infinity literals.
     text = (tmp_path / "savings_digits.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
+
+
+def _savings_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("savings", ROOT / "benchmarks" / "savings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_savings_config_overrides_pass_through_and_are_checked(capsys):
+    savings = _savings_module()
+    assert savings.parse_config(["batch_size=32", "train_time_budget=none", "gate=fixed"]) == {
+        "batch_size": 32,
+        "train_time_budget": None,
+        "gate": "fixed",
+    }
+    args = savings.parse_args(["--config", "batch_size=32", "--quick"])
+    assert args.config == ["batch_size=32"] and args.traffic_size == 600
+    assert args.converge_epochs == 8 and args.eo_epochs == [5]
+    for bad, message in (
+        (["--config", "no_such_field=1"], "no_such_field"),
+        (["--config", "target_agreement=2"], "target_agreement must be in"),
+        (["--target", "1.5"], "--target must be in"),
+    ):
+        with pytest.raises(SystemExit):
+            savings.parse_args(bad)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--config takes key=value"):
+        savings.parse_args(["--config", "foo"])
