@@ -7,7 +7,16 @@ Example:
 """
 
 from ..costs.macs import MacCounter, MacReport, count_macs, fvcore_macs
-from .baselines import best_at_agreement, calibrate_greedy, compare_methods, train_heads
+from .baselines import (
+    OfflineRecipe,
+    best_at_agreement,
+    calibrate_greedy,
+    compare_methods,
+    converge_heads,
+    first_threshold_reaching,
+    offline_recipe,
+    train_heads,
+)
 from .breakdown import ExitCost, MacBreakdown, mac_breakdown
 from .latency import (
     ExitMix,
@@ -50,6 +59,7 @@ __all__ = [
     "MacCounter",
     "MacReport",
     "MixTiming",
+    "OfflineRecipe",
     "PolicyPoint",
     "ScriptedExitGate",
     "StreamRecord",
@@ -60,16 +70,19 @@ __all__ = [
     "calibrate_greedy",
     "compare_latency",
     "compare_methods",
+    "converge_heads",
     "count_macs",
     "default_mixes",
     "evaluate_exits",
     "evaluate_policy",
+    "first_threshold_reaching",
     "fixed_threads",
     "fvcore_macs",
     "iterate_batches",
     "load_report",
     "mac_breakdown",
     "model_meta",
+    "offline_recipe",
     "oracle_exits",
     "patience_exits",
     "plot_tradeoff",

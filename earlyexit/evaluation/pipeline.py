@@ -53,6 +53,27 @@ class PipelineOptions:
             input_size=input_size,
         )
 
+    def distill_config(self) -> DistillConfig:
+        """The learner's configuration for these options (what ``run`` and ``demo`` learn with):
+        target, confidence, seed and gate from the options, then ``distill``'s fields on top.
+
+        Example:
+            >>> PipelineOptions(distill={"batch_size": 32}).distill_config().batch_size
+            32
+        """
+        # No wall-clock training budget by default: the same seed gives the same run on a fast or
+        # a busy machine (the budget is for serving in production, where latency matters more).
+        return DistillConfig(
+            **{
+                "target_agreement": self.target_agreement,
+                "confidence": self.confidence,
+                "seed": self.seed,
+                "train_time_budget": None,
+                "gate": "learned" if self.gate == "learned" else "fixed",
+                **self.distill,
+            }
+        )
+
 
 @dataclass
 class PipelineResult:
@@ -153,19 +174,7 @@ def serve_and_evaluate(
             for e, m in zip(eem.exits, eem.backbone_macs, strict=True)
         )
     )
-    # No wall-clock training budget by default: the same seed gives the same run on a fast or
-    # a busy machine (the budget is for serving in production, where latency matters more).
-    config = DistillConfig(
-        **{
-            "target_agreement": opts.target_agreement,
-            "confidence": opts.confidence,
-            "seed": opts.seed,
-            "train_time_budget": None,
-            "gate": "learned" if opts.gate == "learned" else "fixed",
-            **opts.distill,
-        }
-    )
-    learner = OnlineDistiller(eem, config)
+    learner = OnlineDistiller(eem, opts.distill_config())
     start = time.perf_counter()
     stats = serve_stream(learner, traffic, batch_size=opts.batch_size, progress=opts.progress)
     seconds["serve_and_learn"] = time.perf_counter() - start
