@@ -63,9 +63,14 @@ def train_textures(args: argparse.Namespace) -> int:
     evaluation = TextureViews("evaluation", size=TEXTURE_EVAL_SIZE, seed=0, side=spec.side)
     traffic = TextureViews("traffic", size=TEXTURE_EVAL_SIZE, seed=0, side=spec.side)
     if args.evaluate is None:
+        init = None if args.init is None else args.init / spec.checkpoint.name
         model, recipe = train_texture_backbone(
-            args.workload, samples=args.samples, lr=args.lr, seed=args.seed
+            args.workload, samples=args.samples, lr=args.lr, seed=args.seed, init=init
         )
+        if args.init is not None:  # a second round: keep the first round's recipe with it
+            previous = json.loads(init.with_suffix(".json").read_text())
+            recipe["init_recipe"] = previous["recipe"]
+            recipe["init_accuracy"] = previous["accuracy"]
         acc_fp32: float | None = round(evaluate_accuracy(model, evaluation), 4)
         save_texture_backbone(args.workload, model, checkpoint)
     else:
@@ -148,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         "--samples", type=int, default=64_000, help="textures only: training renders"
     )
     parser.add_argument("--lr", type=float, default=2e-3, help="textures only: peak learning rate")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        metavar="DIR",
+        help="textures only: continue from the checkpoint + record in DIR (a second round)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (recorded)")
     parser.add_argument("--out-dir", type=Path, default=DIGITS_CHECKPOINT.parent)

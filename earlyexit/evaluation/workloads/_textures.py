@@ -436,13 +436,16 @@ def train_texture_backbone(
     weight_decay: float = 0.05,
     label_smoothing: float = 0.1,
     seed: int = 0,
+    init: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train backbone ``name`` on fresh renders of the train split; returns ``(model, recipe)``.
 
     One pass over ``samples`` renders (each a new draw, so none is seen twice) at the model's
     resolution with the harder training difficulty, AdamW with a one-cycle cosine schedule and
-    label smoothing. Reproducible: torch is seeded and renders are deterministic.
+    label smoothing. Reproducible: torch is seeded and renders are deterministic. ``init``: a
+    checkpoint of the same backbone to continue from (a second round gets ``seed`` + 1 so its
+    renders are new ones); its path is recorded.
 
     Example:
         >>> model, recipe = train_texture_backbone("textures_resnet", samples=64, progress=False)
@@ -453,7 +456,8 @@ def train_texture_backbone(
 
     spec = _spec(name)
     torch.manual_seed(seed)
-    model = build_texture_backbone(name).train()
+    model = build_texture_backbone(name) if init is None else load_texture_backbone(name, init)
+    model.train()
     data = TextureViews(
         "train", size=samples, seed=seed, side=spec.side, difficulty=TEXTURE_TRAIN_DIFFICULTY
     )
@@ -485,6 +489,7 @@ def train_texture_backbone(
         "schedule": "OneCycleLR(pct_start=0.05, cosine)",
         "label_smoothing": label_smoothing,
         "seed": seed,
+        "init": None if init is None else Path(init).name,
         "train_seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
