@@ -17,8 +17,15 @@ Usage (from the repository root)::
 
     python scripts/train_reference_backbone.py               # the shipped digits recipe
     python scripts/train_reference_backbone.py --renders-per-source 4 --out-dir /tmp/bb  # quick
-    python scripts/train_reference_backbone.py --workload textures_resnet --samples 64000
-    python scripts/train_reference_backbone.py --workload textures_vit --samples 64000
+    # the shipped textures backbones: a first round, then a second one continuing from it
+    python scripts/train_reference_backbone.py --workload textures_resnet --samples 36000 \
+        --out-dir /tmp/round1
+    python scripts/train_reference_backbone.py --workload textures_resnet --samples 40000 \
+        --lr 1e-3 --seed 1 --init /tmp/round1
+    python scripts/train_reference_backbone.py --workload textures_vit --samples 32000 \
+        --out-dir /tmp/round1
+    python scripts/train_reference_backbone.py --workload textures_vit --samples 36000 \
+        --lr 1e-3 --seed 1 --init /tmp/round1
 """
 
 from __future__ import annotations
