@@ -306,7 +306,11 @@ def _fmt(v) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", default="digits", help="digits, fashion, photos or all")
+    parser.add_argument(
+        "--workload",
+        default="digits",
+        help="digits, fashion, photos, textures_resnet, textures_vit or all (every one of them)",
+    )
     parser.add_argument(
         "--traffic", type=int, default=None, help="traffic samples (default: workload's)"
     )
@@ -346,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
-    names = ("digits", "fashion", "photos") if args.workload == "all" else (args.workload,)
+    names = (
+        ("digits", "fashion", "photos", "textures_resnet", "textures_vit")
+        if args.workload == "all"
+        else (args.workload,)
+    )
     seeds = list(dict.fromkeys(args.seed))
     rows, columns = [], []
     for name in names:

@@ -227,11 +227,19 @@ def test_backbone_is_accurate_on_a_subset() -> None:
 
 
 def test_available_workloads() -> None:
-    assert available_workloads() == ("fashion", "photos", "digits")
+    assert available_workloads() == (
+        "fashion",
+        "photos",
+        "digits",
+        "textures_resnet",
+        "textures_vit",
+    )
 
 
 def test_unknown_workload_lists_the_available_ones() -> None:
-    with pytest.raises(ValueError, match="available: fashion, photos, digits"):
+    with pytest.raises(
+        ValueError, match="available: fashion, photos, digits, textures_resnet, textures_vit"
+    ):
         load_workload("imagenet")
     with pytest.raises(ValueError, match="traffic_size"):
         load_workload("digits", traffic_size=-1)

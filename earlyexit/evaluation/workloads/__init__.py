@@ -1,6 +1,6 @@
 """Embedded reference workloads: a pretrained model plus a stream of traffic to serve it.
 
-Three workloads, all built from data bundled with installed packages (nothing is downloaded):
+Five workloads, all built from data bundled with installed packages (nothing is downloaded):
 
 - ``"fashion"`` (default): the ImageNet EfficientNet-Lite0 fine-tuned on Fashion-MNIST (weights
   shipped in this package, made by ``scripts/finetune_fashion_mnist.py``), serving the 10,000
@@ -12,10 +12,14 @@ Three workloads, all built from data bundled with installed packages (nothing is
   the full model (the hard case: the full model itself is unsure of most views).
 - ``"digits"``: a timm RegNetY-200MF trained here on scikit-learn's handwritten digits, rendered
   as 3x64x64 colour images of per-sample difficulty. Labelled: accuracy can be measured.
+- ``"textures_resnet"`` and ``"textures_vit"``: which of 16 scikit-image photographs is a small
+  patch from? Patches (random size, rotation, flips, colour jitter, blur, noise: difficulty drawn
+  per sample) served at 3x32x32 to a half-width timm ResNet-18 and at 3x48x48 to a small timm
+  ViT (patch 8, width 128, depth 6), both trained here. Labelled: accuracy can be measured.
 
 Datasets render lazily and deterministically (sample ``i`` depends only on the seed, the split
-and ``i``), and traffic never shares an image (fashion), a view (photos) or a source image (digits)
-with evaluation.
+and ``i``), and traffic never shares an image (fashion), a view (photos), a source image (digits)
+or a pixel (textures: each photograph is cut into tiles owned by one split) with evaluation.
 
 Example:
     >>> from earlyexit.evaluation.workloads import load_workload
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -64,6 +69,14 @@ from ._photos import (
     photo_preprocess,
     photo_tensor,
 )
+from ._textures import (
+    TEXTURE_CLASSES,
+    TEXTURE_MODELS,
+    TextureViews,
+    load_texture_backbone,
+    texture_record,
+    texture_tiles,
+)
 
 __all__ = [
     "DIGITS_ARCH",
@@ -82,10 +95,15 @@ __all__ = [
     "PHOTOS_EVAL_SIZE",
     "PHOTOS_TRAFFIC_SIZE",
     "PHOTO_NAMES",
+    "TEXTURES_EVAL_SIZE",
+    "TEXTURES_TRAFFIC_SIZE",
+    "TEXTURE_CLASSES",
+    "TEXTURE_MODELS",
     "DigitImages",
     "FashionImages",
     "PhotoViews",
     "ShippedFileError",
+    "TextureViews",
     "Workload",
     "available_workloads",
     "digit_split_sources",
@@ -97,10 +115,13 @@ __all__ = [
     "load_efficientnet_lite0",
     "load_fashion_backbone",
     "load_state_dict_by_position",
+    "load_texture_backbone",
     "load_workload",
     "photo_preprocess",
     "photo_tensor",
     "read_fashion_split",
+    "texture_record",
+    "texture_tiles",
 ]
 
 # Default sizes, chosen so that `earlyexit demo` (stream the traffic through the wrapped model while
@@ -114,6 +135,9 @@ PHOTOS_TRAFFIC_SIZE = 2400
 PHOTOS_EVAL_SIZE = 800
 DIGITS_TRAFFIC_SIZE = 4000
 DIGITS_EVAL_SIZE = 2000
+# Textures: the ResNet at 32x32 and the ViT at 48x48 each take ~1-2 ms/sample, rendering ~1 ms.
+TEXTURES_TRAFFIC_SIZE = 4000
+TEXTURES_EVAL_SIZE = 2000
 
 
 @dataclass
@@ -121,7 +145,7 @@ class Workload:
     """A model and the traffic to serve it: what ``earlyexit demo`` streams through the library.
 
     Attributes:
-        name: ``"fashion"``, ``"photos"`` or ``"digits"``.
+        name: one of :func:`available_workloads`.
         model: the backbone, eval mode, CPU, fp32.
         traffic: the live stream; yields preprocessed ``[3, H, W]`` tensors, or ``(image, label)``
             when ``labelled``.
@@ -217,10 +241,38 @@ def _build_digits(traffic_size: int | None, eval_size: int | None, seed: int) ->
     )
 
 
+def _build_textures(
+    name: str, traffic_size: int | None, eval_size: int | None, seed: int
+) -> Workload:
+    spec = TEXTURE_MODELS[name]
+    model = load_texture_backbone(name)
+    n_traffic = TEXTURES_TRAFFIC_SIZE if traffic_size is None else traffic_size
+    n_eval = TEXTURES_EVAL_SIZE if eval_size is None else eval_size
+    traffic = TextureViews("traffic", size=n_traffic, seed=seed, side=spec.side)
+    evaluation = TextureViews("evaluation", size=n_eval, seed=seed, side=spec.side)
+    record = texture_record(name)
+    return Workload(
+        name=name,
+        model=model,
+        traffic=traffic,
+        evaluation=evaluation,
+        labelled=True,
+        input_size=spec.input_size,
+        num_classes=len(TEXTURE_CLASSES),
+        description=(
+            f"{spec.arch} ({record['accuracy']:.1%} accuracy) telling which of"
+            f" {len(TEXTURE_CLASSES)} scikit-image photographs a {spec.side}x{spec.side} patch is"
+            f" from: {n_traffic} traffic / {n_eval} held-out patches of disjoint tiles (seed {seed})"
+        ),
+    )
+
+
 _WORKLOADS: dict[str, Callable[[int | None, int | None, int], Workload]] = {
     "fashion": _build_fashion,
     "photos": _build_photos,
     "digits": _build_digits,
+    "textures_resnet": partial(_build_textures, "textures_resnet"),
+    "textures_vit": partial(_build_textures, "textures_vit"),
 }
 
 
@@ -229,7 +281,7 @@ def available_workloads() -> tuple[str, ...]:
 
     Example:
         >>> available_workloads()
-        ('fashion', 'photos', 'digits')
+        ('fashion', 'photos', 'digits', 'textures_resnet', 'textures_vit')
     """
     return tuple(_WORKLOADS)
 
@@ -247,9 +299,10 @@ def load_workload(
         name: one of :func:`available_workloads`.
         traffic_size, eval_size: number of samples; ``None`` for the defaults sized for a demo of
             at most 5 minutes on 2 CPU cores (fashion 7000 / 3000, photos 2400 / 800, digits
-            4000 / 2000).
+            and both textures 4000 / 2000).
         seed: varies the order of the fashion images (so which are traffic and which held out)
-            and every rendered sample (never which digit source images are held out).
+            and every rendered sample (never which digit source images or photograph tiles are
+            held out).
 
     Raises:
         ValueError: unknown ``name`` (the message lists the available ones) or a negative size.
