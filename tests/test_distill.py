@@ -747,6 +747,7 @@ def test_state_keeps_the_version_1_layout():
         "calibration_macs",
         "cost_block",
         "cost_last_block",
+        "allowance_macs",  # new, optional: older files lack it (what was learned, none owed)
     ]
     assert list(state["rings"]) == ["replay", "evidence", "gate_data"]
     prefixes = {key.split(".")[0] for key in tensors}

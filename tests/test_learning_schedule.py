@@ -19,8 +19,10 @@ from earlyexit.errors import CheckpointError, ConfigError
 
 
 def config(**kwargs) -> DistillConfig:
-    """Default learning knobs (no wall-clock cap), a toy-sized target and schedule."""
+    """Default learning knobs (no wall-clock cap), a toy-sized target and schedule; no MAC cap
+    either (the toy's heads are large next to its backbone), unless a test sets one."""
     base = dict(
+        learn_macs_budget=None,
         target_agreement=0.95,
         confidence=0.9,
         warmup_samples=256,
@@ -296,6 +298,8 @@ def test_a_learner_saved_before_the_schedule_loads_at_the_warm_up_ratio(tmp_path
         ("train_macs", -3),
         ("cost_block", [1, 2]),
         ("cost_last_block", [1, 2, -1]),
+        ("allowance_macs", -1.0),
+        ("allowance_macs", "lots"),
     ],
 )
 def test_a_bad_saved_schedule_is_refused_by_name(key, bad):
@@ -320,3 +324,93 @@ def test_a_background_trainer_owes_at_most_the_cap():
     trainer.credit = 0.0
     trainer.add(zs, torch.zeros(4, 3), replay_ratio=64.0)
     assert trainer.credit == 16.0  # 4 rows x 64 / batch 16
+
+
+# ---------------------------------------------------------------------------------- MAC budget
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("learn_macs_budget", 0),
+        ("learn_macs_budget", -0.1),
+        ("learn_macs_budget", math.nan),
+        ("learn_macs_budget", "0.05"),
+        ("closed_macs_budget", 0),
+        ("closed_macs_budget", math.inf),
+        ("closed_macs_budget", None),
+    ],
+)
+def test_bad_mac_budgets_are_refused_by_name(field, bad):
+    with pytest.raises(ConfigError, match=field):
+        DistillConfig(**{field: bad})
+
+
+def test_the_mac_budget_is_on_by_default_and_round_trips():
+    cfg = DistillConfig()
+    assert cfg.learn_macs_budget == 0.05 and cfg.closed_macs_budget == 0.25
+    off = DistillConfig(learn_macs_budget=None)
+    assert DistillConfig.from_dict(off.to_dict()) == off
+
+
+def test_a_batch_earns_the_closed_share_for_what_the_full_model_answered():
+    learner = OnlineDistiller(toy_wrap(), config(learn_macs_budget=0.05, closed_macs_budget=0.25))
+    assert learner._macs_rate([0, 0, 10]) == 0.25  # everything ran to the end
+    assert learner._macs_rate([10, 0, 0]) == 0.05  # everything left early
+    assert learner._macs_rate([3, 2, 5]) == pytest.approx(0.05 + 0.2 * 0.5)
+    low = OnlineDistiller(toy_wrap(), config(learn_macs_budget=0.3, closed_macs_budget=0.1))
+    assert low._macs_rate([0, 0, 4]) == 0.3  # a lower closed share reads as the steady one
+    assert OnlineDistiller(toy_wrap(), config())._macs_rate([0, 0, 4]) == 0.0
+
+
+def test_the_mac_budget_bounds_training_by_the_macs_served():
+    """While every gate is closed each batch earns closed_macs_budget x its MACs; a step starts
+    only while what was learned plus one step fits in what was earned."""
+    # Shares small enough to bind next to the toy's tiny heads.
+    budgeted = config(
+        gate="fixed", warmup_samples=10**6, learn_macs_budget=0.0005, closed_macs_budget=0.002
+    )
+    learner = OnlineDistiller(toy_wrap(), budgeted)
+    free = OnlineDistiller(toy_wrap(), config(gate="fixed", warmup_samples=10**6))
+    g1, g2 = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    step_macs = 3 * budgeted.batch_size * sum(learner.eem.head_macs)
+    for _ in range(8):
+        learner.step(stream(32, g1))
+        free.step(stream(32, g2))
+        schedule = learner.schedule
+        assert schedule.allowance_macs == pytest.approx(0.002 * learner.traffic.macs)
+        learned = schedule.train_macs + schedule.calibration_macs
+        # Within what was earned, but for the student's look at this batch's fresh rows (it
+        # always runs), and no affordable step was left untaken while steps were owed.
+        assert schedule.train_macs <= schedule.allowance_macs
+        assert learned + step_macs > schedule.allowance_macs or learner.trainer.credit < 1.0
+    assert 0 < learner.trainer.train_steps < free.trainer.train_steps
+    cost = learner.stats()["learning_cost"]
+    assert cost["macs_ratio_total"] <= 0.002 + 1e-9 + (
+        learner.schedule.calibration_macs / learner.traffic.macs
+    )
+
+
+def test_mac_capped_learning_is_the_same_on_a_slow_or_a_fast_machine(monkeypatch):
+    def run(tick: float) -> OnlineDistiller:
+        monkeypatch.setattr(learner_module, "time", Clock(tick))
+        learner = OnlineDistiller(toy_wrap(), config(learn_macs_budget=0.0005))
+        g = torch.Generator().manual_seed(9)
+        for _ in range(8):
+            learner.step(stream(64, g))
+        return learner
+
+    slow, fast = run(5.0), run(1e-7)
+    assert slow.trainer.train_steps == fast.trainer.train_steps > 0
+    assert_same(snapshot(slow), snapshot(fast))
+
+
+def test_a_learner_saved_before_the_mac_budget_owes_nothing_back():
+    learner = OnlineDistiller(toy_wrap(), config(learn_macs_budget=0.05))
+    g = torch.Generator().manual_seed(10)
+    for _ in range(3):
+        learner.step(stream(64, g))
+    tensors, state = learner.state_dict()
+    del state["counters"]["allowance_macs"]
+    resumed = OnlineDistiller(toy_wrap(), learner.config)
+    resumed.load_state_dict(tensors, state)
+    schedule = resumed.schedule
+    assert schedule.allowance_macs == schedule.train_macs + schedule.calibration_macs

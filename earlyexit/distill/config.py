@@ -142,6 +142,22 @@ class DistillConfig:
             spent carries over, time overspent is paid back first. A synchronous step's
             learning delays its own answers, so it earns only ``train_time_budget``. Ignored
             when ``train_time_budget`` is ``None``.
+        learn_macs_budget: cap on learning work counted in MACs (machine-independent, so runs
+            stay reproducible): head training (forward and backward, ``3x`` the heads' forward
+            MACs per row trained) and calibration may take at most this share of the MACs served
+            (audits included) by samples that left early, ``closed_macs_budget`` of those served
+            by samples the full model answered. Precisely: every served batch earns its MACs
+            times ``learn_macs_budget + (closed_macs_budget - learn_macs_budget) * share answered
+            by the full model``, and an owed training step starts only while the learning MACs
+            so far plus one step stay within the MACs earned so far (steps not yet affordable
+            stay owed; calibrations run on schedule and are paid from the same account). Over a
+            whole stream learning therefore costs at most ``closed_macs_budget`` of serving, and
+            at most ``learn_macs_budget`` once most traffic leaves early. ``None``: no cap (the
+            replay-ratio schedule alone decides).
+        closed_macs_budget: the share earned by samples the full model answered (every sample
+            while every gate is closed): they save nothing whatever the learner does, so this
+            is where learning is cheapest to afford. Ignored when ``learn_macs_budget`` is
+            ``None``; read as ``learn_macs_budget`` if lower.
         replay_samples: cap on the replay buffer (features at every exit + teacher logits).
         max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
         storage_dtype: dtype of stored features (``"float16"`` halves the memory).
@@ -154,8 +170,9 @@ class DistillConfig:
     Exit selection and drift:
         auto_switch_off: switch off exits that cost more MACs (their head on every sample reaching
             them; or time, see ``head_cost``) than they save (a switched-off exit's head no longer
-            runs: a learned gate's look-back skips it); re-decided at every calibration, on every 4th evidence row, so
-            the thresholds are tested once, on rows that did not choose the exits.
+            runs: a learned gate's look-back skips it); re-decided at every calibration, on
+            every 4th evidence row, so the thresholds are tested once, on rows that did not
+            choose the exits.
         min_exit_gain: share of the base model's MACs an exit must save (net) to stay on; at 0 an
             exit is switched off when it saves nothing net (its gate still costs wall-clock).
         head_cost: how exit selection prices each head (and its gate) on every sample reaching
@@ -219,6 +236,8 @@ class DistillConfig:
     plateau_tolerance: float = 0.02
     train_time_budget: float | None = None
     closed_time_budget: float = 1.0
+    learn_macs_budget: float | None = 0.05
+    closed_macs_budget: float = 0.25
     replay_samples: int = 20000
     max_memory_bytes: int | None = 256 * 2**20
     storage_dtype: StorageDtype = "float32"
@@ -299,6 +318,7 @@ class DistillConfig:
             "replay_ratio",
             "warmup_replay_ratio",
             "closed_time_budget",
+            "closed_macs_budget",
         ):
             positive(name)
         positive("weight_decay", allow_zero=True)
@@ -334,6 +354,8 @@ class DistillConfig:
             )
         if self.max_memory_bytes is not None:
             positive_int("max_memory_bytes")
+        if self.learn_macs_budget is not None:
+            positive("learn_macs_budget")
         if self.train_time_budget is not None:
             positive("train_time_budget")
         for name in ("auto_switch_off", "forget_on_drift", "background"):

@@ -370,6 +370,7 @@ class OnlineDistiller:
         with self._lock:
             self.schedule.count_serving(rows.spent, sum(rows.counts))
             self.schedule.earn(serve_seconds, self._budget_rate(rows.counts))
+            self.schedule.earn_macs(rows.spent, self._macs_rate(rows.counts))
             # Per-batch bookkeeping (checks, hashing, buffers) is learning work too: it counts
             # against the same budget as training, so the budget bounds the whole overhead.
             self.schedule.learn_seconds += time.perf_counter() - started
@@ -575,7 +576,22 @@ class OnlineDistiller:
             self._publish(self._timed(self._make_candidate))
 
     def _may_train(self) -> bool:
-        return self.trainer.may_train(self.schedule.learn_seconds, self.schedule.allowance_seconds)
+        if not self.trainer.may_train(self.schedule.learn_seconds, self.schedule.allowance_seconds):
+            return False
+        if self.config.learn_macs_budget is None:
+            return True
+        step = TRAIN_MACS_FACTOR * self.config.batch_size * self._head_macs
+        return self.schedule.macs_affordable(step)
+
+    def _macs_rate(self, counts: list[int]) -> float:
+        """Learning MACs a served MAC earns (``counts``: the batch's samples per path): the
+        share the full model answered earns ``closed_macs_budget``, the rest ``learn_macs_budget``
+        (see :class:`DistillConfig`); 0 without a MAC budget (nothing is checked then)."""
+        steady = self.config.learn_macs_budget
+        if steady is None:
+            return 0.0
+        ran_to_end = counts[-1] / max(sum(counts), 1)
+        return steady + max(0.0, self.config.closed_macs_budget - steady) * ran_to_end
 
     def _calibration_affordable(self) -> bool:
         """Background mode: a calibration is due and the time budget allows it (under the lock)."""

@@ -114,6 +114,8 @@ class Schedule:
     # block being filled and the one before (served MACs, learning MACs, samples).
     train_macs: int = 0
     calibration_macs: int = 0
+    # Learning MACs earned so far by the MACs served (see DistillConfig.learn_macs_budget).
+    allowance_macs: float = 0.0
     block: list[int] = field(default_factory=lambda: [0, 0, 0])
     last_block: list[int] = field(default_factory=lambda: [0, 0, 0])
 
@@ -203,6 +205,21 @@ class Schedule:
             self.train_macs += int(macs)
         self.block[1] += int(macs)
 
+    def earn_macs(self, served_macs: int, rate: float) -> None:
+        """A served batch that cost ``served_macs`` earns ``rate`` times as many learning MACs.
+
+        Example:
+            >>> schedule = Schedule()
+            >>> schedule.earn_macs(1000, rate=0.25)
+            >>> schedule.macs_affordable(250), schedule.macs_affordable(251)
+            (True, False)
+        """
+        self.allowance_macs += rate * served_macs
+
+    def macs_affordable(self, macs: int) -> bool:
+        """Whether learning so far plus ``macs`` more stays within the learning MACs earned."""
+        return self.train_macs + self.calibration_macs + macs <= self.allowance_macs
+
     def learning_cost(self, served_macs: int) -> dict[str, float | int | None]:
         """Learning work next to serving (``served_macs``: MACs served so far, audits included):
         ``macs_ratio_total`` and ``macs_ratio_recent`` (learning MACs over served MACs, all time
@@ -251,6 +268,7 @@ class Schedule:
                 "calibration_macs": self.calibration_macs,
                 "cost_block": list(self.block),
                 "cost_last_block": list(self.last_block),
+                "allowance_macs": self.allowance_macs,
             }
         }
 
@@ -284,6 +302,13 @@ class Schedule:
         self.calibration_macs = int(counters.get("calibration_macs", 0))
         self.block = [int(v) for v in counters.get("cost_block", [0, 0, 0])]
         self.last_block = [int(v) for v in counters.get("cost_last_block", [0, 0, 0])]
+        # Older files: what was learned was within the budget of its day, nothing is owed back.
+        earned_macs = counters.get("allowance_macs")
+        self.allowance_macs = (
+            float(self.train_macs + self.calibration_macs)
+            if earned_macs is None
+            else float(earned_macs)
+        )
 
 
 #: Keys of the ``counters`` record a :class:`Schedule` saves.
@@ -301,6 +326,7 @@ LATER_KEYS = (
     "calibration_macs",
     "cost_block",
     "cost_last_block",
+    "allowance_macs",
 )
 
 
@@ -325,6 +351,8 @@ def check_schedule_state(state: Any) -> None:
     # The learning schedule's keys may be absent (older files); present, they must be right.
     if counters.get("best_loss", None) is not None:  # None: no window closed yet
         expect_number(counters["best_loss"], "counters.best_loss", low=0.0)
+    if counters.get("allowance_macs") is not None:
+        expect_number(counters["allowance_macs"], "counters.allowance_macs", low=0.0)
     if "window_loss" in counters:
         expect_number(counters["window_loss"], "counters.window_loss", low=0.0)
     if "taper" in counters:
