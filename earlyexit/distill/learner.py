@@ -79,6 +79,7 @@ from .config import DistillConfig
 from .drift import DriftAlarm, DriftMonitor
 from .evidence import ContentSplit, Evidence
 from .gate_data import MIN_GATE_SAMPLES, GateData
+from .mix import MixMonitor, MixShift
 from .replica import HeadsRelease
 from .rows import BatchRows, check_rows, sort_rows
 from .schedule import Phase, PhaseStatus, Schedule
@@ -179,6 +180,7 @@ class OnlineDistiller:
             pooled=config.calibration_mode == "joint",
             served=config.guarantee == "expected",
         )
+        self.mix = MixMonitor(eem.num_classes)
         self.traffic = TrafficCounters.empty(num_exits)
         self.schedule = Schedule()
         # Background mode: served batches waiting for the worker to record them (under _lock).
@@ -492,6 +494,10 @@ class OnlineDistiller:
                 alarm = self.drift.check(share)
                 if alarm is not None:
                     self._on_drift(alarm)
+            if rows.classes is not None:
+                shift = self.mix.record(rows.classes)
+                if shift is not None and any(t < math.inf for t in self.eem.thresholds):
+                    self._on_mix_shift(shift)
 
     def _ensure_buffers(self, zs: list[Tensor], teacher: Tensor) -> None:
         """Allocate replay, evidence and gate data at the first sample, within the memory cap
@@ -515,6 +521,7 @@ class OnlineDistiller:
         undo = StepUndo()
         undo.keep_attributes(self.traffic, TRAFFIC_STATE)
         undo.keep_attributes(self.drift, ("windows", "alarms"))
+        undo.keep_attributes(self.mix, ("reference", "window", "window_samples", "alarms"))
         undo.keep_attributes(self.schedule, SCHEDULE_STATE)
         undo.keep_attributes(
             self.trainer,
@@ -724,6 +731,9 @@ class OnlineDistiller:
             opened = any(t < math.inf for t in candidate.thresholds)
             if opened and self.schedule.first_open_sample is None:
                 self.schedule.first_open_sample = self.traffic.samples
+            # The mix monitor watches served answers against the evidence just calibrated on.
+            ring = self.evidence.ring
+            self.mix.set_reference(ring.view()["teacher"] if opened and ring is not None else None)
             if opened:
                 self._phase = PhaseStatus(Phase.SERVING)
             elif self._phase.phase is Phase.SERVING:
@@ -735,25 +745,22 @@ class OnlineDistiller:
         if candidate is not None:
             self._publish(candidate)
 
+    def _on_mix_shift(self, shift: MixShift) -> None:
+        """The served class mix left the evidence's: the thresholds were proven on traffic that
+        no longer comes. Close every gate and void the evidence (the heads keep what they learned:
+        each class still looks the same); gates reopen once evidence from the new mix supports
+        them (call under _lock)."""
+        self._void_evidence(forget=False)
+        self._phase = PhaseStatus(
+            Phase.DRIFT, f"{shift}; all gates closed until new evidence supports them"
+        )
+        for report in self._reports:
+            report.update(state=ExitState.CLOSED, reason="closed by the mix monitor")
+
     def _on_drift(self, alarm: DriftAlarm) -> None:
         """Close every gate, void the evidence (and, with ``forget_on_drift``, what the heads
         were learning from); gates reopen once new evidence supports them (call under _lock)."""
-        self.schedule.epoch += 1
-        self.eem.set_thresholds([math.inf] * self.eem.num_exits)
-        self._before_clear(self.evidence.ring)
-        self.evidence.clear()
-        if self.config.forget_on_drift and self.trainer.replay is not None:
-            self._before_clear(self.trainer.replay)
-            self._before_clear(self.gate_data.ring)
-            self.trainer.forget()
-            # How confidence maps to agreement may have moved too.
-            self.gate_data.forget()
-        self.drift.acknowledge()
-        self.schedule.restart_learning()  # learn hard again: the traffic has moved
-        self._ready = None
-        # Gather a fresh round of evidence before reopening.
-        self.schedule.last_calibration = self.traffic.samples
-        self.traffic.reset_publish()
+        self._void_evidence(forget=self.config.forget_on_drift)
         self._phase = PhaseStatus(
             Phase.DRIFT,
             f"{alarm.where} agreed on {alarm.n - alarm.failures}/{alarm.n} audited samples, "
@@ -766,6 +773,27 @@ class OnlineDistiller:
         )
         for report in self._reports:
             report.update(state=ExitState.CLOSED, reason="closed by the drift monitor")
+
+    def _void_evidence(self, forget: bool) -> None:
+        """Close every gate and start a new evidence epoch (``forget``: drop the replay too, so
+        the heads learn only from what comes next); learn hard again (call under _lock)."""
+        self.schedule.epoch += 1
+        self.eem.set_thresholds([math.inf] * self.eem.num_exits)
+        self.mix.set_reference(None)
+        self._before_clear(self.evidence.ring)
+        self.evidence.clear()
+        if forget and self.trainer.replay is not None:
+            self._before_clear(self.trainer.replay)
+            self._before_clear(self.gate_data.ring)
+            self.trainer.forget()
+            # How confidence maps to agreement may have moved too.
+            self.gate_data.forget()
+        self.drift.acknowledge()
+        self.schedule.restart_learning()  # learn hard again: the traffic has moved
+        self._ready = None
+        # Gather a fresh round of evidence before reopening.
+        self.schedule.last_calibration = self.traffic.samples
+        self.traffic.reset_publish()
 
     # ------------------------------------------------------------------ background mode
     def _has_work(self) -> bool:
@@ -823,8 +851,9 @@ class OnlineDistiller:
         :class:`DistillConfig`), ``first_open_sample`` (samples served when a gate first
         opened, ``None`` before; saved with the learner), ``head_time_fractions`` (with
         ``head_cost="time"``: what exit selection prices each head at, as a share of the base
-        model's batch-1 time; ``None`` before it is known), ``replay_ratio`` (replay samples
-        each stored row owes now: the learning schedule) and ``learning_cost`` (learning work
+        model's batch-1 time; ``None`` before it is known), ``mix_shifts`` (alarms of the mix
+        monitor: the served class mix left the evidence's, see :mod:`~earlyexit.distill.mix`),
+        ``replay_ratio`` (replay samples each stored row owes now: the learning schedule) and ``learning_cost`` (learning work
         next to serving: ``macs_ratio_total``, ``macs_ratio_recent`` over the last 2048-4096
         samples served, ``seconds_ratio_total``, and the MAC counts; see
         :meth:`~earlyexit.distill.schedule.Schedule.learning_cost`). Built from a
@@ -869,6 +898,7 @@ class OnlineDistiller:
                 loss=self.trainer.last_loss,
                 calibrations=self.schedule.calibrations,
                 drift_alarms=self.drift.alarms,
+                mix_shifts=self.mix.alarms,
                 non_finite_dropped=traffic.non_finite_dropped,
                 first_open_sample=self.schedule.first_open_sample,
                 head_time_fractions=(

@@ -35,6 +35,7 @@ class BatchRows(NamedTuple):
     teacher: Tensor | None = None  # their full-model logits
     evidence: Tensor | None = None  # which of them are evidence
     train: Tensor | None = None  # which of them teach
+    classes: Tensor | None = None  # [num_classes] int64: served answers per class (mix monitor)
 
 
 def finite_rows(values: Tensor, dtype: torch.dtype) -> Tensor:
@@ -71,10 +72,12 @@ def sort_rows(
     path = eem.path_macs()
     final_rows = trace.final_rows
     counts = torch.bincount(exit_index, minlength=num_exits + 1).tolist()
+    answers = result.logits.argmax(dim=-1).cpu() if batch else torch.zeros(0, dtype=torch.long)
+    classes = torch.bincount(answers, minlength=result.logits.shape[-1])
     audited_full = audit.cpu() & (exit_index < num_exits)
     spent = spent_macs(exit_index, audited_full, path, num_exits)
     if final_rows.numel() == 0 or trace.final_logits is None:
-        return BatchRows(counts, spent, [], 0)
+        return BatchRows(counts, spent, [], 0, classes=classes)
     teacher = trace.final_logits.detach()
     # Features of every exit for the samples that ran to the end.
     zs: list[Tensor] | None = []
@@ -105,13 +108,13 @@ def sort_rows(
         where = exit_index[audited_rows.cpu()]
         audits = list(zip(where.tolist(), agree.tolist(), strict=True))
     if zs is None:
-        return BatchRows(counts, spent, audits, dropped)
+        return BatchRows(counts, spent, audits, dropped, classes=classes)
     held_out = calibration_side[final_rows]
     evidence = audit[final_rows] & held_out
     train = ~held_out
     if dropped:
         evidence, train = evidence & usable, train & usable
-    return BatchRows(counts, spent, audits, dropped, zs, teacher, evidence, train)
+    return BatchRows(counts, spent, audits, dropped, zs, teacher, evidence, train, classes)
 
 
 def check_rows(rows: object, num_exits: int, num_classes: int) -> None:
@@ -139,6 +142,17 @@ def check_rows(rows: object, num_exits: int, num_classes: int) -> None:
         )
     if any(not 0 <= int(e) < num_exits for e, _ in rows.audits):
         raise InputError(f"rows.audits names an exit outside 0..{num_exits - 1}")
+    classes = rows.classes
+    if classes is not None and (
+        not isinstance(classes, Tensor)
+        or classes.dtype != torch.int64
+        or tuple(classes.shape) != (num_classes,)
+        or bool((classes < 0).any())
+    ):
+        raise InputError(
+            f"rows.classes must be a [{num_classes}] int64 tensor of served answers per class "
+            "(or None)"
+        )
     if rows.zs is None:
         return
     n = None if rows.teacher is None else rows.teacher.shape[0]

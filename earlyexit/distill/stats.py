@@ -50,6 +50,7 @@ class LearnerStats:
     loss: float | None
     calibrations: int
     drift_alarms: int
+    mix_shifts: int = 0
     non_finite_dropped: int = 0
     first_open_sample: int | None = None
     head_time_fractions: list[float] | None = None
