@@ -132,6 +132,7 @@ def shift_run(w, args, seed: int) -> dict:
                 "open_batches": 0,
                 "batches": 0,
                 "drift_alarms": 0,
+                "mix_shifts": 0,
                 "calibrations": 0,
                 "macs_spent": 0.0,
             }
@@ -144,6 +145,7 @@ def shift_run(w, args, seed: int) -> dict:
         current["batches"] += 1
         current["open_batches"] += int(any(math.isfinite(t) for t in eem.thresholds))
         current["drift_alarms"] += after["drift_alarms"] - before["drift_alarms"]
+        current["mix_shifts"] += after["mix_shifts"] - before["mix_shifts"]
         current["calibrations"] += after["calibrations"] - before["calibrations"]
         # Total saving counter's delta gives this batch's spend (audits included).
         spent_before = (1.0 - before["mac_saving_total"]) * before["samples"] * macs
@@ -173,6 +175,7 @@ def shift_run(w, args, seed: int) -> dict:
         after,
         lambda w_: (
             w_["drift_alarms"] > 0
+            or w_["mix_shifts"] > 0
             or (w_["samples"] and w_["early"] / w_["samples"] < 0.5 * exit_before)
         ),
     )
@@ -211,6 +214,7 @@ def shift_run(w, args, seed: int) -> dict:
         "samples_to_gate_closing": closed_after,
         "samples_to_reopen": reopen,
         "drift_alarms": sum(w_["drift_alarms"] for w_ in windows),
+        "mix_shifts": sum(w_["mix_shifts"] for w_ in windows),
         "windows": windows,
     }
 
@@ -337,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 "samples_to_gate_closing",
                 "samples_to_reopen",
                 "drift_alarms",
+                "mix_shifts",
             ):
                 print(f"  shift {key:<36}{_fmt(s[key])}")
     name = f"traffic_shapes_{args.workload}"

@@ -761,6 +761,7 @@ class OnlineDistiller:
         """Close every gate, void the evidence (and, with ``forget_on_drift``, what the heads
         were learning from); gates reopen once new evidence supports them (call under _lock)."""
         self._void_evidence(forget=self.config.forget_on_drift)
+        self.drift.acknowledge()
         self._phase = PhaseStatus(
             Phase.DRIFT,
             f"{alarm.where} agreed on {alarm.n - alarm.failures}/{alarm.n} audited samples, "
@@ -788,7 +789,7 @@ class OnlineDistiller:
             self.trainer.forget()
             # How confidence maps to agreement may have moved too.
             self.gate_data.forget()
-        self.drift.acknowledge()
+        self.drift.clear()  # only audits from now on count
         self.schedule.restart_learning()  # learn hard again: the traffic has moved
         self._ready = None
         # Gather a fresh round of evidence before reopening.
