@@ -13,7 +13,7 @@ Two experiments on one labelled workload, per seed, with the label-free online l
    shown to the learner), so the agreement of *what was served* is known exactly, per window of
    ``--window`` samples: all answers, and early answers only. Reported: agreement served before
    and after the shift, the worst window after it, samples after the shift until the learner
-   reacts (a drift alarm or a recalibration that tightens the gates) and until gates reopen, and
+   reacts (a drift or mix alarm, or a recalibration that tightens the gates) and until gates reopen, and
    the MAC saving before and after.
 
 Prints a table per experiment and writes ``benchmarks/results/traffic_shapes_<workload>.json``
