@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from online_distill import _parse_overrides, evaluate
+from online_distill import _fmt, _parse_overrides, evaluate
 
 import earlyexit as ee
 from earlyexit._json import json_safe
@@ -249,14 +249,6 @@ def _plot(report: dict, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
 
 
 def main(argv: list[str] | None = None) -> int:
