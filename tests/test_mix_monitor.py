@@ -19,7 +19,7 @@ from earlyexit.errors import InputError
     [(3.841, 1, 0.05), (18.307, 10, 0.05), (67.505, 50, 0.05), (23.209, 10, 0.01)],
 )
 def test_the_chi_square_tail_matches_published_quantiles(statistic, dof, tail):
-    assert chi2_upper_tail(statistic, dof) == pytest.approx(tail, rel=0.1)
+    assert chi2_upper_tail(statistic, dof) == pytest.approx(tail, rel=2e-3)
 
 
 def test_same_mix_is_quiet_and_a_moved_mix_is_not():
