@@ -854,8 +854,8 @@ class OnlineDistiller:
         ``head_cost="time"``: what exit selection prices each head at, as a share of the base
         model's batch-1 time; ``None`` before it is known), ``mix_shifts`` (alarms of the mix
         monitor: the served class mix left the evidence's, see :mod:`~earlyexit.distill.mix`),
-        ``replay_ratio`` (replay samples each stored row owes now: the learning schedule) and ``learning_cost`` (learning work
-        next to serving: ``macs_ratio_total``, ``macs_ratio_recent`` over the last 2048-4096
+        ``replay_ratio`` (replay samples each stored row owes now: the learning schedule) and
+        ``learning_cost`` (learning work next to serving: ``macs_ratio_total``, ``macs_ratio_recent`` over the last 2048-4096
         samples served, ``seconds_ratio_total``, and the MAC counts; see
         :meth:`~earlyexit.distill.schedule.Schedule.learning_cost`). Built from a
         :class:`~earlyexit.distill.stats.LearnerStats`.

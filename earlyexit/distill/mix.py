@@ -10,8 +10,8 @@ thresholds in force (a two-sample chi-square test on classes pooled into buckets
 the test to hold), and raises an alarm when they provably differ. The learner then treats the
 evidence as stale: gates close, and reopen once evidence from the new mix supports them.
 
-The reference is taken at each publication, from the evidence it was calibrated on; it is not
-saved (a loaded learner watches again from its next calibration).
+The reference is taken at each publication, from the evidence it was calibrated on. The monitor
+is not saved (nor its alarm count): a loaded learner watches again from its next calibration.
 """
 
 from __future__ import annotations
