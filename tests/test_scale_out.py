@@ -138,7 +138,15 @@ def test_one_learner_releases_heads_that_every_replica_serves(cluster):
 
 def test_bad_input_is_refused_by_the_replica_and_never_reaches_the_learner(cluster):
     url, _ = cluster
-    before = _call(f"{url}/stats")[1]["samples"]
+    # The learner records earlier tests' rows in the background: wait until it has them all.
+    before, deadline = _call(f"{url}/stats")[1]["samples"], time.monotonic() + 60
+    while True:
+        time.sleep(1.0)
+        now = _call(f"{url}/stats")[1]["samples"]
+        if now == before:
+            break
+        assert time.monotonic() < deadline, "the learner kept recording for a minute"
+        before = now
     cases = [
         (b"", NPY, 400),
         (b"not an image", {"Content-Type": "image/png"}, 400),
