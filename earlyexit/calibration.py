@@ -278,25 +278,7 @@ def calibrate_joint(
     on = [e for e in range(num_exits) if enabled[e]]
 
     def details(thresholds: tuple[float, ...], reason: str) -> list[ExitCalibration]:
-        where = simulate_exits(scores, thresholds)
-        out, reaching = [], torch.ones(n, dtype=torch.bool)
-        for e in range(num_exits):
-            leave = where == e
-            count = int(leave.sum())
-            ok = int((agree[:, e] & leave).sum())
-            why = "switched off" if not enabled[e] else reason
-            out.append(
-                ExitCalibration(
-                    thresholds[e],
-                    int(reaching.sum()),
-                    count,
-                    ok / count if count else math.nan,
-                    clopper_pearson_lower(ok, count, confidence) if count else 0.0,
-                    why,
-                )
-            )
-            reaching &= ~leave
-        return out
+        return _exit_details(scores, agree, thresholds, enabled, reason, confidence)
 
     if not on or n < need:
         reason = f"closed: {n} evidence samples, {need} needed (joint)"
@@ -321,6 +303,41 @@ def calibrate_joint(
             return CalibrationResult(thresholds, details(thresholds, reason), n)
         first_reason = first_reason or reason
     return CalibrationResult(closed, details(closed, first_reason), n)
+
+
+def _exit_details(
+    scores: Tensor,
+    agree: Tensor,
+    thresholds: tuple[float, ...],
+    enabled: list[bool],
+    reason: str,
+    confidence: float | None = None,
+) -> list[ExitCalibration]:
+    """Per exit, what ``thresholds`` do on the evidence: samples reaching it, leaving there, their
+    agreement and its Clopper-Pearson lower bound at ``confidence`` (NaN without one)."""
+    n, num_exits = scores.shape
+    where = simulate_exits(scores, thresholds)
+    out, reaching = [], torch.ones(n, dtype=torch.bool)
+    for e in range(num_exits):
+        leave = where == e
+        count = int(leave.sum())
+        ok = int((agree[:, e] & leave).sum())
+        if confidence is None:
+            bound = math.nan
+        else:
+            bound = clopper_pearson_lower(ok, count, confidence) if count else 0.0
+        out.append(
+            ExitCalibration(
+                thresholds[e],
+                int(reaching.sum()),
+                count,
+                ok / count if count else math.nan,
+                bound,
+                "switched off" if not enabled[e] else reason,
+            )
+        )
+        reaching &= ~leave
+    return out
 
 
 def _joint_path(
@@ -499,25 +516,8 @@ def calibrate_risk_control(
     on = [e for e in range(num_exits) if enabled[e]]
 
     def result(thresholds: tuple[float, ...], reason: str) -> CalibrationResult:
-        where = simulate_exits(s, thresholds)
-        out, reaching = [], torch.ones(n, dtype=torch.bool)
-        for e in range(num_exits):
-            leave = where == e
-            count = int(leave.sum())
-            ok = int((a[:, e] & leave).sum())
-            # No confidence bound exists for an expectation guarantee: NaN says so.
-            out.append(
-                ExitCalibration(
-                    thresholds[e],
-                    int(reaching.sum()),
-                    count,
-                    ok / count if count else math.nan,
-                    math.nan,
-                    "switched off" if not enabled[e] else reason,
-                )
-            )
-            reaching &= ~leave
-        return CalibrationResult(thresholds, out, n)
+        # No confidence bound exists for an expectation guarantee: NaN says so.
+        return CalibrationResult(thresholds, _exit_details(s, a, thresholds, enabled, reason), n)
 
     if not on or n < need:
         return result(closed, f"closed: {n} evidence samples, {need} needed (expected)")
