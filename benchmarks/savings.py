@@ -38,7 +38,7 @@ else counted here per batch), the learner's amortised ``learning_cost`` when its
 and the converged heads' agreement.
 
 Prints a Markdown table per workload and seed, then a summary over seeds (mean/min/max), and
-writes ``benchmarks/results/savings_<workload>.json`` (strict JSON).
+writes ``benchmarks/results/savings_<workload>[_<head>].json`` (strict JSON).
 
 earlyon is a benchmark peer, never a dependency: ``pip install --no-deps earlyon==0.3.0``.
 Without it (or with ``--no-earlyon``) its rows are skipped with a note.
@@ -76,9 +76,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # side_by_side's earlyon code
 import side_by_side as sbs
 
-from earlyexit.distill import OnlineDistiller
 from earlyexit.evaluation.baselines import converge_heads, offline_recipe
-from earlyexit.evaluation.pipeline import PipelineOptions, serve_stream
+from earlyexit.evaluation.pipeline import PipelineOptions, learn_online
 from earlyexit.evaluation.policies import evaluate_exits, evaluate_policy, oracle_exits
 from earlyexit.evaluation.stream import iterate_batches, record_stream
 
@@ -177,11 +176,11 @@ def run_ours(w: Any, data: dict[str, Any], args: argparse.Namespace, seed: int) 
     )
     config = options.distill_config()
     torch.manual_seed(seed)  # head initialisation, as the pipeline does
-    eem = options.wrap(copy.deepcopy(w.model), w.input_size)
-    learner = OnlineDistiller(eem, config)
     start = time.perf_counter()
-    stats = serve_stream(learner, data["traffic"], batch_size=args.batch, progress=False)
+    # head "auto": the first samples choose places and kinds (counted in the stream's figures)
+    run = learn_online(copy.deepcopy(w.model), data["traffic"], options, w.input_size)
     stream_s = time.perf_counter() - start
+    eem, stats = run.learner.eem, run.stats
     first_key = next(k for k in FIRST_SAVING_KEYS if k in stats)
     evaluation = record_stream(eem, data["evaluation"], batch_size=64, keep_features=True)
     point = evaluate_exits(
@@ -433,9 +432,13 @@ def run(name: str, seed: int, args: argparse.Namespace, eo: SimpleNamespace | No
         "labelled": labels is not None,
         "base_macs": ours["eem"].base_macs,
         "exits": [
-            {"name": e.name, "backbone_macs": b, "our_head_macs": h}
-            for e, b, h in zip(
-                ours["eem"].exits, ours["eem"].backbone_macs, ours["eem"].head_macs, strict=True
+            {"name": e.name, "backbone_macs": b, "our_head_macs": h, "our_head_kind": k}
+            for e, b, h, k in zip(
+                ours["eem"].exits,
+                ours["eem"].backbone_macs,
+                ours["eem"].head_macs,
+                ours["eem"].head_kinds,
+                strict=True,
             )
         ],
         "rows": rows,
@@ -443,7 +446,15 @@ def run(name: str, seed: int, args: argparse.Namespace, eo: SimpleNamespace | No
         "config": ours["config"].to_dict(),
         "learner": {
             k: ours["stats"].get(k)
-            for k in ("samples", "phase", "train_steps", "calibrations", "learning_cost")
+            for k in (
+                "samples",
+                "phase",
+                "train_steps",
+                "calibrations",
+                "learning_cost",
+                "head_choice",
+                "learner_only",
+            )
         },
         "earlyon": earlyon_info,
         "notes": notes,
@@ -579,7 +590,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--batch", type=int, default=32, help="serving batch size (32)")
     parser.add_argument(
-        "--head", default=None, help="our head kind (default: the pipeline's, as the demo)"
+        "--head",
+        default=None,
+        help="our head kind, or auto (places and kinds chosen on the first 2048 samples; "
+        "default: the pipeline's, as the demo)",
     )
     parser.add_argument(
         "--config",
@@ -668,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table(result) + "\n", flush=True)
         stats = summary(results)
         print(summary_table(name, stats) + "\n", flush=True)
-        path = out_dir / f"savings_{name}.json"
+        path = out_dir / (f"savings_{name}_{args.head}.json" if args.head else f"savings_{name}.json")
         sbs.write_json(path, {"workload": name, "runs": results, "summary": stats})
         log(f"  wrote {path}")
     return 0

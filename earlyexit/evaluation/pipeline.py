@@ -18,6 +18,7 @@ from torch import nn
 
 from .._json import json_safe
 from ..distill import DistillConfig, OnlineDistiller
+from ..distill.head_choice import HeadChoice, HeadChooser
 from ..wrapping import wrap
 from .report import tradeoff_report, write_report
 from .stream import iterate_batches
@@ -31,7 +32,11 @@ class PipelineOptions:
     confidence: float = 0.95
     exits: str | list[str | int] = "auto"
     num_exits: int = 4
-    head: str = "conv"  # best at 0.99 on fashion (3 seeds); linear is better on digits (README)
+    # "auto": places and kinds chosen on the first ``choice_samples`` of traffic (HeadChooser);
+    # a kind name: every exit gets it (conv is best at 0.99 on fashion, linear on digits: README).
+    head: str = "conv"
+    head_kinds: tuple[str, ...] = ("linear", "conv")  # the candidates of head="auto"
+    choice_samples: int = 2048
     gate: str = "learned"  # any other gate is kept fixed (DistillConfig(gate="fixed"))
     batch_size: int = 32
     seed: int = 0
@@ -51,6 +56,20 @@ class PipelineOptions:
             gate=self.gate,
             num_exits=self.num_exits,
             input_size=input_size,
+        )
+
+    def chooser(self, model: nn.Module, input_size: tuple[int, int, int] | None = None) -> Any:
+        """A :class:`~earlyexit.distill.head_choice.HeadChooser` for ``head="auto"``: these
+        options' candidate places, kinds, gate and learning settings."""
+        return HeadChooser(
+            model,
+            kinds=self.head_kinds,
+            exits=self.exits,
+            num_exits=self.num_exits,
+            samples=self.choice_samples,
+            config=self.distill_config(),
+            input_size=input_size,
+            gate=self.gate,
         )
 
     def distill_config(self) -> DistillConfig:
@@ -133,6 +152,86 @@ def serve_stream(
     return {**learner.stats(), "first_early_exit_at": first_early_exit_at}
 
 
+@dataclass
+class OnlineRun:
+    """A learner after serving a stream, its stats and, with ``head="auto"``, the head choice.
+
+    ``stats`` covers the whole stream: with a choice, ``samples``, ``first_early_exit_at`` and
+    ``learning_cost`` count the samples the chooser served (full model) and its learning MACs;
+    ``head_choice`` is :meth:`HeadChoice.as_dict`.
+    """
+
+    learner: OnlineDistiller
+    stats: dict[str, Any]
+    choice: HeadChoice | None
+
+
+def learn_online(
+    model: nn.Module,
+    traffic: Any,
+    options: PipelineOptions,
+    input_size: tuple[int, int, int] | None = None,
+    *,
+    total: int | None = None,
+) -> OnlineRun:
+    """Wrap ``model`` as ``options`` say and serve ``traffic`` while learning. With
+    ``options.head == "auto"`` the first ``options.choice_samples`` samples are served by the
+    full model while a :class:`HeadChooser` picks places and head kinds; the learner serves the
+    rest with the chosen heads, already trained.
+
+    Example:
+        >>> run = learn_online(w.model, w.traffic, PipelineOptions(head="auto"))  # doctest: +SKIP
+        >>> run.choice.kinds, run.stats["mac_saving"]  # doctest: +SKIP
+    """
+    config = options.distill_config()
+    if options.head != "auto":
+        learner = OnlineDistiller(options.wrap(model, input_size), config)
+        stats = serve_stream(
+            learner, traffic, batch_size=options.batch_size, progress=options.progress, total=total
+        )
+        return OnlineRun(learner, stats, None)
+    size = total if total is not None else (len(traffic) if hasattr(traffic, "__len__") else None)
+    chooser = options.chooser(model, input_size)
+    batches = iterate_batches(traffic, batch_size=options.batch_size)
+    for x, _labels in batches:  # labels, if any, are never shown to the chooser
+        chooser.step(x)
+        if chooser.done:
+            break
+    choice = chooser.finish()
+    learner = OnlineDistiller(chooser.wrap(), config)
+    rest = None if size is None else max(size - choice.samples, 0)
+    stats = serve_stream(
+        learner, batches, batch_size=options.batch_size, progress=options.progress, total=rest
+    )
+    return OnlineRun(learner, with_choice(stats, choice), choice)
+
+
+def with_choice(stats: dict[str, Any], choice: HeadChoice) -> dict[str, Any]:
+    """``stats`` of the learner that took over from ``choice``, counted over the whole stream:
+    samples, the first early exit and the learning cost include what the chooser served and
+    spent (the learner's own figures stay under ``learner_only``)."""
+    out = dict(stats)
+    out["learner_only"] = {
+        k: stats.get(k) for k in ("samples", "first_early_exit_at", "learning_cost")
+    }
+    out["head_choice"] = choice.as_dict()
+    out["samples"] = stats["samples"] + choice.samples
+    for key in ("first_early_exit_at", "first_saving_at", "first_gate_open_at", "first_open_sample"):
+        if stats.get(key) is not None:
+            out[key] = stats[key] + choice.samples
+    cost = stats.get("learning_cost")
+    if isinstance(cost, dict) and cost.get("served_macs") is not None:
+        served = cost["served_macs"] + choice.served_macs
+        learned = cost["train_macs"] + cost["calibration_macs"] + choice.learning_macs
+        out["learning_cost"] = {
+            **cost,
+            "train_macs": cost["train_macs"] + choice.learning_macs,
+            "served_macs": served,
+            "macs_ratio_total": learned / served if served else None,
+        }
+    return out
+
+
 def serve_and_evaluate(
     model: nn.Module,
     traffic: Any,
@@ -165,19 +264,18 @@ def serve_and_evaluate(
     torch.manual_seed(opts.seed)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    eem = opts.wrap(model, input_size)
-    seconds["wrap"] = time.perf_counter() - start
+    run = learn_online(model, traffic, opts, input_size)
+    seconds["serve_and_learn"] = time.perf_counter() - start
+    learner, stats, eem = run.learner, run.stats, run.learner.eem
+    if run.choice is not None:
+        log(f"head choice on the first {run.choice.samples} samples: {run.choice.reason}")
     log(
         f"wrapped {model_name or type(model).__name__}: {eem.num_exits} exits at "
         + ", ".join(
-            f"{e.name} ({m / eem.base_macs:.0%} of MACs)"
-            for e, m in zip(eem.exits, eem.backbone_macs, strict=True)
+            f"{e.name} ({kind} head, {m / eem.base_macs:.0%} of MACs)"
+            for e, kind, m in zip(eem.exits, eem.head_kinds, eem.backbone_macs, strict=True)
         )
     )
-    learner = OnlineDistiller(eem, opts.distill_config())
-    start = time.perf_counter()
-    stats = serve_stream(learner, traffic, batch_size=opts.batch_size, progress=opts.progress)
-    seconds["serve_and_learn"] = time.perf_counter() - start
     log(
         f"served {stats['samples']} samples while learning; thresholds {_fmt_thresholds(eem.thresholds)}"
     )
