@@ -682,7 +682,9 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table(result) + "\n", flush=True)
         stats = summary(results)
         print(summary_table(name, stats) + "\n", flush=True)
-        path = out_dir / (f"savings_{name}_{args.head}.json" if args.head else f"savings_{name}.json")
+        path = out_dir / (
+            f"savings_{name}_{args.head}.json" if args.head else f"savings_{name}.json"
+        )
         sbs.write_json(path, {"workload": name, "runs": results, "summary": stats})
         log(f"  wrote {path}")
     return 0

@@ -56,11 +56,21 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--head",
-        choices=head_kinds(),
+        choices=(*head_kinds(), "auto"),
         default="conv",
         help="exit head kind (default conv: a small conv on a 4x4 pooled grid; it saved the most"
         " MACs at 0.99 agreement on the fashion workload, while linear heads, cheaper to train"
-        " within the learning budget, saved more on digits: see the README)",
+        " within the learning budget, saved more on digits: see the README), or 'auto': the"
+        " first --choice-samples samples are served by the full model while linear and conv"
+        " heads learn at every place, then each place keeps the kind that saves the most MACs"
+        " at the target, or none",
+    )
+    group.add_argument(
+        "--choice-samples",
+        type=positive_int,
+        default=2048,
+        metavar="N",
+        help="samples --head auto watches before choosing (default 2048)",
     )
     group.add_argument(
         "--gate",
@@ -114,6 +124,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         exits=args.exits,
         num_exits=args.num_exits,
         head=args.head,
+        choice_samples=args.choice_samples,
         gate=args.gate,
         batch_size=args.batch_size,
         seed=args.seed,

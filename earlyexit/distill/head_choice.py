@@ -251,6 +251,7 @@ class HeadChooser:
         self._served_macs = 0
         self.seen = 0
         self.choice: HeadChoice | None = None
+        self._priced: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
 
     @property
     def done(self) -> bool:
@@ -348,40 +349,8 @@ class HeadChooser:
                 f"{cheapest}",
                 steps,
             )
-        scores, agrees = {}, {}
-        for kind in self.kinds:
-            zs = [torch.cat([b[i] for b in self._held_out[kind]]) for i in range(len(places))]
-            logits = classify_all(self.trainers[kind].student, zs)
-            rows = torch.arange(held)
-            with torch.no_grad():
-                scores[kind] = torch.stack(
-                    [
-                        self._score_gate.checked_score(out, GateContext(i, rows, logits[:i])).cpu()
-                        for i, out in enumerate(logits)
-                    ],
-                    dim=1,
-                )
-            agrees[kind] = agreement(logits, labels).cpu()
-
-        def cost(assignment: Sequence[str | None]) -> float:
-            num = len(places)
-            s = torch.zeros(held, num)
-            a = torch.ones(held, num, dtype=torch.bool)
-            head_costs = []
-            for i, kind in enumerate(assignment):
-                if kind is not None:
-                    s[:, i], a[:, i] = scores[kind][:, i], agrees[kind][:, i]
-                head_costs.append(self.head_macs[kind][i] if kind is not None else 0)
-            enabled = [k is not None for k in assignment]
-            if not any(enabled):
-                return base
-            thresholds = empirical_joint_thresholds(
-                s, a, self.config.target_agreement, enabled=enabled
-            )
-            evaluated = heads_evaluated(gates_open(thresholds), False)
-            path = exit_path_macs(self.probe.backbone_macs, head_costs, int(base), evaluated)
-            where = simulate_exits(s, list(thresholds))
-            return float(torch.tensor(path, dtype=torch.float64)[where].mean())
+        self._priced = self._held_out_scores(labels)
+        cost = self._cost
 
         options: list[str | None] = [None, *self.kinds]
         best: tuple[float, tuple[str | None, ...]] | None = None
@@ -412,7 +381,7 @@ class HeadChooser:
                 alone[i] = kind
                 per_kind[kind] = {
                     "head_macs": float(self.head_macs[kind][i]),
-                    "agreement": float(agrees[kind][:, i].float().mean()),
+                    "agreement": float(self._priced[1][kind][:, i].float().mean()),
                     "net_saving": 1.0 - cost(alone) / base,
                 }
             candidates.append(per_kind)
@@ -445,6 +414,72 @@ class HeadChooser:
             f"places on {held} held-out rows at agreement >= {self.config.target_agreement}",
             steps,
         )
+
+    def _held_out_scores(self, labels: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per kind, the gate scores ``[N, P]`` and agreement ``[N, P]`` of its heads (as trained
+        now) on the held-out rows."""
+        held = int(labels.shape[0])
+        scores, agrees = {}, {}
+        for kind in self.kinds:
+            zs = [torch.cat([b[i] for b in self._held_out[kind]]) for i in range(len(self.places))]
+            logits = classify_all(self.trainers[kind].student, zs)
+            rows = torch.arange(held)
+            with torch.no_grad():
+                scores[kind] = torch.stack(
+                    [
+                        self._score_gate.checked_score(out, GateContext(i, rows, logits[:i])).cpu()
+                        for i, out in enumerate(logits)
+                    ],
+                    dim=1,
+                )
+            agrees[kind] = agreement(logits, labels).cpu()
+        return scores, agrees
+
+    def _cost(self, assignment: Sequence[str | None]) -> float:
+        """Mean MACs per held-out sample when each place runs ``assignment``'s head (``None``:
+        no head there) and samples leave at the most lenient shared threshold whose agreement
+        among early answers meets the target on these rows."""
+        assert self._priced is not None
+        scores, agrees = self._priced
+        held, num = next(iter(scores.values())).shape
+        base = int(self.probe.base_macs)
+        s = torch.zeros(held, num)
+        a = torch.ones(held, num, dtype=torch.bool)
+        head_costs = []
+        for i, kind in enumerate(assignment):
+            if kind is not None:
+                s[:, i], a[:, i] = scores[kind][:, i], agrees[kind][:, i]
+            head_costs.append(self.head_macs[kind][i] if kind is not None else 0)
+        enabled = [k is not None for k in assignment]
+        if not any(enabled):
+            return float(base)
+        thresholds = empirical_joint_thresholds(s, a, self.config.target_agreement, enabled=enabled)
+        evaluated = heads_evaluated(gates_open(thresholds), False)
+        path = exit_path_macs(self.probe.backbone_macs, head_costs, base, evaluated)
+        where = simulate_exits(s, list(thresholds))
+        return float(torch.tensor(path, dtype=torch.float64)[where].mean())
+
+    def expected_saving(self, assignment: Sequence[str | None]) -> float:
+        """MAC saving of ``assignment`` (one kind or ``None`` per candidate place) on the
+        held-out rows, priced as the choice prices it (after the choice only).
+
+        Example:
+            >>> chooser.expected_saving(["linear", None, "conv", "conv"])  # doctest: +SKIP
+            0.41
+        """
+        if self._priced is None:
+            raise ConfigError(
+                "nothing is priced yet: the choice has not been made on held-out rows"
+            )
+        if len(assignment) != len(self.places):
+            raise ConfigError(
+                f"expected one kind or None per candidate place ({len(self.places)}), got "
+                f"{len(assignment)}"
+            )
+        for kind in assignment:
+            if kind is not None and kind not in self.kinds:
+                raise ConfigError(f"{kind!r} is not a candidate kind ({', '.join(self.kinds)})")
+        return 1.0 - self._cost(assignment) / float(self.probe.base_macs)
 
     def wrap(self) -> EarlyExitModel:
         """The model wrapped with the chosen places and kinds, each head as trained during the

@@ -216,7 +216,12 @@ def with_choice(stats: dict[str, Any], choice: HeadChoice) -> dict[str, Any]:
     }
     out["head_choice"] = choice.as_dict()
     out["samples"] = stats["samples"] + choice.samples
-    for key in ("first_early_exit_at", "first_saving_at", "first_gate_open_at", "first_open_sample"):
+    for key in (
+        "first_early_exit_at",
+        "first_saving_at",
+        "first_gate_open_at",
+        "first_open_sample",
+    ):
         if stats.get(key) is not None:
             out[key] = stats[key] + choice.samples
     cost = stats.get("learning_cost")

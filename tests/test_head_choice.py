@@ -1,0 +1,183 @@
+"""HeadChooser: places and head kinds chosen per model on the first traffic (issue 14, item 5).
+
+The real digits workload (a small CNN on scikit-learn's digits) is the traffic: its heads learn
+enough in 1024 samples for some places to pay, so the choice is not trivial.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from earlyexit import ConfigError, DistillConfig
+from earlyexit.distill.head_choice import MIN_HELD_OUT, HeadChooser
+from earlyexit.evaluation.pipeline import PipelineOptions, learn_online
+from earlyexit.evaluation.stream import iterate_batches
+from earlyexit.evaluation.workloads import load_workload
+
+
+@pytest.fixture(scope="module")
+def digits():
+    torch.manual_seed(0)
+    w = load_workload("digits", traffic_size=1200, eval_size=64, seed=0)
+    w.model.eval()
+    x = torch.cat([b for b, _ in iterate_batches(w.traffic, batch_size=256)])
+    return w, x
+
+
+def _chosen(w, x, samples=1024, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    chooser = HeadChooser(
+        w.model,
+        samples=samples,
+        config=DistillConfig(target_agreement=0.99, seed=seed),
+        input_size=w.input_size,
+        **kwargs,
+    )
+    served = []
+    for start in range(0, x.shape[0], 64):
+        batch = x[start : start + 64]
+        served.append((batch, chooser.step(batch)))
+        if chooser.done:
+            break
+    return chooser, served
+
+
+@pytest.fixture(scope="module")
+def chosen(digits):
+    w, x = digits
+    before = {k: v.clone() for k, v in w.model.state_dict().items()}
+    chooser, served = _chosen(w, x)
+    return w, chooser, served, before
+
+
+def test_the_full_model_answers_while_choosing_and_is_untouched(chosen):
+    w, chooser, served, before = chosen
+    with torch.no_grad():
+        for batch, logits in served:
+            assert torch.equal(logits, w.model(batch))
+    for k, v in w.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert chooser.done and chooser.choice.samples == 1024
+
+
+def test_the_choice_is_a_local_optimum_of_the_priced_saving(chosen):
+    _, chooser, _, _ = chosen
+    choice = chooser.choice
+    assert choice.held_out >= MIN_HELD_OUT
+    best = chooser.expected_saving(choice.kinds)
+    assert best == pytest.approx(choice.expected_mac_saving)
+    assert best > 0.0  # the digits heads pay after 1024 samples
+    # No single place changed to another option (off or another kind) saves more.
+    for i in range(len(choice.places)):
+        for option in (None, *chooser.kinds):
+            trial = list(choice.kinds)
+            trial[i] = option
+            assert chooser.expected_saving(trial) <= best + 1e-12
+    assert chooser.expected_saving([None] * len(choice.places)) == 0.0
+    # Every uniform assignment is priced no better than the choice.
+    for kind in chooser.kinds:
+        assert chooser.expected_saving([kind] * len(choice.places)) <= best + 1e-12
+
+
+def test_each_kind_learns_within_its_share_of_the_mac_budget(chosen):
+    _, chooser, _, _ = chosen
+    choice = chooser.choice
+    cfg = chooser.config
+    share = cfg.closed_macs_budget * choice.served_macs / len(chooser.kinds)
+    for kind in chooser.kinds:
+        assert 0 < chooser._learning_macs[kind] <= share
+        assert choice.steps[kind] == chooser.trainers[kind].train_steps > 0
+    assert choice.learning_macs == sum(chooser._learning_macs.values())
+    # conv heads cost far more MACs per step, so within the same budget they take fewer steps
+    assert choice.steps["conv"] < choice.steps["linear"]
+
+
+def test_wrap_serves_the_chosen_heads_as_trained(chosen):
+    w, chooser, served, _ = chosen
+    eem = chooser.wrap()
+    kept = chooser.choice.kept
+    assert [e.name for e in eem.exits] == [place for place, _ in kept]
+    assert list(eem.head_kinds) == [kind for _, kind in kept]
+    assert all(t == float("inf") for t in eem.thresholds)  # every gate closed
+    for head, (place, kind) in zip(eem.heads, kept, strict=True):
+        trained = chooser.trainers[kind].student[chooser.places.index(place)]
+        for a, b in zip(head.state_dict().values(), trained.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    batch = served[0][0]
+    with torch.no_grad():
+        assert torch.equal(eem(batch), w.model(batch))
+    # Places switched off carry no head at all.
+    dropped = [p for p, k in zip(chooser.choice.places, chooser.choice.kinds, strict=True) if not k]
+    assert not set(dropped) & {e.name for e in eem.exits}
+
+
+def test_same_seed_same_choice_and_heads(digits, chosen):
+    w, x = digits
+    _, first, _, _ = chosen
+    again, _ = _chosen(w, x)
+    assert again.choice.kinds == first.choice.kinds
+    assert again.choice.expected_mac_saving == first.choice.expected_mac_saving
+    for kind in first.kinds:
+        for a, b in zip(
+            first.trainers[kind].student.parameters(),
+            again.trainers[kind].student.parameters(),
+            strict=True,
+        ):
+            assert torch.equal(a, b)
+
+
+def test_short_traffic_keeps_every_place_with_the_cheapest_kind(digits):
+    w, x = digits
+    chooser, _ = _chosen(w, x[:64], samples=1024)
+    assert not chooser.done
+    with pytest.raises(ConfigError, match="keep calling step"):
+        chooser.wrap()
+    choice = chooser.finish()
+    assert choice.held_out < MIN_HELD_OUT
+    assert choice.kinds == ("linear",) * len(choice.places)  # linear heads cost the fewest MACs
+    assert "cheapest" in choice.reason
+    assert len(chooser.wrap().heads) == len(choice.places)
+    with pytest.raises(ConfigError, match="nothing is priced"):
+        chooser.expected_saving(choice.kinds)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kinds": ()}, "at least one head kind"),
+        ({"kinds": ("linear", "nope")}, "unknown head kind 'nope'"),
+        ({"kinds": ("conv", "conv")}, "must not repeat"),
+        ({"samples": 4}, "samples must be an int >= 8"),
+        ({"samples": 100.0}, "samples must be an int >= 8"),
+    ],
+)
+def test_bad_settings_are_refused(digits, kwargs, match):
+    w, _ = digits
+    with pytest.raises(ConfigError, match=match):
+        HeadChooser(w.model, input_size=w.input_size, **kwargs)
+
+
+def test_expected_saving_checks_the_assignment(chosen):
+    _, chooser, _, _ = chosen
+    with pytest.raises(ConfigError, match="one kind or None per candidate place"):
+        chooser.expected_saving(["linear"])
+    with pytest.raises(ConfigError, match="not a candidate kind"):
+        chooser.expected_saving(["mlp"] * len(chooser.places))
+
+
+@pytest.mark.slow
+def test_learn_online_with_auto_heads_counts_the_choice_in_the_stream(digits):
+    w, x = digits
+    options = PipelineOptions(head="auto", choice_samples=512, batch_size=64, progress=False)
+    run = learn_online(w.model, x, options, w.input_size)
+    assert run.choice is not None and run.choice.samples == 512
+    stats = run.stats
+    assert stats["samples"] == x.shape[0]
+    assert stats["learner_only"]["samples"] == x.shape[0] - 512
+    cost = stats["learning_cost"]
+    own = stats["learner_only"]["learning_cost"]
+    assert cost["served_macs"] == own["served_macs"] + run.choice.served_macs
+    assert cost["train_macs"] == own["train_macs"] + run.choice.learning_macs
+    assert stats["head_choice"]["kinds"] == list(run.choice.kinds)
+    assert list(run.learner.eem.head_kinds) == [k for _, k in run.choice.kept]
