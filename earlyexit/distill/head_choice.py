@@ -5,14 +5,17 @@ heads win on Fashion-MNIST (they see where things are) and linear heads on the d
 costs ~10x more to train, so it gets ~10x fewer steps). :class:`HeadChooser` measures it instead
 of guessing. While it runs, the traffic is answered by the full model (as it is anyway before any
 gate opens); every candidate head kind at every candidate place learns from the same traffic by
-self-distillation, each within the same share of the learning MAC budget, and a quarter of the
-contents (a content hash, as the learner's evidence) is held out. Then each assignment of
-``{off, kind...}`` to the places is priced on the held-out rows: the MACs a sample costs when the
-enabled heads run on the way and the confident ones leave at the most lenient shared threshold
-whose agreement among early answers meets the target (a point estimate: the guarantee comes later,
-from the learner's own calibration). The cheapest assignment is kept; places it switches off get no
-head at all (nothing to run, nothing to train). :meth:`HeadChooser.wrap` builds the model with the
-chosen heads, already trained, for an :class:`~earlyexit.distill.OnlineDistiller` to carry on.
+self-distillation, each within the same share of the learning MAC budget. Contents are split as
+the learner splits them (same seed, same ``calibration_fraction``): held-out ones are never
+trained on. Half of the held-out rows price the choice: each assignment of ``{off, kind...}`` to
+the places costs the MACs a sample pays when the enabled heads run on the way and the confident
+ones leave at the most lenient shared threshold whose agreement among early answers meets the
+target (a point estimate: the guarantee comes later, from the learner's own calibration). The
+cheapest assignment is kept; places it switches off get no head at all (nothing to run, nothing
+to train). :meth:`HeadChooser.wrap` builds the model with the chosen heads, already trained, and
+:meth:`HeadChooser.handover` gives the other half of the held-out rows, which the choice never
+looked at, to the learner as its first evidence (:meth:`OnlineDistiller.adopt_evidence`), so its
+gates need not wait for evidence that was already gathered.
 
 Example:
     >>> chooser = HeadChooser(model, kinds=("linear", "conv"), samples=1024)  # doctest: +SKIP
@@ -20,8 +23,8 @@ Example:
     ...     logits = chooser.step(x)  # the full model's answers
     ...     if chooser.done:
     ...         break
-    >>> eem = chooser.wrap()  # doctest: +SKIP
-    >>> learner = OnlineDistiller(eem, config)  # doctest: +SKIP
+    >>> learner = OnlineDistiller(chooser.wrap(), config)  # doctest: +SKIP
+    >>> learner.adopt_evidence(*chooser.handover())  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ from .evidence import ContentSplit
 from .learner import TRAIN_MACS_FACTOR
 from .trainer import HeadTrainer, agreement, classify_all
 
-#: Share of contents held out to price the candidates (never trained on).
-HELD_OUT_SHARE = 0.25
-#: Fewest held-out rows a choice is made on: below it every place keeps the cheapest kind.
+#: Held-out rows are priced on every CHOOSE_EVERY-th one; the others are handed to the learner
+#: as evidence (:meth:`HeadChooser.handover`): rows the choice never looked at test it fairly.
+CHOOSE_EVERY = 2
+#: Fewest rows a choice is priced on: below it every place keeps the cheapest kind.
 MIN_HELD_OUT = 64
 
 
@@ -150,12 +154,12 @@ class HeadChooser:
         kinds: candidate head kinds (registered names, at least one).
         exits, num_exits, input_size, head_budget, gate, supervisor: as for
             :func:`earlyexit.wrap`; ``exits`` are the candidate places.
-        samples: how much traffic the choice watches (a quarter is held out to price).
+        samples: how much traffic the choice watches (half the held-out contents price it).
         config: the learning settings the heads will be trained under later: ``target_agreement``
             (the target of the pricing), ``closed_macs_budget`` (the learning MACs the choice may
             spend, as a share of the MACs it serves, split evenly between the kinds),
-            ``warmup_replay_ratio``, ``batch_size``, ``lr``, ``seed``, ``calibration_fraction``
-            is not used (the choice holds out a quarter).
+            ``warmup_replay_ratio``, ``batch_size``, ``lr``, and the content split (``seed``,
+            ``calibration_fraction``).
 
     Raises:
         ConfigError: no kind, an unknown or repeated kind, ``samples`` below 8.
@@ -234,7 +238,8 @@ class HeadChooser:
         self._score_gate = (
             make_gate("max_softmax") if isinstance(served_gate, LearnedGate) else served_gate
         )
-        self._split = ContentSplit(self.config.seed, HELD_OUT_SHARE)
+        # The learner's own split (same seed and share): what is held out here stays held out.
+        self._split = ContentSplit(self.config.seed, self.config.calibration_fraction)
         lock, train_lock = threading.RLock(), threading.RLock()
         self.trainers = {
             kind: HeadTrainer(
@@ -333,6 +338,8 @@ class HeadChooser:
         steps = {k: self.trainers[k].train_steps for k in self.kinds}
         learning = sum(self._learning_macs.values())
         labels = torch.cat(self._held_out_labels) if self._held_out_labels else None
+        if labels is not None:
+            labels = labels[self._priced_rows(labels.shape[0])]
         held = 0 if labels is None else int(labels.shape[0])
         cheapest = min(self.kinds, key=lambda k: sum(self.head_macs[k]))
         if labels is None or held < MIN_HELD_OUT:
@@ -414,6 +421,36 @@ class HeadChooser:
             f"places on {held} held-out rows at agreement >= {self.config.target_agreement}",
             steps,
         )
+
+    @staticmethod
+    def _priced_rows(n: int) -> Tensor:
+        """Positions (arrival order) of the held-out rows the choice is priced on."""
+        return torch.arange(n) % CHOOSE_EVERY == 0
+
+    def _held_out_features(self, kind: str) -> list[Tensor]:
+        """Per place, ``kind``'s pooled input of every held-out row, in arrival order."""
+        return [torch.cat([b[i] for b in self._held_out[kind]]) for i in range(len(self.places))]
+
+    def handover(self) -> tuple[list[Tensor], Tensor]:
+        """Evidence for the learner that takes over: the held-out rows the choice was not priced
+        on, as the chosen heads see them (per kept place, its kind's pooled input) with the full
+        model's answers. Pass them to :meth:`OnlineDistiller.adopt_evidence`.
+
+        Raises:
+            ConfigError: the choice is not made yet.
+        """
+        if self.choice is None:
+            raise ConfigError("no choice yet: call finish() or keep calling step()")
+        kept = self.choice.kept
+        if not self._held_out_labels:
+            return [torch.zeros(0) for _ in kept], torch.zeros(0, dtype=torch.long)
+        labels = torch.cat(self._held_out_labels)
+        rest = ~self._priced_rows(labels.shape[0])
+        zs = []
+        for place, kind in kept:
+            z = self._held_out_features(kind)[self.places.index(place)]
+            zs.append(z[rest])
+        return zs, labels[rest]
 
     def _held_out_scores(self, labels: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per kind, the gate scores ``[N, P]`` and agreement ``[N, P]`` of its heads (as trained

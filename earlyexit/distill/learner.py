@@ -60,6 +60,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from .._threads import fixed_threads
@@ -421,6 +422,68 @@ class OnlineDistiller:
         self.close()
 
     # ------------------------------------------------------------------ one batch
+    def adopt_evidence(self, zs: list[Tensor], labels: Tensor) -> int:
+        """Take held-out evidence gathered on this traffic before this learner served it: per
+        exit the heads' inputs ``z`` of each row (``[N, ...]``, as ``eem.heads[i].reduce``
+        gives them) and the full model's answers ``labels`` (``[N]``). The rows must be
+        held-out contents under this learner's content split (same ``seed`` and
+        ``calibration_fraction``), never trained on and not used to choose anything about these
+        heads: :meth:`HeadChooser.handover <earlyexit.distill.head_choice.HeadChooser.handover>`
+        gives exactly such rows. Returns the rows now in the evidence (at most its capacity).
+
+        Raises:
+            InputError: not one finite feature tensor per exit with the heads' shape, or labels
+                that are not ``N`` class indices; nothing is stored then.
+
+        Example:
+            >>> learner.adopt_evidence(*chooser.handover())  # doctest: +SKIP
+            410
+        """
+        num = self.eem.num_exits
+        if not isinstance(zs, list | tuple) or len(zs) != num:
+            raise InputError(
+                f"expected one feature tensor per exit ({num}), got {type(zs).__name__}"
+            )
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype != torch.long:
+            raise InputError("labels must be a 1-D int64 tensor of the full model's answers")
+        rows = labels.shape[0]
+        for i, z in enumerate(zs):
+            if not isinstance(z, Tensor) or z.shape[:1] != (rows,) or not z.is_floating_point():
+                raise InputError(f"zs[{i}] must be a float tensor with {rows} rows")
+            if not bool(torch.isfinite(z).all()):
+                raise InputError(f"zs[{i}] holds NaN or Inf values")
+        if rows and not (int(labels.min()) >= 0 and int(labels.max()) < self.eem.num_classes):
+            raise InputError(f"labels must be class indices in [0, {self.eem.num_classes})")
+        if rows == 0:
+            return len(self.evidence)
+        want = self._feature_shapes()
+        for i, z in enumerate(zs):
+            if tuple(z.shape[1:]) != want[i]:
+                raise InputError(
+                    f"zs[{i}] rows have shape {tuple(z.shape[1:])}, expected {want[i]} (what "
+                    f"eem.heads[{i}].reduce returns at this exit)"
+                )
+        with self._lock:
+            device = self.trainer.device
+            zs = [z.to(device) for z in zs]
+            self._ensure_buffers(zs, torch.zeros(1, self.eem.num_classes, device=device))
+            self.evidence.add(zs, labels.to(device))
+            return len(self.evidence)
+
+    def _feature_shapes(self) -> list[tuple[int, ...]]:
+        """Per exit, the shape of one row of the heads' input ``z`` (from the rings once they
+        exist, else from one traced zero image run to the end)."""
+        ring = self.evidence.ring
+        if ring is not None:
+            return [tuple(ring.fields[f"z{i}"][0]) for i in range(self.eem.num_exits)]
+        param = next(self.eem.heads.parameters(), None)
+        x = torch.zeros(1, *self.eem.input_size)
+        if param is not None:
+            x = x.to(device=param.device, dtype=param.dtype)
+        with torch.no_grad():
+            _, trace = self.eem.trace(x, audit=torch.ones(1, dtype=torch.bool))
+        return [tuple(r.z.shape[1:]) if r is not None else () for r in trace.exits]
+
     def _validate(self, x: object) -> None:
         self.eem.check_input(x)  # shape, dtype, device, NaN/Inf: clear InputErrors
         assert isinstance(x, Tensor)

@@ -199,22 +199,25 @@ def learn_online(
             break
     choice = chooser.finish()
     learner = OnlineDistiller(chooser.wrap(), config)
+    # The held-out rows the choice was not priced on become the learner's first evidence.
+    adopted = learner.adopt_evidence(*chooser.handover())
     rest = None if size is None else max(size - choice.samples, 0)
     stats = serve_stream(
         learner, batches, batch_size=options.batch_size, progress=options.progress, total=rest
     )
-    return OnlineRun(learner, with_choice(stats, choice), choice)
+    return OnlineRun(learner, with_choice(stats, choice, adopted), choice)
 
 
-def with_choice(stats: dict[str, Any], choice: HeadChoice) -> dict[str, Any]:
+def with_choice(stats: dict[str, Any], choice: HeadChoice, adopted: int = 0) -> dict[str, Any]:
     """``stats`` of the learner that took over from ``choice``, counted over the whole stream:
     samples, the first early exit and the learning cost include what the chooser served and
-    spent (the learner's own figures stay under ``learner_only``)."""
+    spent (the learner's own figures stay under ``learner_only``); ``adopted``: evidence rows
+    the learner took over from the chooser."""
     out = dict(stats)
     out["learner_only"] = {
         k: stats.get(k) for k in ("samples", "first_early_exit_at", "learning_cost")
     }
-    out["head_choice"] = choice.as_dict()
+    out["head_choice"] = {**choice.as_dict(), "evidence_handed_over": adopted}
     out["samples"] = stats["samples"] + choice.samples
     for key in (
         "first_early_exit_at",
