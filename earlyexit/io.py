@@ -249,7 +249,9 @@ def model_state(eem: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     config = {
         "family": eem.family,
         "exits": [e.name for e in eem.exits],
-        "head": eem.head_kind,
+        # One name when every exit shares it (the layout files had before per-exit kinds, which
+        # older readers expect), else one name per exit.
+        "head": eem.head_kinds[0] if len(set(eem.head_kinds)) == 1 else list(eem.head_kinds),
         "head_budget": eem.head_budget,
         "gate": eem.gate.config(),
         "supervisor": None if eem.supervisor is None else eem.supervisor.config(),

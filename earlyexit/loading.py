@@ -2,8 +2,8 @@
 
 ``ee.load(model, path)`` reads a file written by ``eem.save`` (:mod:`earlyexit.io`), checks every
 field before anything is built (types, ranges, shapes, dtypes; the base model's fingerprint and
-dtype), wraps ``model`` with the saved exits, head kind and gate, and installs the saved heads and
-thresholds. A refused file raises :class:`~earlyexit.CheckpointError` naming the field and leaves
+dtype), wraps ``model`` with the saved exits, head kind(s) and gate, and installs the saved heads
+and thresholds. A refused file raises :class:`~earlyexit.CheckpointError` naming the field and leaves
 ``model`` as it was (no hook left on it).
 """
 
@@ -32,7 +32,7 @@ from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .gates import Gate, make_gate
 from .io import architecture_hash, fingerprint, read_checkpoint
 from .supervisors import Supervisor, make_supervisor
-from .wrapping import wrap
+from .wrapping import _wrap
 
 if TYPE_CHECKING:
     from .heads import HeadFactory
@@ -60,7 +60,8 @@ def load(
     Args:
         model: the base classifier.
         path: a file written by ``eem.save``.
-        head: the head factory, needed only for heads built from a custom callable.
+        head: the head factory, needed only for heads built from a custom callable (for a file
+            whose exits have different kinds, it builds the exits saved as ``"custom"``).
         check_weights: refuse a base model whose weights differ from the saved fingerprint.
 
     Example:
@@ -87,7 +88,13 @@ def check_model_record(config: Mapping[str, Any], tensors: Mapping[str, Tensor])
         or len(set(exits)) != len(exits)
     ):
         raise field_error("exits", "a non-empty list of distinct module names", exits)
-    expect_str(config["head"], "head")
+    head = config["head"]
+    if isinstance(head, list):  # one kind per exit (saved when they differ)
+        expect_list(head, "head", len(exits))
+        for i, kind in enumerate(head):
+            expect_str(kind, f"head[{i}]")
+    elif not isinstance(head, str):
+        raise field_error("head", f"a head name or a list of {len(exits)} (one per exit)", head)
     if "head_budget" in config:
         expect_number(config["head_budget"], "head_budget", low=0.0, high=1.0)
         if config["head_budget"] <= 0:
@@ -235,20 +242,25 @@ def restore(
         raise _in_file(path, err) from err
     cast = check_base_model(config["base_model"], model, path, check_weights)
     kind = config["head"]
-    if kind == "custom" and head is None:
+    if (kind == "custom" or (isinstance(kind, list) and "custom" in kind)) and head is None:
         raise CheckpointError(
             f"{path} holds custom heads: pass the same factory with load(..., head=factory)"
         )
+    if isinstance(kind, list):  # one kind per exit, in exit order; the factory builds "custom"
+        heads: Any = [head if k == "custom" else k for k in kind]
+    else:
+        heads = head if head is not None else kind
     try:
-        eem = wrap(
+        eem = _wrap(
             model,
             exits=list(config["exits"]),
-            head=head if head is not None else kind,
+            head=heads,
             gate=gate,
             supervisor=supervisor,
             input_size=tuple(config["input_size"]),
             head_budget=float(config.get("head_budget", 0.01)),
             validate=False,
+            factories_in_list=True,
         )
     except (ConfigError, UnsupportedModelError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path} does not fit this model: {err}") from err

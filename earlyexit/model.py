@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .backbones import FeatureLayout
-from .errors import InputError, UnsupportedModelError
+from .errors import ConfigError, InputError, UnsupportedModelError
 from .exit_hooks import (
     ExitRun,
     HookRuntime,
@@ -60,6 +60,22 @@ __all__ = [
     "exit_path_macs",
     "heads_evaluated",
 ]
+
+
+#: ``head_kind`` of a wrapper whose exits do not all have the same head kind.
+MIXED_HEADS = "mixed"
+
+
+def _per_exit_kinds(head_kind: str | Sequence[str], num_exits: int) -> tuple[str, ...]:
+    """One head kind per exit from one kind for all, or from a list of one kind per exit."""
+    if isinstance(head_kind, str):
+        return (head_kind,) * num_exits
+    kinds = tuple(head_kind)
+    if len(kinds) != num_exits or not all(isinstance(k, str) for k in kinds):
+        raise ConfigError(
+            f"head_kind must be one string or {num_exits} strings (one per exit), got {head_kind!r}"
+        )
+    return kinds
 
 
 _NOT_SCRIPTABLE = (
@@ -99,7 +115,7 @@ class EarlyExitModel(nn.Module):
         exits: Sequence[ExitPoint],
         layouts: Sequence[FeatureLayout],
         heads: Sequence[ExitHead],
-        head_kind: str,
+        head_kind: str | Sequence[str],
         head_budget: float,
         head_macs: Sequence[int],
         backbone_macs: Sequence[int],
@@ -116,7 +132,8 @@ class EarlyExitModel(nn.Module):
         object.__setattr__(self, "base_model", base_model)
         self.heads = nn.ModuleList(heads)
         self.family = family
-        self.head_kind = head_kind
+        # One per exit ("custom" for a callable factory); head_kind summarises them.
+        self._head_kinds = _per_exit_kinds(head_kind, len(exits))
         self.head_budget = head_budget
         self.gate = gate
         self.supervisor = supervisor
@@ -147,6 +164,23 @@ class EarlyExitModel(nn.Module):
     def exits(self) -> tuple[ExitPoint, ...]:
         """The early exits, in execution order."""
         return self._exits
+
+    @property
+    def head_kinds(self) -> tuple[str, ...]:
+        """The head kind of each exit, in exit order (``"custom"``: built by a callable).
+
+        Example:
+            >>> ee.wrap(model, head=["linear", "conv", "conv", "mlp"]).head_kinds  # doctest: +SKIP
+            ('linear', 'conv', 'conv', 'mlp')
+        """
+        return self._head_kinds
+
+    @property
+    def head_kind(self) -> str:
+        """The head kind every exit shares, or ``"mixed"`` when they differ (see
+        :attr:`head_kinds`)."""
+        kinds = set(self._head_kinds)
+        return self._head_kinds[0] if len(kinds) == 1 else MIXED_HEADS
 
     @property
     def num_exits(self) -> int:
@@ -446,6 +480,9 @@ class EarlyExitModel(nn.Module):
     def __setstate__(self, state: dict[str, object]) -> None:
         state = dict(state)
         removed = bool(state.pop("_removed", False))
+        if "head_kind" in state:  # pickled before per-exit kinds: one kind for every exit
+            exits = state.get("_exits", ())
+            state["_head_kinds"] = _per_exit_kinds(state.pop("head_kind"), len(exits))
         super().__setstate__(state)
         strip_copied_hooks(self.base_model)
         self._install_hooks()

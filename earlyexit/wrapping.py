@@ -21,7 +21,7 @@ from .backbones import BackboneAdapter, FeatureLayout, find_adapter
 from .costs.macs import MacCounter
 from .errors import ConfigError, UnsupportedModelError
 from .gates import Gate, make_gate
-from .heads import HeadFactory, HeadSpec, build_head
+from .heads import HeadFactory, HeadSpec, build_head, head_factory
 from .model import EarlyExitModel, ExitPoint
 from .supervisors import Supervisor, make_supervisor
 
@@ -227,6 +227,60 @@ def _layout_for(
     return layout
 
 
+def _head_list(head: object, factories: bool = False) -> tuple[str | HeadFactory, ...] | None:
+    """The entries of a per-exit list of heads, each checked (names against the registry);
+    ``None`` when ``head`` is one name or one callable for every exit (checked too). A list holds
+    names only, unless ``factories`` (loading puts a custom head's factory at its exits)."""
+    if isinstance(head, str) or callable(head) or not isinstance(head, Sequence):
+        head_factory(head)  # type: ignore[arg-type]  # an unknown name fails before probing
+        return None
+    entries = tuple(head)
+    if not entries:
+        raise ConfigError(
+            "head is an empty list: pass one head name per exit (see earlyexit.head_kinds()), "
+            "or one name for every exit, e.g. head='linear'"
+        )
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, str) and not (factories and callable(entry)):
+            raise ConfigError(
+                f"head[{i}] is {entry!r}: a list of heads holds registered names only (see "
+                "earlyexit.head_kinds()); pass a callable factory alone, head=factory, or "
+                "register it with earlyexit.register_head(name, factory) and list its name"
+            )
+        head_factory(entry)
+    return entries
+
+
+def _kind_name(head: str | HeadFactory) -> str:
+    """What ``head_kinds`` records for a head: its registered name, or "custom" for a callable."""
+    return head if isinstance(head, str) else "custom"
+
+
+def _match_kinds(
+    kinds: tuple[str | HeadFactory, ...] | None, names: Sequence[str], requested: Sequence[str]
+) -> None:
+    """A per-exit list of heads must have one name per exit; with explicit exits listed in another
+    order than the model runs them, which kind goes where would be a guess, so it is refused."""
+    if kinds is None:
+        return
+    if len(kinds) != len(names):
+        raise ConfigError(
+            f"head lists {len(kinds)} head kind(s) for {len(names)} exit(s) "
+            f"({', '.join(names)}): pass {len(names)} head name(s), one per exit in the order the "
+            "model runs them, or one name for every exit"
+        )
+    if (
+        requested
+        and list(requested) != list(names)
+        and len({k if isinstance(k, str) else id(k) for k in kinds}) > 1
+    ):
+        raise ConfigError(
+            f"exits are listed as {list(requested)} but the model runs them as {list(names)}: "
+            "with one head kind per exit, list the exits in that order so each kind goes where "
+            "you mean it"
+        )
+
+
 def exit_candidates(model: nn.Module) -> tuple[str, ...]:
     """Module names where exits may go in ``model`` (index them with ``wrap(exits=[...])``).
 
@@ -241,7 +295,7 @@ def exit_candidates(model: nn.Module) -> tuple[str, ...]:
 def wrap(
     model: nn.Module,
     exits: str | Sequence[str | int] = "auto",
-    head: str | HeadFactory = "linear",
+    head: str | HeadFactory | Sequence[str] = "linear",
     gate: str | Gate = "max_softmax",
     supervisor: str | Supervisor | None = None,
     *,
@@ -258,7 +312,11 @@ def wrap(
         exits: ``"auto"`` (``num_exits`` exits spread evenly by MACs over the backbone), or a list
             of module names and/or indices into :func:`exit_candidates`.
         head: ``"linear"``, ``"mlp"``, ``"conv"`` (see :mod:`earlyexit.heads`), another registered
-            name, or a callable ``HeadSpec -> nn.Module``.
+            name, or a callable ``HeadSpec -> nn.Module``, for every exit; or a list of registered
+            names, one per exit, matched to the exits in the order the model runs them (the order
+            of ``eem.exits``). With explicit ``exits`` and differing kinds, list the exits in that
+            order too; with ``"auto"``, as many names as exits are placed (``num_exits``, or fewer
+            on models with few stage boundaries: the error says how many).
         gate: how a head's confidence is scored: a name from :func:`earlyexit.gates.gate_names` or a
             :class:`~earlyexit.gates.Gate`.
         supervisor: a score name or :class:`~earlyexit.supervisors.Supervisor` for the full model's
@@ -278,7 +336,38 @@ def wrap(
         >>> eem = ee.wrap(timm.create_model("resnet18").eval(), exits="auto", head="mlp")
         >>> [e.name for e in eem.exits]
         ['layer1.1', 'layer2.1', 'layer3.0', 'layer3.1']
+        >>> eem = ee.wrap(timm.create_model("resnet18").eval(), head=["linear", "linear", "conv", "conv"])
+        >>> eem.head_kinds, eem.head_kind
+        (('linear', 'linear', 'conv', 'conv'), 'mixed')
     """
+    return _wrap(
+        model,
+        exits,
+        head,
+        gate,
+        supervisor,
+        num_exits=num_exits,
+        input_size=input_size,
+        head_budget=head_budget,
+        validate=validate,
+    )
+
+
+def _wrap(
+    model: nn.Module,
+    exits: str | Sequence[str | int],
+    head: str | HeadFactory | Sequence[str | HeadFactory],
+    gate: str | Gate,
+    supervisor: str | Supervisor | None,
+    *,
+    num_exits: int = DEFAULT_NUM_EXITS,
+    input_size: tuple[int, int, int] | None = None,
+    head_budget: float = DEFAULT_HEAD_BUDGET,
+    validate: bool = True,
+    factories_in_list: bool = False,
+) -> EarlyExitModel:
+    """:func:`wrap`; with ``factories_in_list``, a list of heads may hold factories beside names
+    (loading rebuilds a file's custom heads so)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"wrap expects a torch.nn.Module classifier, got {type(model).__name__}")
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
@@ -308,6 +397,7 @@ def wrap(
         raise ConfigError(f"input_size must be (C, H, W) with positive entries, got {input_size}")
     if not 0 < head_budget <= 1:
         raise ConfigError(f"head_budget must be in (0, 1], got {head_budget}")
+    kinds = _head_list(head, factories_in_list)
     gate_obj = make_gate(gate)
     supervisor_obj = make_supervisor(supervisor)
     candidates = adapter.candidates(model)
@@ -345,13 +435,15 @@ def wrap(
         names = _auto_select(candidates, probed, base_macs, num_exits)
         if not names:
             raise UnsupportedModelError("no candidate exit of this model lies inside the backbone")
+    _match_kinds(kinds, names, requested)
     if validate and not model.training:
         _check_boundaries(model, names, input_size)
 
     layouts, heads, head_macs, points = [], [], [], []
     param = next(model.parameters(), None)
     spent = 0
-    for name in names:
+    per_exit = kinds if kinds is not None else (head,) * len(names)
+    for name, head_i in zip(names, per_exit, strict=True):
         shape = probed[name].feature_shape
         layout = _layout_for(adapter, model, name, shape)
         spec = HeadSpec(
@@ -361,7 +453,7 @@ def wrap(
             feature_shape=shape,
             mac_budget=int(head_budget * base_macs),
         )
-        module = build_head(head, spec)
+        module = build_head(head_i, spec)
         if param is not None:
             module = module.to(device=param.device, dtype=param.dtype)
         with torch.no_grad(), MacCounter() as counter:
@@ -383,7 +475,7 @@ def wrap(
         exits=points,
         layouts=layouts,
         heads=heads,
-        head_kind=head if isinstance(head, str) else "custom",
+        head_kind=tuple(_kind_name(h) for h in per_exit),
         head_budget=head_budget,
         head_macs=head_macs,
         backbone_macs=[probed[n].macs_through for n in names],

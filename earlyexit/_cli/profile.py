@@ -63,13 +63,15 @@ def run(args: argparse.Namespace) -> int:
         "family": eem.family,
         "input_size": list(eem.input_size),
         "num_classes": eem.num_classes,
-        "head": eem.head_kind,
+        "head": eem.head_kind,  # "mixed" when the exits' kinds differ
+        "head_kinds": list(eem.head_kinds),
         "base_macs": table_d.base_macs,
         "head_overhead": table_d.head_overhead,
         "exits": [
             {
                 "index": i,
                 "name": row.name,
+                "head": eem.head_kinds[i],
                 "candidate_index": eem.exits[i].index,
                 "backbone_macs": row.backbone_macs,
                 "head_macs": row.head_macs,
@@ -116,8 +118,10 @@ def run(args: argparse.Namespace) -> int:
     rows.append(
         ["final", "(base model + all heads)", f"{last.backbone_macs / 1e9:.3f}", "", f"{last.cumulative_macs / 1e9:.3f}", f"{100 * last.fraction:.1f}%"]
     )  # fmt: skip
+    # Mixed kinds: each exit's, in exit order (linear/conv/conv/mlp heads).
+    kinds = "/".join(eem.head_kinds) if len(set(eem.head_kinds)) > 1 else eem.head_kind
     print(
-        f"{label}  ({eem.family}, input {tuple(eem.input_size)}, {eem.num_classes} classes, {eem.head_kind} heads)"
+        f"{label}  ({eem.family}, input {tuple(eem.input_size)}, {eem.num_classes} classes, {kinds} heads)"
     )
     print(f"base model: {table_d.base_macs / 1e9:.3f} GMACs per sample")
     print(

@@ -84,7 +84,8 @@ def model_meta(eem: Any, name: str | None = None) -> dict[str, Any]:
         "exit_macs": [p.macs for p in eem.exits],
         "head_macs": list(eem.head_macs),
         "base_macs": eem.base_macs,
-        "head_kind": eem.head_kind,
+        "head_kind": eem.head_kind,  # "mixed" when the exits' kinds differ
+        "head_kinds": list(eem.head_kinds),
         "gate": eem.gate.config() if hasattr(eem.gate, "config") else repr(eem.gate),
     }
 

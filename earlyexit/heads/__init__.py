@@ -234,15 +234,26 @@ def head_kinds() -> tuple[str, ...]:
     return tuple(sorted(_HEADS.names()))
 
 
+def head_factory(head: str | HeadFactory) -> HeadFactory:
+    """The factory behind a registered name (or ``head`` itself when it is a callable).
+
+    Raises:
+        ConfigError: an unknown name (the known ones are listed), or neither a name nor a callable.
+
+    Example:
+        >>> callable(head_factory("linear"))
+        True
+    """
+    if isinstance(head, str):
+        return _HEADS.get(head, alternative=" or pass a callable spec -> nn.Module")
+    if callable(head):
+        return head
+    raise ConfigError(f"head must be a name or a callable, got {type(head).__name__}")
+
+
 def build_head(head: str | HeadFactory, spec: HeadSpec) -> ExitHead:
     """Build one head for ``spec`` from a registered name or a factory callable."""
-    if isinstance(head, str):
-        factory = _HEADS.get(head, alternative=" or pass a callable spec -> nn.Module")
-    elif callable(head):
-        factory = head
-    else:
-        raise ConfigError(f"head must be a name or a callable, got {type(head).__name__}")
-    module = factory(spec)
+    module = head_factory(head)(spec)
     if not isinstance(module, nn.Module):
         raise ConfigError(
             f"the head factory returned {type(module).__name__}, expected an nn.Module"
@@ -279,6 +290,7 @@ __all__ = [
     "LinearHead",
     "MLPHead",
     "build_head",
+    "head_factory",
     "head_kinds",
     "pool_grid",
     "pool_vector",
