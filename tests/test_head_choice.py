@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from earlyexit import ConfigError, DistillConfig
+from earlyexit import ConfigError, DistillConfig, InputError, OnlineDistiller
 from earlyexit.distill.head_choice import MIN_HELD_OUT, HeadChooser
 from earlyexit.evaluation.pipeline import PipelineOptions, learn_online
 from earlyexit.evaluation.stream import iterate_batches
@@ -166,6 +166,47 @@ def test_expected_saving_checks_the_assignment(chosen):
         chooser.expected_saving(["mlp"] * len(chooser.places))
 
 
+def test_handover_gives_the_unpriced_held_out_rows_as_learner_evidence(digits, chosen):
+    w, chooser, served, _ = chosen
+    _, x = digits
+    seen = x[: chooser.choice.samples]
+    eem = chooser.wrap()
+    learner = OnlineDistiller(eem, chooser.config)
+    # The chooser splits contents exactly as the learner will: held out there, held out here.
+    assert torch.equal(chooser._split.is_calibration(seen), learner.split.is_calibration(seen))
+    held_out = int(learner.split.is_calibration(seen).sum())
+    zs, labels = chooser.handover()
+    assert len(labels) + chooser.choice.held_out == held_out  # priced rows are not handed over
+    assert len(zs) == eem.num_exits and all(z.shape[0] == len(labels) for z in zs)
+    # The labels are the full model's answers on those very images.
+    side = chooser._split.is_calibration(seen)
+    with torch.no_grad():
+        answers = w.model(seen[side]).argmax(dim=1)
+    assert torch.equal(labels, answers[1::2])
+    assert learner.adopt_evidence(zs, labels) == len(labels)
+    assert len(learner.evidence) == len(labels)
+
+
+@pytest.mark.parametrize(
+    ("broken", "match"),
+    [
+        (lambda zs, y: (zs[:-1], y), "one feature tensor per exit"),
+        (lambda zs, y: (zs, y.float()), "1-D int64"),
+        (lambda zs, y: (zs, y + 1000), "class indices"),
+        (lambda zs, y: ([z.clone().fill_(float("nan")) for z in zs], y), "NaN or Inf"),
+        (lambda zs, y: ([z[:, :1] for z in zs], y), "expected"),
+        (lambda zs, y: ([z[:-1] for z in zs], y), "rows"),
+    ],
+)
+def test_adopt_evidence_refuses_bad_rows_and_keeps_nothing(chosen, broken, match):
+    _, chooser, _, _ = chosen
+    learner = OnlineDistiller(chooser.wrap(), chooser.config)
+    zs, labels = chooser.handover()
+    with pytest.raises(InputError, match=match):
+        learner.adopt_evidence(*broken(zs, labels))
+    assert len(learner.evidence) == 0
+
+
 @pytest.mark.slow
 def test_learn_online_with_auto_heads_counts_the_choice_in_the_stream(digits):
     w, x = digits
@@ -180,4 +221,5 @@ def test_learn_online_with_auto_heads_counts_the_choice_in_the_stream(digits):
     assert cost["served_macs"] == own["served_macs"] + run.choice.served_macs
     assert cost["train_macs"] == own["train_macs"] + run.choice.learning_macs
     assert stats["head_choice"]["kinds"] == list(run.choice.kinds)
+    assert stats["head_choice"]["evidence_handed_over"] > 0
     assert list(run.learner.eem.head_kinds) == [k for _, k in run.choice.kept]

@@ -454,11 +454,11 @@ class HeadChooser:
 
     def _held_out_scores(self, labels: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per kind, the gate scores ``[N, P]`` and agreement ``[N, P]`` of its heads (as trained
-        now) on the held-out rows."""
+        now) on the held-out rows the choice is priced on (``labels``: their full-model answers)."""
         held = int(labels.shape[0])
         scores, agrees = {}, {}
         for kind in self.kinds:
-            zs = [torch.cat([b[i] for b in self._held_out[kind]]) for i in range(len(self.places))]
+            zs = [z[self._priced_rows(z.shape[0])] for z in self._held_out_features(kind)]
             logits = classify_all(self.trainers[kind].student, zs)
             rows = torch.arange(held)
             with torch.no_grad():
