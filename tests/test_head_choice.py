@@ -167,7 +167,7 @@ def test_expected_saving_checks_the_assignment(chosen):
 
 
 def test_handover_gives_the_unpriced_held_out_rows_as_learner_evidence(digits, chosen):
-    w, chooser, served, _ = chosen
+    w, chooser, _, _ = chosen
     _, x = digits
     seen = x[: chooser.choice.samples]
     eem = chooser.wrap()
