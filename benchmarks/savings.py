@@ -229,10 +229,14 @@ def run_converged(ours: dict, data: dict[str, Any], args: argparse.Namespace, se
 
 
 def run_recipe(w: Any, ours: dict, data: dict[str, Any], args: argparse.Namespace, seed: int):
+    # The recipe's heads go where ours could go: with --head auto, every candidate place (the
+    # chooser may have switched some off for ours), else our exits.
+    choice = ours["stats"].get("head_choice")
+    places = choice["places"] if choice else [e.name for e in ours["eem"].exits]
     recipe = offline_recipe(
         w.model,
         data["traffic"],
-        exits=[e.name for e in ours["eem"].exits],
+        exits=places,
         input_size=w.input_size,
         target=args.target,
         on=args.agreement_on,

@@ -6,11 +6,13 @@ enough in 1024 samples for some places to pay, so the choice is not trivial.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from earlyexit import ConfigError, DistillConfig, InputError, OnlineDistiller
-from earlyexit.distill.head_choice import MIN_HELD_OUT, HeadChooser
+from earlyexit.distill.head_choice import CHOOSE_EVERY, MIN_HELD_OUT, HeadChooser
 from earlyexit.evaluation.pipeline import PipelineOptions, learn_online
 from earlyexit.evaluation.stream import iterate_batches
 from earlyexit.evaluation.workloads import load_workload
@@ -80,11 +82,11 @@ def test_the_choice_is_a_local_optimum_of_the_priced_saving(chosen):
         assert chooser.expected_saving([kind] * len(choice.places)) <= best + 1e-12
 
 
-def test_each_kind_learns_within_its_share_of_the_mac_budget(chosen):
+def test_each_kind_learns_within_the_mac_budget_of_a_learner_of_its_own(chosen):
     _, chooser, _, _ = chosen
     choice = chooser.choice
     cfg = chooser.config
-    share = cfg.closed_macs_budget * choice.served_macs / len(chooser.kinds)
+    share = cfg.closed_macs_budget * choice.served_macs
     for kind in chooser.kinds:
         assert 0 < chooser._learning_macs[kind] <= share
         assert choice.steps[kind] == chooser.trainers[kind].train_steps > 0
@@ -166,45 +168,75 @@ def test_expected_saving_checks_the_assignment(chosen):
         chooser.expected_saving(["mlp"] * len(chooser.places))
 
 
-def test_handover_gives_the_unpriced_held_out_rows_as_learner_evidence(digits, chosen):
+def test_handover_carries_evidence_replay_and_optimizer_state(digits, chosen):
     w, chooser, _, _ = chosen
     _, x = digits
     seen = x[: chooser.choice.samples]
     eem = chooser.wrap()
     learner = OnlineDistiller(eem, chooser.config)
     # The chooser splits contents exactly as the learner will: held out there, held out here.
-    assert torch.equal(chooser._split.is_calibration(seen), learner.split.is_calibration(seen))
-    held_out = int(learner.split.is_calibration(seen).sum())
-    zs, labels = chooser.handover()
-    assert len(labels) + chooser.choice.held_out == held_out  # priced rows are not handed over
-    assert len(zs) == eem.num_exits and all(z.shape[0] == len(labels) for z in zs)
-    # The labels are the full model's answers on those very images.
     side = chooser._split.is_calibration(seen)
+    assert torch.equal(side, learner.split.is_calibration(seen))
+    handover = chooser.handover()
+    labels = handover.evidence_labels
+    assert len(labels) + chooser.choice.held_out == int(side.sum())  # priced rows stay behind
     with torch.no_grad():
         answers = w.model(seen[side]).argmax(dim=1)
-    assert torch.equal(labels, answers[1::2])
-    assert learner.adopt_evidence(zs, labels) == len(labels)
+    unpriced = torch.arange(len(answers)) % CHOOSE_EVERY != 0
+    assert torch.equal(labels, answers[unpriced])  # the held-out rows the choice did not price
+    # Replay: every training row (the other contents), with the full model's logits.
+    with torch.no_grad():
+        assert torch.allclose(handover.replay_teacher, w.model(seen[~side]).float(), atol=1e-5)
+    learner.take_over(handover)
     assert len(learner.evidence) == len(labels)
+    assert len(learner.trainer.replay) == int((~side).sum())
+    assert learner.trainer.credit == 0.0  # stored rows owe nothing: the heads trained on them
+    # AdamW carries on: the learner's state is the chooser's, parameter by parameter.
+    for j, (place, kind) in enumerate(chooser.choice.kept):
+        source = chooser.trainers[kind]
+        head = source.student[chooser.places.index(place)]
+        pairs = zip(learner.trainer.student[j].parameters(), head.parameters(), strict=True)
+        for mine, theirs in pairs:
+            ours, original = learner.trainer.optimizer.state[mine], source.optimizer.state[theirs]
+            assert torch.equal(ours["exp_avg_sq"], original["exp_avg_sq"])
+            assert torch.equal(ours["step"], original["step"])
+    with pytest.raises(InputError, match="before this learner serves"):
+        learner.take_over(handover)
+
+
+def _broken(field, change):
+    def apply(h):
+        return dataclasses.replace(h, **{field: change(getattr(h, field))})
+
+    return apply
 
 
 @pytest.mark.parametrize(
     ("broken", "match"),
     [
-        (lambda zs, y: (zs[:-1], y), "one feature tensor per exit"),
-        (lambda zs, y: (zs, y.float()), "1-D int64"),
-        (lambda zs, y: (zs, y + 1000), "class indices"),
-        (lambda zs, y: ([z.clone().fill_(float("nan")) for z in zs], y), "NaN or Inf"),
-        (lambda zs, y: ([z[:, :1] for z in zs], y), "expected"),
-        (lambda zs, y: ([z[:-1] for z in zs], y), "rows"),
+        (_broken("evidence_z", lambda zs: zs[:-1]), "one feature tensor per exit"),
+        (_broken("evidence_labels", lambda y: y.float()), "int64"),
+        (_broken("evidence_labels", lambda y: y + 1000), "class indices"),
+        (_broken("evidence_z", lambda zs: [z.clone().fill_(float("nan")) for z in zs]), "NaN"),
+        (_broken("evidence_z", lambda zs: [z[:, :1] for z in zs]), "expected"),
+        (_broken("replay_z", lambda zs: [z[:-1] for z in zs[:1]] + list(zs[1:])), "rows"),
+        (_broken("replay_teacher", lambda t: t[:, :3]), "teacher logits"),
+        (_broken("replay_teacher", lambda t: t * float("inf")), "finite"),
+        (_broken("optimizer_states", lambda s: s[:1]), "one list per exit"),
+        (
+            _broken("optimizer_states", lambda s: [[{"step": 1}] * len(h) for h in s]),
+            "AdamW state",
+        ),
+        (_broken("trained_samples", lambda n: 1.5), "trained_samples"),
     ],
 )
-def test_adopt_evidence_refuses_bad_rows_and_keeps_nothing(chosen, broken, match):
+def test_take_over_refuses_a_bad_handover_and_changes_nothing(chosen, broken, match):
     _, chooser, _, _ = chosen
     learner = OnlineDistiller(chooser.wrap(), chooser.config)
-    zs, labels = chooser.handover()
     with pytest.raises(InputError, match=match):
-        learner.adopt_evidence(*broken(zs, labels))
-    assert len(learner.evidence) == 0
+        learner.take_over(broken(chooser.handover()))
+    assert len(learner.evidence) == 0 and learner.trainer.replay is None
+    assert not learner.trainer.optimizer.state
 
 
 @pytest.mark.slow

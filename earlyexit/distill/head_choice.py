@@ -14,8 +14,9 @@ target (a point estimate: the guarantee comes later, from the learner's own cali
 cheapest assignment is kept; places it switches off get no head at all (nothing to run, nothing
 to train). :meth:`HeadChooser.wrap` builds the model with the chosen heads, already trained, and
 :meth:`HeadChooser.handover` gives the other half of the held-out rows, which the choice never
-looked at, to the learner as its first evidence (:meth:`OnlineDistiller.adopt_evidence`), so its
-gates need not wait for evidence that was already gathered.
+looked at, to the learner as its first evidence, with the rows the heads trained on and their
+optimizer state (:meth:`OnlineDistiller.take_over`), so the learner carries on where the choice
+stopped.
 
 Example:
     >>> chooser = HeadChooser(model, kinds=("linear", "conv"), samples=1024)  # doctest: +SKIP
@@ -24,7 +25,7 @@ Example:
     ...     if chooser.done:
     ...         break
     >>> learner = OnlineDistiller(chooser.wrap(), config)  # doctest: +SKIP
-    >>> learner.adopt_evidence(*chooser.handover())  # doctest: +SKIP
+    >>> learner.take_over(chooser.handover())  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from ..wrapping import DEFAULT_HEAD_BUDGET, DEFAULT_NUM_EXITS, wrap
 from .buffers import ring_layout
 from .config import DistillConfig
 from .evidence import ContentSplit
+from .handover import Handover
 from .learner import TRAIN_MACS_FACTOR
 from .trainer import HeadTrainer, agreement, classify_all
 
 #: Held-out rows are priced on every CHOOSE_EVERY-th one; the others are handed to the learner
 #: as evidence (:meth:`HeadChooser.handover`): rows the choice never looked at test it fairly.
-CHOOSE_EVERY = 2
+CHOOSE_EVERY = 4
 #: Fewest rows a choice is priced on: below it every place keeps the cheapest kind.
 MIN_HELD_OUT = 64
 
@@ -303,10 +305,11 @@ class HeadChooser:
         return teacher
 
     def _learn(self, per_kind: dict[str, list[Tensor]], teacher: Tensor, train: Tensor) -> None:
-        """Store the training rows for every kind and take the steps each kind can afford: the
-        same share of ``closed_macs_budget`` of the MACs served per kind."""
+        """Store the training rows for every kind and take the steps each kind can afford: each
+        kind gets ``closed_macs_budget`` of the MACs served, what a learner of that kind alone
+        would spend, so every kind is priced as mature as it would be there."""
         cfg = self.config
-        allowance = cfg.closed_macs_budget * self._served_macs / len(self.kinds)
+        allowance = cfg.closed_macs_budget * self._served_macs
         for kind, zs in per_kind.items():
             trainer = self.trainers[kind]
             rows = [z[train] for z in zs]
@@ -431,10 +434,11 @@ class HeadChooser:
         """Per place, ``kind``'s pooled input of every held-out row, in arrival order."""
         return [torch.cat([b[i] for b in self._held_out[kind]]) for i in range(len(self.places))]
 
-    def handover(self) -> tuple[list[Tensor], Tensor]:
-        """Evidence for the learner that takes over: the held-out rows the choice was not priced
-        on, as the chosen heads see them (per kept place, its kind's pooled input) with the full
-        model's answers. Pass them to :meth:`OnlineDistiller.adopt_evidence`.
+    def handover(self) -> Handover:
+        """What the learner that takes over needs, as the chosen heads see it (per kept place,
+        its kind's rows and state): the held-out rows the choice was not priced on (evidence),
+        the rows the heads trained on (replay), AdamW's state. Pass it to
+        :meth:`OnlineDistiller.take_over`.
 
         Raises:
             ConfigError: the choice is not made yet.
@@ -442,15 +446,46 @@ class HeadChooser:
         if self.choice is None:
             raise ConfigError("no choice yet: call finish() or keep calling step()")
         kept = self.choice.kept
-        if not self._held_out_labels:
-            return [torch.zeros(0) for _ in kept], torch.zeros(0, dtype=torch.long)
-        labels = torch.cat(self._held_out_labels)
-        rest = ~self._priced_rows(labels.shape[0])
-        zs = []
+        if self._held_out_labels:
+            labels = torch.cat(self._held_out_labels)
+            rest = ~self._priced_rows(labels.shape[0])
+            evidence_z = [
+                self._held_out_features(kind)[self.places.index(place)][rest]
+                for place, kind in kept
+            ]
+            labels = labels[rest]
+        else:
+            evidence_z, labels = [torch.zeros(0) for _ in kept], torch.zeros(0, dtype=torch.long)
+        replay_z, teacher = self._replay_rows(kept)
+        states = []
         for place, kind in kept:
-            z = self._held_out_features(kind)[self.places.index(place)]
-            zs.append(z[rest])
-        return zs, labels[rest]
+            trainer = self.trainers[kind]
+            position = {id(p): n for n, p in enumerate(trainer.student.parameters())}
+            saved = trainer.optimizer.state
+            head = trainer.student[self.places.index(place)]
+            states.append(
+                [
+                    {k: v.detach().clone() for k, v in saved[p].items()}
+                    if p in saved and id(p) in position
+                    else {}
+                    for p in head.parameters()
+                ]
+            )
+        trained = max((self.trainers[k].trained_samples for _, k in kept), default=0)
+        return Handover(evidence_z, labels, replay_z, teacher, states, trained)
+
+    def _replay_rows(self, kept: list[tuple[str, str]]) -> tuple[list[Tensor], Tensor]:
+        """Per kept place, its kind's stored training rows, and the teacher's logits: every
+        kind stored the same rows in the same order (rings of one size, none wrapped)."""
+        rings = {kind: self.trainers[kind].replay for _, kind in kept}
+        sizes = {len(r) if r is not None else 0 for r in rings.values()}
+        added = {r.added if r is not None else 0 for r in rings.values()}
+        if len(sizes) != 1 or sizes != added or 0 in sizes:
+            # Nothing stored yet, or a ring wrapped (a memory cap): the rows no longer align.
+            return [torch.zeros(0) for _ in kept], torch.zeros(0, self.num_classes)
+        views = {kind: ring.view() for kind, ring in rings.items() if ring is not None}
+        zs = [views[kind][f"z{self.places.index(place)}"].clone() for place, kind in kept]
+        return zs, next(iter(views.values()))["teacher"].clone()
 
     def _held_out_scores(self, labels: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per kind, the gate scores ``[N, P]`` and agreement ``[N, P]`` of its heads (as trained

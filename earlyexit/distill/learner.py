@@ -80,6 +80,7 @@ from .config import DistillConfig
 from .drift import DriftAlarm, DriftMonitor
 from .evidence import ContentSplit, Evidence
 from .gate_data import MIN_GATE_SAMPLES, GateData
+from .handover import Handover
 from .mix import MixMonitor, MixShift
 from .replica import HeadsRelease
 from .rows import BatchRows, check_rows, sort_rows
@@ -422,53 +423,123 @@ class OnlineDistiller:
         self.close()
 
     # ------------------------------------------------------------------ one batch
-    def adopt_evidence(self, zs: list[Tensor], labels: Tensor) -> int:
-        """Take held-out evidence gathered on this traffic before this learner served it: per
-        exit the heads' inputs ``z`` of each row (``[N, ...]``, as ``eem.heads[i].reduce``
-        gives them) and the full model's answers ``labels`` (``[N]``). The rows must be
-        held-out contents under this learner's content split (same ``seed`` and
-        ``calibration_fraction``), never trained on and not used to choose anything about these
-        heads: :meth:`HeadChooser.handover <earlyexit.distill.head_choice.HeadChooser.handover>`
-        gives exactly such rows. Returns the rows now in the evidence (at most its capacity).
+    def take_over(self, handover: Handover) -> None:
+        """Carry on from heads trained earlier on this traffic (a
+        :meth:`HeadChooser.handover <earlyexit.distill.head_choice.HeadChooser.handover>`): its
+        replay rows go into the replay (owing no steps: they were trained on), AdamW's state
+        into the optimizer, and its evidence rows into the evidence. Call before the first
+        :meth:`step`. Evidence rows must be held-out contents under this learner's content split
+        (same ``seed`` and ``calibration_fraction``), never trained on and not used to choose
+        anything about these heads: the chooser hands over exactly such rows.
 
         Raises:
-            InputError: not one finite feature tensor per exit with the heads' shape, or labels
-                that are not ``N`` class indices; nothing is stored then.
+            InputError: this learner has already served or stored rows; not one finite feature
+                tensor per exit with the heads' shape, teacher logits that are not ``[M,
+                num_classes]``, labels that are not class indices, optimizer states that do not
+                fit the heads' parameters. Nothing is changed then.
 
         Example:
-            >>> learner.adopt_evidence(*chooser.handover())  # doctest: +SKIP
-            410
+            >>> learner = ee.OnlineDistiller(chooser.wrap(), config)  # doctest: +SKIP
+            >>> learner.take_over(chooser.handover())  # doctest: +SKIP
         """
+        if not isinstance(handover, Handover):
+            raise InputError(f"take_over expects a Handover, got {type(handover).__name__}")
+        classes = self.eem.num_classes
+        want = self._feature_shapes()
+        evidence_z = self._checked_rows("evidence_z", handover.evidence_z, want)
+        labels = handover.evidence_labels
+        rows = evidence_z[0].shape[0] if evidence_z else 0
+        if not isinstance(labels, Tensor) or labels.dtype != torch.long or labels.shape != (rows,):
+            raise InputError(f"evidence_labels must be an int64 tensor of {rows} class indices")
+        if rows and not (int(labels.min()) >= 0 and int(labels.max()) < classes):
+            raise InputError(f"evidence_labels must be class indices in [0, {classes})")
+        replay_z = self._checked_rows("replay_z", handover.replay_z, want)
+        teacher = handover.replay_teacher
+        kept = replay_z[0].shape[0] if replay_z else 0
+        if not isinstance(teacher, Tensor) or tuple(teacher.shape) != (kept, classes):
+            raise InputError(f"replay_teacher must be [{kept}, {classes}] teacher logits")
+        if not teacher.is_floating_point() or not bool(torch.isfinite(teacher).all()):
+            raise InputError("replay_teacher must hold finite floating-point logits")
+        states = self._checked_optimizer_states(handover.optimizer_states)
+        if isinstance(handover.trained_samples, bool) or not isinstance(
+            handover.trained_samples, int
+        ):
+            raise InputError("trained_samples must be an int")
+        with self._lock, self._train_lock:
+            if self.traffic.samples or self.trainer.replay is not None:
+                raise InputError(
+                    "take_over must come before this learner serves or stores anything"
+                )
+            device = self.trainer.device
+            if kept or rows:
+                zs = [z[:1].to(device) for z in (replay_z if kept else evidence_z)]
+                self._ensure_buffers(zs, torch.zeros(1, classes, device=device))
+            if rows:
+                self.evidence.add([z.to(device) for z in evidence_z], labels.to(device))
+            if kept and self.trainer.replay is not None:
+                self.trainer.replay.add(  # stored, owing nothing: the heads trained on them
+                    **{f"z{i}": z.to(device) for i, z in enumerate(replay_z)},
+                    teacher=teacher.to(device=device, dtype=torch.float32),
+                )
+            for head, head_states in zip(self.trainer.student, states, strict=True):
+                for param, state in zip(head.parameters(), head_states, strict=True):
+                    if state:
+                        self.trainer.optimizer.state[param] = {
+                            k: v.detach().clone().to(device) for k, v in state.items()
+                        }
+            self.trainer.trained_samples = handover.trained_samples
+
+    def _checked_rows(self, name: str, zs: object, want: list[tuple[int, ...]]) -> list[Tensor]:
+        """``zs`` checked: one finite float tensor per exit, the same row count, each row
+        shaped as the heads' input at that exit."""
         num = self.eem.num_exits
         if not isinstance(zs, list | tuple) or len(zs) != num:
-            raise InputError(
-                f"expected one feature tensor per exit ({num}), got {type(zs).__name__}"
-            )
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype != torch.long:
-            raise InputError("labels must be a 1-D int64 tensor of the full model's answers")
-        rows = labels.shape[0]
+            raise InputError(f"{name}: expected one feature tensor per exit ({num})")
+        rows = None
         for i, z in enumerate(zs):
-            if not isinstance(z, Tensor) or z.shape[:1] != (rows,) or not z.is_floating_point():
-                raise InputError(f"zs[{i}] must be a float tensor with {rows} rows")
-            if not bool(torch.isfinite(z).all()):
-                raise InputError(f"zs[{i}] holds NaN or Inf values")
-        if rows and not (int(labels.min()) >= 0 and int(labels.max()) < self.eem.num_classes):
-            raise InputError(f"labels must be class indices in [0, {self.eem.num_classes})")
-        if rows == 0:
-            return len(self.evidence)
-        want = self._feature_shapes()
-        for i, z in enumerate(zs):
-            if tuple(z.shape[1:]) != want[i]:
+            if not isinstance(z, Tensor) or not z.is_floating_point() or z.dim() < 1:
+                raise InputError(f"{name}[{i}] must be a float tensor [N, ...]")
+            rows = z.shape[0] if rows is None else rows
+            if z.shape[0] != rows:
+                raise InputError(f"{name}[{i}] has {z.shape[0]} rows, {name}[0] {rows}")
+            if z.shape[0] and tuple(z.shape[1:]) != want[i]:
                 raise InputError(
-                    f"zs[{i}] rows have shape {tuple(z.shape[1:])}, expected {want[i]} (what "
+                    f"{name}[{i}] rows have shape {tuple(z.shape[1:])}, expected {want[i]} (what "
                     f"eem.heads[{i}].reduce returns at this exit)"
                 )
-        with self._lock:
-            device = self.trainer.device
-            zs = [z.to(device) for z in zs]
-            self._ensure_buffers(zs, torch.zeros(1, self.eem.num_classes, device=device))
-            self.evidence.add(zs, labels.to(device))
-            return len(self.evidence)
+            if not bool(torch.isfinite(z).all()):
+                raise InputError(f"{name}[{i}] holds NaN or Inf values")
+        return list(zs)
+
+    def _checked_optimizer_states(self, states: object) -> list[list[dict[str, Tensor]]]:
+        """AdamW states per head and parameter, checked against the student's parameters."""
+        heads = list(self.trainer.student)
+        if not isinstance(states, list | tuple) or len(states) != len(heads):
+            raise InputError(f"optimizer_states: expected one list per exit ({len(heads)})")
+        for i, (head, head_states) in enumerate(zip(heads, states, strict=True)):
+            params = list(head.parameters())
+            if not isinstance(head_states, list | tuple) or len(head_states) != len(params):
+                raise InputError(
+                    f"optimizer_states[{i}]: expected one state per parameter ({len(params)})"
+                )
+            for j, (param, state) in enumerate(zip(params, head_states, strict=True)):
+                if not state:
+                    continue
+                if not isinstance(state, dict) or set(state) != {"step", "exp_avg", "exp_avg_sq"}:
+                    raise InputError(
+                        f"optimizer_states[{i}][{j}] must be AdamW state (step, exp_avg, "
+                        "exp_avg_sq) or empty"
+                    )
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = state[key]
+                    if not isinstance(value, Tensor) or value.shape != param.shape:
+                        raise InputError(
+                            f"optimizer_states[{i}][{j}].{key} must have the parameter's shape "
+                            f"{tuple(param.shape)}"
+                        )
+                    if not bool(torch.isfinite(value).all()):
+                        raise InputError(f"optimizer_states[{i}][{j}].{key} is not finite")
+        return [list(h) for h in states]
 
     def _feature_shapes(self) -> list[tuple[int, ...]]:
         """Per exit, the shape of one row of the heads' input ``z`` (from the rings once they

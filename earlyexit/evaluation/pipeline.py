@@ -199,8 +199,10 @@ def learn_online(
             break
     choice = chooser.finish()
     learner = OnlineDistiller(chooser.wrap(), config)
-    # The held-out rows the choice was not priced on become the learner's first evidence.
-    adopted = learner.adopt_evidence(*chooser.handover())
+    # The heads carry on: replay, optimizer state, and the held-out rows the choice was not
+    # priced on as the learner's first evidence.
+    learner.take_over(chooser.handover())
+    adopted = len(learner.evidence)
     rest = None if size is None else max(size - choice.samples, 0)
     stats = serve_stream(
         learner, batches, batch_size=options.batch_size, progress=options.progress, total=rest
