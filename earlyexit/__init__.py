@@ -28,7 +28,7 @@ from .cascade import (
     RemoteTier,
 )
 from .costs.placement import Link, Site, StageProfile, evaluate_placement, optimise_placement
-from .distill import DistillConfig, OnlineDistiller
+from .distill import DistillConfig, Handover, HeadChoice, HeadChooser, OnlineDistiller
 from .errors import (
     BackgroundTrainingError,
     CheckpointError,
@@ -99,6 +99,9 @@ __all__ = [
     "Gate",
     "GateContext",
     "GiniGate",
+    "Handover",
+    "HeadChoice",
+    "HeadChooser",
     "HeadSpec",
     "InputError",
     "LearnedGate",

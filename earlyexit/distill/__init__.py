@@ -4,7 +4,10 @@ One job per module: ``config`` (the knobs), ``evidence`` (content split, audits,
 ``trainer`` (student heads, optimizer, replay), ``gate_data`` (the learned gate's data),
 ``calibrator`` (evidence -> candidate policy), ``drift`` (drift monitor), ``traffic`` (counts),
 ``schedule`` (calibration schedule, time budget, phase), ``stats`` (the stats record), ``worker``
-(background thread), ``replica`` (serving in another process for one learner) and ``learner`` (:class:`OnlineDistiller`, which coordinates them).
+(background thread), ``replica`` (serving in another process for one learner), ``head_choice``
+(places and head kinds chosen on the first traffic, :class:`HeadChooser`), ``handover`` (what a
+learner takes over from heads trained before it) and ``learner`` (:class:`OnlineDistiller`, which
+coordinates them).
 
 Example:
     >>> import timm, earlyexit as ee
@@ -17,6 +20,8 @@ from ..errors import BackgroundTrainingError
 from .buffers import TensorRing
 from .calibrator import Candidate, ExitState
 from .config import DistillConfig
+from .handover import Handover
+from .head_choice import HeadChoice, HeadChooser
 from .learner import OnlineDistiller
 from .replica import HeadsRelease, ServingReplica
 from .schedule import Phase
@@ -28,6 +33,9 @@ __all__ = [
     "Candidate",
     "DistillConfig",
     "ExitState",
+    "Handover",
+    "HeadChoice",
+    "HeadChooser",
     "HeadsRelease",
     "LearnerStats",
     "OnlineDistiller",

@@ -6,7 +6,8 @@ the learner's tensors under ``extra.`` and its JSON record under ``extra.distill
 State versions: 1 (every learner saved so far). The record's keys: ``version``, ``config``,
 ``counters``, ``credit``, ``param_groups``, ``rings``, ``reports``, ``expected_mac_saving``,
 ``phase``, ``last_loss`` and (since the learner was split into parts) ``recent``, the window
-behind the recent exit rates, which older files lack and older readers ignore; tensors ``student.*``, ``opt.*``, ``rng.audit``, ``rng.train``,
+behind the recent exit rates, and (since heads go dormant) ``dormant`` and ``off_streak``,
+which older files lack and older readers ignore; tensors ``student.*``, ``opt.*``, ``rng.audit``, ``rng.train``,
 ``replay.*``, ``evidence.*``, ``gate_data.*``, ``monitor.{e}``, ``pending.*``. Counters added
 since version 1 was first written (``_LATER_COUNTER_KEYS``: the traffic's and the schedule's,
 e.g. the learning schedule's taper and cost counts) may be absent: older files read defaults.
@@ -61,7 +62,11 @@ _RECORD_KEYS = (
     "phase",
     "last_loss",
     "recent",  # added without a version bump: readers of version 1 ignore it, it may be absent
+    "dormant",  # these two likewise: exits whose heads stopped training, and the runs behind
+    "off_streak",
 )
+#: Record keys an older file may lack (its reader then uses their defaults).
+_OPTIONAL_RECORD_KEYS = ("recent", "dormant", "off_streak")
 #: Keys of the ``counters record (several parts count), in the order version 1 writes them.
 _COUNTER_KEYS = (
     *TRAFFIC_KEYS,  # samples, exits, audits and MACs, all time and since the last publish
@@ -169,7 +174,7 @@ def check_learner_state(
         >>> heads, classes = learner.eem.heads, learner.eem.num_classes  # doctest: +SKIP
         >>> config = check_learner_state(tensors, state, heads, classes)  # doctest: +SKIP
     """
-    required = tuple(key for key in _RECORD_KEYS if key != "recent")
+    required = tuple(key for key in _RECORD_KEYS if key not in _OPTIONAL_RECORD_KEYS)
     record = expect_dict(state, "state", required)
     expect_int(record["version"], "version", 1, STATE_VERSION)
     try:

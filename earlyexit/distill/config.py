@@ -175,6 +175,11 @@ class DistillConfig:
             choose the exits.
         min_exit_gain: share of the base model's MACs an exit must save (net) to stay on; at 0 an
             exit is switched off when it saves nothing net (its gate still costs wall-clock).
+        dormant_after: calibrations in a row an exit may be switched off before its head stops
+            training (an exit that never fires must not keep costing: a dormant head costs no
+            learning MACs, keeps its weights and is still scored at every calibration, so it
+            wakes as soon as it pays again; a drift or mix alarm wakes every head). ``0``: heads
+            never go dormant.
         head_cost: how exit selection prices each head (and its gate) on every sample reaching
             it. ``"macs"`` (default): its MACs, a deterministic number, so a seed gives the same
             run on any machine. ``"time"``: its measured time at batch 1 as a share of the base
@@ -245,6 +250,7 @@ class DistillConfig:
     recalibrate_every: int = 512
     auto_switch_off: bool = True
     min_exit_gain: float = 0.0
+    dormant_after: int = 3
     head_cost: HeadCost = "macs"
     head_time_fractions: tuple[float, ...] | None = None
     drift_window: int = 400
@@ -310,6 +316,7 @@ class DistillConfig:
             "lr_half_life",
             "seed",
             "evidence_target",
+            "dormant_after",
         ):
             positive_int(name, allow_zero=name != "recalibrate_every")
         for name in (

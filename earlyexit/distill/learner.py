@@ -578,6 +578,11 @@ class OnlineDistiller:
         return self.trainer.fresh_loss(logits, teacher)
 
     @property
+    def _training_head_macs(self) -> int:
+        """Forward MACs per row of the heads a training step trains (dormant heads excluded)."""
+        return self.trainer.active_head_macs(self.eem.head_macs)
+
+    @property
     def _head_macs(self) -> int:
         """Forward MACs of every head on one row (what learning pays per row seen)."""
         return sum(self.eem.head_macs)
@@ -721,7 +726,7 @@ class OnlineDistiller:
             return False
         if self.config.learn_macs_budget is None:
             return True
-        step = TRAIN_MACS_FACTOR * self.config.batch_size * self._head_macs
+        step = TRAIN_MACS_FACTOR * self.config.batch_size * self._training_head_macs
         return self.schedule.macs_affordable(step)
 
     def _macs_rate(self, counts: list[int]) -> float:
@@ -772,7 +777,7 @@ class OnlineDistiller:
         took = time.perf_counter() - started
         with self._lock:  # a running mean of what a step costs, for the budget check
             self.trainer.record_step_seconds(took)
-            self.schedule.count_learning(TRAIN_MACS_FACTOR * rows * self._head_macs)
+            self.schedule.count_learning(TRAIN_MACS_FACTOR * rows * self._training_head_macs)
 
     def _flush_pending(self) -> None:
         """Record how the student sees the training rows held back since the last flush (it has
@@ -860,6 +865,11 @@ class OnlineDistiller:
             eem.set_thresholds(candidate.thresholds)
             self._reports = candidate.reports
             self._expected_saving = candidate.expected_mac_saving
+            # An exit switched off calibration after calibration stops costing learning MACs.
+            self.trainer.note_switched_off(
+                [r.get("state") == ExitState.SWITCHED_OFF for r in candidate.reports],
+                self.config.dormant_after,
+            )
             self.schedule.calibrations += 1
             self.traffic.reset_publish()
             opened = any(t < math.inf for t in candidate.thresholds)
@@ -925,6 +935,7 @@ class OnlineDistiller:
             self.gate_data.forget()
         self.drift.clear()  # only audits from now on count
         self.schedule.restart_learning()  # learn hard again: the traffic has moved
+        self.trainer.wake_all()  # what did not pay on the old traffic may pay on the new
         self._ready = None
         # Gather a fresh round of evidence before reopening.
         self.schedule.last_calibration = self.traffic.samples
@@ -986,7 +997,8 @@ class OnlineDistiller:
         :class:`DistillConfig`), ``first_open_sample`` (samples served when a gate first
         opened, ``None`` before; saved with the learner), ``head_time_fractions`` (with
         ``head_cost="time"``: what exit selection prices each head at, as a share of the base
-        model's batch-1 time; ``None`` before it is known), ``mix_shifts`` (alarms of the mix
+        model's batch-1 time; ``None`` before it is known), ``dormant_exits`` (exits whose heads
+        stopped training after ``dormant_after`` calibrations switched off), ``mix_shifts`` (alarms of the mix
         monitor: the served class mix left the evidence's, see :mod:`~earlyexit.distill.mix`),
         ``replay_ratio`` (replay samples each stored row owes now: the learning schedule) and
         ``learning_cost`` (learning work next to serving: ``macs_ratio_total``, ``macs_ratio_recent`` over the last 2048-4096
@@ -1034,6 +1046,7 @@ class OnlineDistiller:
                 calibrations=self.schedule.calibrations,
                 drift_alarms=self.drift.alarms,
                 mix_shifts=self.mix.alarms,
+                dormant_exits=sorted(self.trainer.dormant),
                 non_finite_dropped=traffic.non_finite_dropped,
                 first_open_sample=self.schedule.first_open_sample,
                 head_time_fractions=(

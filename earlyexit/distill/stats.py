@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -51,6 +51,7 @@ class LearnerStats:
     calibrations: int
     drift_alarms: int
     mix_shifts: int = 0
+    dormant_exits: list[int] = field(default_factory=list)
     non_finite_dropped: int = 0
     first_open_sample: int | None = None
     head_time_fractions: list[float] | None = None

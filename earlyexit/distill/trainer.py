@@ -149,6 +149,10 @@ class HeadTrainer:
         self.last_loss: float | None = None
         self.train_steps = 0
         self.trained_samples = 0  # samples stored for training (drives the credit and the lr)
+        # Exits whose heads no longer train (switched off too long), and each exit's run of
+        # calibrations switched off. Replaced whole, never mutated: a step reads one version.
+        self.dormant: frozenset[int] = frozenset()
+        self.off_streak: list[int] = [0] * len(self.student)
 
     @property
     def device(self) -> torch.device:
@@ -211,6 +215,31 @@ class HeadTrainer:
             self.replay.clear()
         self.credit = 0.0
 
+    # ------------------------------------------------------------------ dormant heads
+    def note_switched_off(self, switched_off: Sequence[bool], after: int) -> None:
+        """Count a calibration's exit selection: an exit switched off ``after`` calibrations in
+        a row goes dormant (its head stops training); one that is on again wakes. ``after=0``:
+        never dormant.
+
+        Example:
+            >>> trainer.note_switched_off([True, False], after=1)  # doctest: +SKIP
+            >>> trainer.dormant  # doctest: +SKIP
+            frozenset({0})
+        """
+        streak = [n + 1 if off else 0 for n, off in zip(self.off_streak, switched_off, strict=True)]
+        self.off_streak = streak
+        self.dormant = frozenset(i for i, n in enumerate(streak) if after and n >= after)
+
+    def wake_all(self) -> None:
+        """Every head trains again (the traffic moved: what did not pay may pay now)."""
+        self.off_streak = [0] * len(self.student)
+        self.dormant = frozenset()
+
+    def active_head_macs(self, head_macs: Sequence[int]) -> int:
+        """Forward MACs per row of the heads that train (the dormant ones cost nothing)."""
+        dormant = self.dormant
+        return sum(m for i, m in enumerate(head_macs) if i not in dormant)
+
     # ------------------------------------------------------------------ training
     def current_lr(self) -> float:
         """``lr``, halved every ``lr_half_life`` samples stored (constant when 0)."""
@@ -259,8 +288,11 @@ class HeadTrainer:
         with self._train_lock:
             teacher = batch["teacher"]
             loss = torch.zeros((), device=teacher.device)
+            dormant = self.dormant
             with torch.enable_grad():
                 for i, head in enumerate(self.student):
+                    if i in dormant:
+                        continue  # no gradient: AdamW leaves its parameters as they are
                     z = batch[f"z{i}"].to(parameter_dtype(head))
                     loss = loss + distillation_loss(
                         head.classify(z),
@@ -276,7 +308,8 @@ class HeadTrainer:
                 self.optimizer.step()
             with self._lock:
                 self.train_steps += 1
-                self.last_loss = float(loss.detach()) / max(len(self.student), 1)
+                trained = len(self.student) - len(dormant)
+                self.last_loss = float(loss.detach()) / max(trained, 1)
 
     def classify(self, zs: Sequence[Tensor]) -> list[Tensor]:
         """The student's logits at every exit on stored features (no autograd)."""
@@ -322,6 +355,8 @@ class HeadTrainer:
             ],
             "rings": rings,
             "last_loss": self.last_loss,
+            "dormant": sorted(self.dormant),
+            "off_streak": list(self.off_streak),
         }
         return tensors, state
 
@@ -353,6 +388,9 @@ class HeadTrainer:
         self.trained_samples = int(state["counters"]["trained_samples"])
         self.credit = float(state["credit"])
         self.last_loss = state["last_loss"]
+        # Files saved before dormant heads existed: every head trains.
+        self.dormant = frozenset(int(i) for i in state.get("dormant", []))
+        self.off_streak = [int(n) for n in state.get("off_streak", [0] * len(self.student))]
 
 
 #: What AdamW keeps per parameter (a saved ``opt.{param}.{name}`` tensor).
@@ -387,6 +425,12 @@ def check_trainer_state(
     loss = record.get("last_loss")
     if loss is not None:
         expect_number(loss, "last_loss", finite=False, nan=True)
+    exits = len(student)
+    for i, index in enumerate(expect_list(record.get("dormant", []), "dormant")):
+        expect_int(index, f"dormant[{i}]", 0, max(exits - 1, 0))
+    streaks = expect_list(record.get("off_streak", [0] * exits), "off_streak", exits)
+    for i, n in enumerate(streaks):
+        expect_int(n, f"off_streak[{i}]", 0)
     # The student: the heads' tensors, any floating dtype (values are copied into the student).
     current = student.state_dict()
     saved = {k[len("student.") :] for k in tensors if k.startswith("student.")}
