@@ -55,7 +55,7 @@ from .trainer import HeadTrainer, agreement, classify_all
 
 #: Held-out rows are priced on every CHOOSE_EVERY-th one; the others are handed to the learner
 #: as evidence (:meth:`HeadChooser.handover`): rows the choice never looked at test it fairly.
-CHOOSE_EVERY = int(__import__("os").environ.get("EE_CHOOSE_EVERY", "4"))
+CHOOSE_EVERY = 2
 #: Fewest rows a choice is priced on: below it every place keeps the cheapest kind.
 MIN_HELD_OUT = 64
 
