@@ -714,6 +714,8 @@ def test_state_keeps_the_version_1_layout():
         "phase",
         "last_loss",
         "recent",  # new, optional: version 1 readers ignore it
+        "dormant",  # new, optional: older files read no dormant head
+        "off_streak",
     ]
     assert state["version"] == 1
     assert list(state["counters"]) == [
