@@ -66,6 +66,20 @@ def test_a_switched_off_exit_goes_dormant_stops_training_and_costs_nothing():
         assert learner.schedule.train_macs - train_macs == taken * rows * per_row
 
 
+def test_with_every_head_dormant_a_step_changes_nothing():
+    learner = _switched_off_learner()
+    trainer = learner.trainer
+    trainer.note_switched_off([True, True], after=1)
+    assert trainer.dormant == {0, 1}
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    steps = trainer.train_steps
+    assert trainer.train_step() > 0  # rows were drawn, but no head trains
+    assert trainer.train_steps == steps
+    for b, p in zip(before, trainer.student.parameters(), strict=True):
+        assert torch.equal(b, p)
+    assert learner.trainer.active_head_macs(learner.eem.head_macs) == 0
+
+
 def test_an_alarm_wakes_every_head():
     learner = _switched_off_learner()
     assert learner.trainer.dormant == {1}

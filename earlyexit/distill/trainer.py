@@ -289,6 +289,8 @@ class HeadTrainer:
             teacher = batch["teacher"]
             loss = torch.zeros((), device=teacher.device)
             dormant = self.dormant
+            if len(dormant) == len(self.student):
+                return  # every head dormant: nothing to train (an alarm wakes them)
             with torch.enable_grad():
                 for i, head in enumerate(self.student):
                     if i in dormant:
