@@ -19,7 +19,7 @@ optimizer state (:meth:`OnlineDistiller.take_over`), so the learner carries on w
 stopped.
 
 Example:
-    >>> chooser = HeadChooser(model, kinds=("linear", "conv"), samples=1024)  # doctest: +SKIP
+    >>> chooser = HeadChooser(model, kinds=("linear", "conv"), samples=2048)  # doctest: +SKIP
     >>> for x in stream:  # doctest: +SKIP
     ...     logits = chooser.step(x)  # the full model's answers
     ...     if chooser.done:
@@ -158,8 +158,9 @@ class HeadChooser:
             :func:`earlyexit.wrap`; ``exits`` are the candidate places.
         samples: how much traffic the choice watches (half the held-out contents price it).
         config: the learning settings the heads will be trained under later: ``target_agreement``
-            (the target of the pricing), ``closed_macs_budget`` (the learning MACs the choice may
-            spend, as a share of the MACs it serves, split evenly between the kinds),
+            (the target of the pricing), ``closed_macs_budget`` (the learning MACs each kind may
+            spend, as a share of the MACs the choice serves: what a learner of that kind alone
+            would spend, so the choice costs up to ``len(kinds)`` times that),
             ``warmup_replay_ratio``, ``batch_size``, ``lr``, and the content split (``seed``,
             ``calibration_fraction``).
 
@@ -174,7 +175,7 @@ class HeadChooser:
         kinds: Sequence[str] = ("linear", "conv"),
         exits: str | Sequence[str | int] = "auto",
         num_exits: int = DEFAULT_NUM_EXITS,
-        samples: int = 1024,
+        samples: int = 2048,
         config: DistillConfig | None = None,
         input_size: tuple[int, int, int] | None = None,
         head_budget: float = DEFAULT_HEAD_BUDGET,
@@ -334,7 +335,7 @@ class HeadChooser:
 
     # ------------------------------------------------------------------ the choice
     def _choose(self) -> HeadChoice:
-        """Price every assignment of {off, kind} to the places on the held-out rows; keep the
+        """Price every assignment of {off, kind} to the places on the priced held-out rows; keep the
         cheapest (coordinate descent from each all-one-kind assignment)."""
         places = self.places
         base = float(self.probe.base_macs)
