@@ -164,10 +164,10 @@ class Evidence:
         The copy goes into one buffer the size of the ring, allocated (and zeroed, like the ring)
         at the first snapshot and reused by every later one: memory is taken once. Why not a
         fresh clone per calibration: that is a block as large as the evidence (tens of MB), a
-        little larger every time, and the allocator keeps each freed one in the process, too
-        small for the next. Behind Ray Serve the learner's resident memory grew by ~40 MB a
-        calibration (every ``recalibrate_every`` samples), without a plateau, while the memory
-        in use stayed flat.
+        little larger every time, and the allocator keeps the freed ones in the process, each
+        too small for the next. Behind Ray Serve the learner's resident memory grew by tens of
+        MB a calibration without a plateau while the memory in use stayed flat (the other such
+        block was the heads' activations, see :func:`~.trainer.classify_all`).
 
         Example:
             >>> evidence = Evidence(DistillConfig())
