@@ -13,7 +13,8 @@ time, then one client alone, and reports:
 * the MAC saving under load (the learner's own count of MACs spent, audits included) and the
   heads versions published during the run;
 * the server's resident memory (RSS) sampled through the run: it must stay flat (the learner's
-  buffers are capped); with Ray, the sum over the replica and learner processes;
+  buffers are capped); with Ray, the sum over the replica and learner processes (each process's
+  own series too, ``rss_by_process``, printed as start / 1 min / end);
 * what early exit buys the wrapped model alone (``model_only``): the heads the server saved,
   called in this process at the server's mean batch size against the base model: the ceiling of
   the server's throughput gain;
