@@ -13,7 +13,8 @@ time, then one client alone, and reports:
 * the MAC saving under load (the learner's own count of MACs spent, audits included) and the
   heads versions published during the run;
 * the server's resident memory (RSS) sampled through the run: it must stay flat (the learner's
-  buffers are capped); with Ray, the sum over the replica and learner processes;
+  buffers are capped); with Ray, the sum over the replica and learner processes (each process's
+  own series too, ``rss_by_process``, printed as start / 1 min / end);
 * what early exit buys the wrapped model alone (``model_only``): the heads the server saved,
   called in this process at the server's mean batch size against the base model: the ceiling of
   the server's throughput gain;
@@ -86,7 +87,12 @@ def rss_bytes(pid: int) -> int:
 def ray_actor_pids(title: str) -> list[int]:
     """Processes whose command line contains ``title`` (Ray names actor processes
     ``ray::ServeReplica:APP:DEPLOYMENT``)."""
-    pids = []
+    return list(ray_actor_titles(title))
+
+
+def ray_actor_titles(title: str) -> dict[int, str]:
+    """Like :func:`ray_actor_pids`, with each process's title (its command line's first word)."""
+    pids = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -95,7 +101,7 @@ def ray_actor_pids(title: str) -> list[int]:
         except OSError:
             continue
         if title in command:
-            pids.append(int(entry.name))
+            pids[int(entry.name)] = command.split(" ", 1)[0]
     return pids
 
 
@@ -139,7 +145,19 @@ class Server:
         learner (the actors doing the work; Ray's own daemons are left out)."""
         if not self.ray:
             return rss_bytes(self.process.pid)
-        return sum(rss_bytes(pid) for pid in ray_actor_pids("ServeReplica:earlyexit:"))
+        return sum(self.rss_by_process().values())
+
+    def rss_by_process(self) -> dict[str, int]:
+        """Resident memory of each process :meth:`rss` sums, by ``"TITLE PID"`` (with Ray: which
+        replica or the learner grows), or ``{"server PID": ...}`` without Ray."""
+        if not self.ray:
+            return {f"server {self.process.pid}": rss_bytes(self.process.pid)}
+        titles = ray_actor_titles("ServeReplica:earlyexit:")
+        # A title reads ray::ServeReplica:APP:DEPLOYMENT[.METHOD] (the method now running).
+        return {
+            f"{title.split(':')[-1].split('.')[0]} {pid}": rss_bytes(pid)
+            for pid, title in titles.items()
+        }
 
     def _drain(self) -> None:
         for line in self.process.stderr or []:
@@ -223,8 +241,18 @@ def load_phase(
         threading.Thread(target=client_loop, args=(server.port, payloads, stop_at, c, clients, o))
         for c, o in enumerate(outs)
     ]
-    rss = [server.rss()]
     began = time.perf_counter()
+    by_process: dict[str, list[tuple[float, int]]] = {}
+
+    def sample() -> int:
+        """Sample every process's RSS (kept by process, with the time) and return the total."""
+        now = time.perf_counter() - began
+        sizes = server.rss_by_process()
+        for name, size in sizes.items():
+            by_process.setdefault(name, []).append((round(now, 1), size))
+        return sum(sizes.values())
+
+    rss = [sample()]
     killed: dict[str, Any] | None = None
     for t in threads:
         t.start()
@@ -235,7 +263,7 @@ def load_phase(
             os.kill(victims[0], signal.SIGKILL)
             killed = {"pid": victims[0], "at_s": time.perf_counter() - began}
             print(f"killed replica process {victims[0]}", file=sys.stderr)
-        rss.append(server.rss())
+        rss.append(sample())
     for t in threads:
         t.join()
     wall = time.perf_counter() - began
@@ -261,6 +289,8 @@ def load_phase(
         "heads_versions_seen": sorted(set().union(*(o["versions"] for o in outs))),
         "killed_replica": killed,
         "rss_bytes": {"start": rss[0], "end": rss[-1], "max": max(rss), "samples": rss},
+        # Per process: [seconds into the run, bytes] (a killed replica's series stops there).
+        "rss_by_process": by_process,
     }
 
 
@@ -512,6 +542,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=sorted) + "\n")
     print_table(results)
+    print_rss_by_process(results)
     if "server_overhead_batch1_ms" in report:
         print(
             f"server overhead at batch 1: {report['server_overhead_batch1_ms']:.2f} ms over calling "
@@ -558,6 +589,18 @@ def print_table(results: dict[str, dict]) -> None:
     row("throughput x plain", lambda r: r["vs_plain"]["throughput_ratio"])
     row("gain / what saving allows", lambda r: r["vs_plain"]["throughput_gain_vs_allowed"])
     row("replicas back after kill", lambda r: r["replicas_after_kill"]["recovered"])
+
+
+def print_rss_by_process(results: dict[str, dict]) -> None:
+    """Each process's RSS at the start, after one minute and at the end of its arm's load."""
+    for kind, result in results.items():
+        for name, series in result["load"].get("rss_by_process", {}).items():
+            minute = next((size for t, size in series if t >= 60), series[-1][1])
+            print(
+                f"RSS {kind} {name:28} start {series[0][1] / 2**20:6.0f}  "
+                f"1 min {minute / 2**20:6.0f}  end {series[-1][1] / 2**20:6.0f} MB "
+                f"({series[0][0]:.0f}-{series[-1][0]:.0f} s)"
+            )
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ from torch import nn
 
 import earlyexit as ee
 from earlyexit.distill import BackgroundTrainingError, DistillConfig, OnlineDistiller
+from earlyexit.distill import trainer as trainer_module
 from earlyexit.distill.drift import DriftMonitor, drift_pvalue
-from earlyexit.distill.evidence import ContentSplit
+from earlyexit.distill.evidence import ContentSplit, Evidence
 from earlyexit.distill.gate_data import GateData
 from earlyexit.distill.schedule import Phase, PhaseStatus
-from earlyexit.distill.trainer import HeadTrainer
+from earlyexit.distill.trainer import HeadTrainer, classify_all
 from earlyexit.errors import CheckpointError, ConfigError, InputError
 from earlyexit.routing import gates_open, heads_evaluated
 
@@ -378,6 +379,33 @@ def test_replay_and_evidence_memory_is_bounded():
     assert stats["replay"] <= learner.trainer.replay.capacity < 5000
     assert learner.trainer.replay.added > learner.trainer.replay.capacity  # it wrapped around
     assert len(learner.traffic.recent) < 100
+
+
+def test_evidence_snapshot_reuses_one_buffer():
+    # A fresh clone per calibration, larger each time, is what the allocator kept (RSS grew
+    # without a plateau behind Ray Serve): every snapshot goes into the same memory.
+    evidence = Evidence(quick())
+    evidence.build({"z0": ((2,), torch.float32)}, capacity=4, device=torch.device("cpu"))
+    evidence.add([torch.zeros(3, 2)], torch.tensor([0, 1, 2]))
+    first = evidence.snapshot()
+    assert first["z0"].shape == (3, 2) and first["teacher"].tolist() == [0, 1, 2]
+    evidence.add([torch.ones(3, 2)], torch.tensor([3, 4, 5]))  # wraps: 4 rows kept
+    second = evidence.snapshot()
+    assert second["z0"].data_ptr() == first["z0"].data_ptr()
+    assert torch.equal(second["z0"], evidence.ring.view()["z0"])
+    assert second["teacher"].tolist() == [4, 5, 2, 3]
+
+
+def test_classify_all_in_blocks_gives_the_logits_of_one_call(monkeypatch):
+    eem = toy_wrap()
+    x = stream(10, torch.Generator().manual_seed(3))
+    _, trace = eem.trace(x, audit=torch.ones(10, dtype=torch.bool))
+    zs = [record.z for record in trace.exits]
+    with torch.no_grad():
+        whole = [head.classify(z) for head, z in zip(eem.heads, zs, strict=True)]
+    monkeypatch.setattr(trainer_module, "CLASSIFY_BLOCK", 3)  # 3 + 3 + 3 + 1 rows
+    for got, want in zip(classify_all(eem.heads, zs), whole, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_fit_on_a_finite_loader():

@@ -160,6 +160,7 @@ class DistillConfig:
             ``None``; read as ``learn_macs_budget`` if lower.
         replay_samples: cap on the replay buffer (features at every exit + teacher logits).
         max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
+            Calibrations work on one copy of the evidence buffer, allocated once and reused.
         storage_dtype: dtype of stored features (``"float16"`` halves the memory).
 
     Schedule:

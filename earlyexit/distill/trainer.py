@@ -46,6 +46,8 @@ from .config import DistillConfig
 #: Optimizer steps a lagging background trainer may owe before new traffic stops adding more
 #: (a synchronous learner takes every step owed after each batch, so it never nears this).
 MAX_OWED_STEPS = 4096.0
+#: Most rows :func:`classify_all` runs through a head at once (see there).
+CLASSIFY_BLOCK = 64
 
 
 def distillation_loss(
@@ -99,11 +101,32 @@ def training_precision(module: nn.Module) -> nn.Module:
 
 def classify_all(heads: Sequence[nn.Module], zs: Sequence[Tensor]) -> list[Tensor]:
     """Every head's logits on its stored input ``z`` (no backbone pass, no autograd); ``z`` is
-    cast to the head's own dtype (stored rows may be float16/float32, heads float32 or half)."""
+    cast to the head's own dtype (stored rows may be float16/float32, heads float32 or half).
+
+    Rows go through in blocks of :data:`CLASSIFY_BLOCK` (the same logits as one call): a
+    calibration scores every evidence row, and one call on all of them holds the heads'
+    activations for all of them at once (~110 KB a row for conv heads on EfficientNet-Lite0:
+    hundreds of MB at a full evidence ring), a little more at every calibration; the allocator
+    kept those freed blocks, and behind Ray Serve the learner's resident memory grew without a
+    plateau. Small blocks keep that working memory at a few MB, the same every time (and run
+    faster: 134 ms instead of 524 ms for 2,500 rows on one thread).
+
+    Example:
+        >>> from earlyexit.heads import FeatureLayout, LinearHead
+        >>> head = LinearHead(FeatureLayout("nchw"), channels=4, num_classes=3)
+        >>> [out.shape for out in classify_all([head], [torch.randn(600, 4)])]
+        [torch.Size([600, 3])]
+    """
     with torch.no_grad():
-        return [
-            head.classify(z.to(parameter_dtype(head))) for head, z in zip(heads, zs, strict=True)
-        ]
+        out = []
+        for head, z in zip(heads, zs, strict=True):
+            dtype = parameter_dtype(head)
+            if z.shape[0] <= CLASSIFY_BLOCK:
+                out.append(head.classify(z.to(dtype)))
+            else:
+                blocks = z.split(CLASSIFY_BLOCK)
+                out.append(torch.cat([head.classify(block.to(dtype)) for block in blocks]))
+        return out
 
 
 def agreement(logits: Sequence[Tensor], target: Tensor) -> Tensor:
