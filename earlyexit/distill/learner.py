@@ -1006,10 +1006,15 @@ class OnlineDistiller:
         :meth:`~earlyexit.distill.schedule.Schedule.learning_cost`). Built from a
         :class:`~earlyexit.distill.stats.LearnerStats`.
 
+        In background mode the batches already served are recorded first (bookkeeping only,
+        not training), so ``samples`` counts every answered request.
+
         Example:
             >>> learner.stats()["mac_saving"]  # doctest: +SKIP
             0.41
         """
+        if not self.worker.on_thread:  # the worker itself must not wait for itself
+            self._record_queued()
         with self._lock:
             traffic = self.traffic
             cfg = self.config
