@@ -294,7 +294,7 @@ class OnlineDistiller:
                 for batch in loader:
                     x = batch[0] if isinstance(batch, tuple | list) else batch
                     self.step(x)
-                self._record_queued()  # this epoch's batches count (or not) as evidence
+                self.wait_recorded()  # this epoch's batches count (or not) as evidence
         finally:
             self._collect_evidence = True
         self.sync()
@@ -408,11 +408,18 @@ class OnlineDistiller:
     def close(self) -> None:
         """Stop the background trainer (if any), once it has recorded the batches served. The
         learner can still serve synchronously."""
-        self._record_queued()
+        self.wait_recorded()
         self.worker.stop()
 
-    def _record_queued(self) -> None:
-        """Background mode: wait until the worker has recorded every batch served so far."""
+    def wait_recorded(self) -> None:
+        """Background mode: wait until the worker has recorded every batch served so far (the
+        bookkeeping, not the training: quick), so :meth:`stats` counts every answered sample.
+        :meth:`stats` itself never waits (a serving loop reads it after every batch). A no-op
+        in synchronous mode.
+
+        Example:
+            >>> learner.wait_recorded(); learner.stats()["samples"]  # doctest: +SKIP
+        """
         if self.worker.running:
             self.worker.wait_idle(lambda: not self._queued)
 
@@ -1006,15 +1013,10 @@ class OnlineDistiller:
         :meth:`~earlyexit.distill.schedule.Schedule.learning_cost`). Built from a
         :class:`~earlyexit.distill.stats.LearnerStats`.
 
-        In background mode the batches already served are recorded first (bookkeeping only,
-        not training), so ``samples`` counts every answered request.
-
         Example:
             >>> learner.stats()["mac_saving"]  # doctest: +SKIP
             0.41
         """
-        if not self.worker.on_thread:  # the worker itself must not wait for itself
-            self._record_queued()
         with self._lock:
             traffic = self.traffic
             cfg = self.config
@@ -1074,7 +1076,7 @@ class OnlineDistiller:
             >>> learner.save("learner.safetensors")  # doctest: +SKIP
             >>> learner = OnlineDistiller.load(model, "learner.safetensors")  # doctest: +SKIP
         """
-        self._record_queued()
+        self.wait_recorded()
         with self._train_lock, self._lock:
             tensors, state = self.state_dict()
             save_early_exit_model(

@@ -52,11 +52,6 @@ class BackgroundWorker(Generic[Job]):
         """Whether the thread was started and not stopped."""
         return self._thread is not None
 
-    @property
-    def on_thread(self) -> bool:
-        """Whether the caller runs on this worker's thread."""
-        return threading.current_thread() is self._thread
-
     def start(self) -> None:
         """Start the thread."""
         self._stop.clear()

@@ -145,6 +145,8 @@ class LearnerBackend:
         return f"the background trainer failed ({type(error).__name__}: {error})"
 
     def stats(self) -> dict[str, Any]:
+        # Every answered request counts: its batch may still wait for the learner's bookkeeping.
+        self.learner.wait_recorded()
         return json_safe(self.learner.stats())
 
     def save(self, path: str | Path) -> None:
