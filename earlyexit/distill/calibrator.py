@@ -108,6 +108,25 @@ class Candidate:
     epoch: int
 
 
+def score_logits(gate: Gate, logits: Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Gate scores ``[N, E]`` of every exit's ``logits`` as served (logits that are not finite
+    score NaN and let nothing out), and whether each agrees with the full model's ``labels``.
+
+    Example:
+        >>> from earlyexit.gates import make_gate
+        >>> s, a = score_logits(make_gate("max_softmax"), [torch.zeros(2, 3)], torch.tensor([0, 1]))
+        >>> s.shape, a.tolist()
+        (torch.Size([2, 1]), [[True], [False]])
+    """
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    with torch.no_grad():
+        scores = [
+            gate.checked_score(out, GateContext(i, rows, logits[:i])).cpu()
+            for i, out in enumerate(logits)
+        ]
+    return torch.stack(scores, dim=1), agreement(logits, labels).cpu()
+
+
 class PolicyCalibrator:
     """Turns held-out evidence into a :class:`Candidate` for ``eem`` (whose costs it reads).
 
@@ -255,17 +274,9 @@ class PolicyCalibrator:
     ) -> tuple[Tensor, Tensor]:
         """Gate scores ``[N, E]`` and agreement ``[N, E]`` of ``heads`` on stored evidence
         (``logits``: the heads' logits on it, when already known)."""
-        teacher = data["teacher"]
-        rows = torch.arange(teacher.shape[0], device=teacher.device)
         if logits is None:
             logits = classify_all(heads, [data[f"z{i}"] for i in range(len(heads))])
-        with torch.no_grad():
-            # As served: logits that are not finite score NaN and let nothing out.
-            scores = [
-                gate.checked_score(out, GateContext(i, rows, logits[:i])).cpu()
-                for i, out in enumerate(logits)
-            ]
-        return torch.stack(scores, dim=1), agreement(logits, teacher).cpu()
+        return score_logits(gate, logits, data["teacher"])
 
     def expected_cost(self, scores: Tensor, thresholds: Sequence[float], gate: Gate) -> float:
         """Mean MACs per sample of serving ``scores`` at ``thresholds`` (heads and gate included)."""

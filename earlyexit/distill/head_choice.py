@@ -41,17 +41,18 @@ from torch import Tensor, nn
 
 from ..calibration import empirical_joint_thresholds
 from ..errors import ConfigError, InputError
-from ..gates import Gate, GateContext, LearnedGate, make_gate
+from ..gates import Gate, LearnedGate, make_gate
 from ..heads import ExitHead, HeadSpec, build_head, head_kinds
 from ..model import EarlyExitModel
 from ..routing import exit_path_macs, gates_open, heads_evaluated, simulate_exits
 from ..wrapping import DEFAULT_HEAD_BUDGET, DEFAULT_NUM_EXITS, wrap
 from .buffers import ring_layout
+from .calibrator import score_logits
 from .config import DistillConfig
 from .evidence import ContentSplit
 from .handover import Handover
 from .learner import TRAIN_MACS_FACTOR
-from .trainer import HeadTrainer, agreement, classify_all
+from .trainer import HeadTrainer, classify_all
 
 #: Held-out rows are priced on every CHOOSE_EVERY-th one; the others are handed to the learner
 #: as evidence (:meth:`HeadChooser.handover`): rows the choice never looked at test it fairly.
@@ -491,21 +492,11 @@ class HeadChooser:
     def _held_out_scores(self, labels: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per kind, the gate scores ``[N, P]`` and agreement ``[N, P]`` of its heads (as trained
         now) on the held-out rows the choice is priced on (``labels``: their full-model answers)."""
-        held = int(labels.shape[0])
         scores, agrees = {}, {}
         for kind in self.kinds:
             zs = [z[self._priced_rows(z.shape[0])] for z in self._held_out_features(kind)]
             logits = classify_all(self.trainers[kind].student, zs)
-            rows = torch.arange(held)
-            with torch.no_grad():
-                scores[kind] = torch.stack(
-                    [
-                        self._score_gate.checked_score(out, GateContext(i, rows, logits[:i])).cpu()
-                        for i, out in enumerate(logits)
-                    ],
-                    dim=1,
-                )
-            agrees[kind] = agreement(logits, labels).cpu()
+            scores[kind], agrees[kind] = score_logits(self._score_gate, logits, labels)
         return scores, agrees
 
     def _cost(self, assignment: Sequence[str | None]) -> float:
