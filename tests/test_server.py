@@ -793,3 +793,80 @@ def test_an_overloaded_server_answers_503_at_once_and_serves_the_queue(transform
 def test_max_queued_requests_must_be_positive():
     with pytest.raises(ConfigError, match="max_queued_requests"):
         ServerSettings(max_queued_requests=0)
+
+
+# ------------------------------------------------------------------------------ --frozen
+
+
+def frozen_model(model, x: np.ndarray) -> ee.EarlyExitModel:
+    """A wrapped model whose first gate is open at a threshold where some rows of ``x`` leave
+    there and the others run on."""
+    torch.manual_seed(3)
+    eem = ee.wrap(model, input_size=SIZE, head="linear", gate="max_softmax")
+    with torch.no_grad():
+        for head in eem.heads:
+            for p in head.parameters():
+                p.normal_(0, 0.5)
+        closed = [float("inf")] * (eem.num_exits - 1)
+        for threshold in np.linspace(0.05, 0.99, 95):
+            eem.set_thresholds([float(threshold), *closed])
+            exits = eem.predict(torch.from_numpy(x)).exit_index
+            if 0 < int((exits == 0).sum()) < len(exits):
+                return eem
+    raise AssertionError("no threshold splits the batch")
+
+
+def test_frozen_serves_the_heads_as_eem_predict_does(model, transform, tmp_path):
+    from earlyexit.server import FrozenBackend
+
+    x = batch(24)  # 1.2 MB: decoded in the thread pool; the 3-row request below on the loop
+    eem = frozen_model(model, x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    thresholds = eem.thresholds
+    app = create_app(FrozenBackend(eem), transform, ServerSettings())
+    with TestClient(app) as client:
+        big = client.post("/predict", content=npy_bytes(x), headers=NPY).json()
+        small = client.post("/predict", content=npy_bytes(x[:3]), headers=NPY).json()
+        calibrate = client.post("/calibrate")
+        saved = client.post("/save", json={"path": str(tmp_path / "h.safetensors")})
+        stats = client.get("/stats").json()
+        metrics = client.get("/metrics").text
+    with torch.no_grad():
+        want = eem.predict(torch.from_numpy(x))
+    exits = want.exit_index.tolist()
+    assert 0 < sum(e < eem.num_exits for e in exits) < len(exits)  # a real mix of paths
+    assert [p["exit"] for p in big["predictions"]] == exits
+    assert [p["label"] for p in big["predictions"]] == want.logits.argmax(-1).tolist()
+    assert [p["exit"] for p in small["predictions"]] == exits[:3]
+    assert big["heads_version"] == 0 and big["num_exits"] == eem.num_exits
+    # Nothing learns: /calibrate is refused and the thresholds served stay as loaded.
+    assert calibrate.status_code == 409 and "--frozen" in calibrate.json()["error"]
+    assert eem.thresholds == thresholds
+    assert saved.status_code == 200
+    assert ee.load(tiny_model(), tmp_path / "h.safetensors").thresholds == thresholds
+    assert stats["frozen"] is True and stats["samples"] == 27 and stats["batches"] == 2
+    counts = [0] * (eem.num_exits + 1)
+    for e in exits + exits[:3]:
+        counts[e] += 1
+    assert stats["exit_counts"] == counts
+    path = eem.path_macs()
+    spent = sum(path[e] for e in exits + exits[:3])
+    assert stats["mac_saving"] == pytest.approx(1 - spent / (27 * eem.base_macs))
+    assert f'earlyexit_samples_total{{exit="{eem.num_exits}"}} {float(counts[-1])}' in metrics
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    eem.remove()
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ([], "needs --heads"),
+        (["--heads", "h.safetensors", "--plain"], "neither --plain"),
+        (["--heads", "h.safetensors", "--ray"], "neither --plain nor --ray"),
+    ],
+)
+def test_frozen_refuses_what_it_cannot_serve(extra, says, capsys):
+    from earlyexit.cli import main
+
+    code = main(["serve", "--model", "timm:resnet18", "--frozen", *extra])
+    assert code == 2 and says in capsys.readouterr().err

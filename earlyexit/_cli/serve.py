@@ -41,13 +41,15 @@ DESCRIPTION = (
     "/calibrate need Authorization: Bearer TOKEN when --token is set; a host other than "
     "loopback needs --token. On SIGTERM the server finishes the requests in flight, saves the "
     "heads and thresholds to --save-on-exit (atomically; load them with earlyexit.load) and "
-    "exits 0. --plain serves the base model alone through the same server, for comparison. "
+    "exits 0. --frozen serves --heads as they are (no learning, no audits); --plain serves the "
+    "base model alone through the same server, for comparison. "
     "Needs pip install 'earlyexit[serve]'."
 )
 EPILOG = f"""examples:
   earlyexit serve --model timm:resnet50 --weights resnet50.pth --save-on-exit heads.safetensors
   earlyexit serve --model timm:resnet18 --num-classes 10 --input-size 64 --port 0
-  earlyexit serve --model torchvision:resnet18 --pretrained --heads heads.safetensors --plain
+  earlyexit serve --model torchvision:resnet18 --pretrained --heads heads.safetensors --frozen
+  earlyexit serve --model torchvision:resnet18 --pretrained --plain
   curl -s -X POST --data-binary @cat.jpg -H 'Content-Type: image/jpeg' localhost:8000/predict
 
 exit codes:
@@ -169,6 +171,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: torch's); use 1 when another job shares the cores",
     )
     serving.add_argument(
+        "--frozen",
+        action="store_true",
+        help="serve the --heads as they are: no learning, no audits, no recalibration (the "
+        "policy of a finished learner at the cost of the wrapped model alone)",
+    )
+    serving.add_argument(
         "--plain",
         action="store_true",
         help="serve the base model alone (no exits, no learner), through the same server",
@@ -223,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
     # Before minutes of model building: the HTTP packages, and the host rule.
     require_extra_packages(SERVE_MODULES, "earlyexit serve", "serve")
     from ..server import (
+        FrozenBackend,
         LearnerBackend,
         PlainBackend,
         ServerSettings,
@@ -244,6 +253,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except ConfigError as err:
         raise CliError(str(err), EXIT_USAGE) from None
+    if args.frozen and (args.plain or args.ray or not args.heads):
+        raise CliError(
+            "--frozen serves saved heads as they are, in this process: it needs --heads PATH "
+            "and takes neither --plain nor --ray",
+            EXIT_USAGE,
+        )
     if args.plain and args.heads:
         raise CliError("--plain serves the base model alone: it takes no --heads", EXIT_USAGE)
     if args.ray:
@@ -271,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plain:
         _check_plain(model, input_size)
         backend: Any = PlainBackend(model, input_size)
+    elif args.frozen:
+        backend = FrozenBackend(_wrapped(model, args, input_size))
     else:
         backend = LearnerBackend(_learner(model, args, input_size))
     app = create_app(backend, transform, settings)

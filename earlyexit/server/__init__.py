@@ -6,7 +6,8 @@ prometheus_client); nothing below this package imports it, so the core works wit
 Parts, one job each:
 
 - :mod:`.decoding`: request bodies to checked batches, or a 4xx saying what was expected;
-- :mod:`.backends`: what serves a batch (the online learner, or the base model alone);
+- :mod:`.backends`: what serves a batch (the online learner, saved heads as they are, or the
+  base model alone);
 - :mod:`.batcher`: dynamic batching on the one serving thread;
 - :mod:`.metrics`: the Prometheus metrics;
 - :mod:`.app`: the FastAPI app (endpoints, token, shutdown save);
@@ -30,13 +31,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backends import Backend, LearnerBackend, NotAvailable, PlainBackend, ServedBatch
+from .backends import (
+    Backend,
+    FrozenBackend,
+    LearnerBackend,
+    NotAvailable,
+    PlainBackend,
+    ServedBatch,
+)
 from .batcher import DynamicBatcher, ServerClosing
 from .decoding import RequestDecoder, RequestError
 
 __all__ = [
     "Backend",
     "DynamicBatcher",
+    "FrozenBackend",
     "LearnerBackend",
     "NotAvailable",
     "PlainBackend",

@@ -43,7 +43,7 @@ from .._optional import import_extra_package
 from ..errors import ConfigError
 from .backends import Backend, NotAvailable, ServedBatch
 from .batcher import DynamicBatcher, ServerClosing
-from .decoding import DEFAULT_MAX_PIXELS, RequestDecoder, RequestError
+from .decoding import DEFAULT_MAX_PIXELS, NPY_TYPE, RequestDecoder, RequestError, media_type
 from .endpoints import authorize, json_error, predict_answer, read_body, save_path_of
 from .metrics import ServerMetrics
 
@@ -69,6 +69,9 @@ __all__ = [
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Requests that may wait for the serving thread by default before new ones get a 503.
 DEFAULT_MAX_QUEUED_REQUESTS = 256
+#: ``.npy`` bodies up to this size are decoded on the event loop (a copy and a check); larger
+#: ones, and every image (decoding and resizing cost milliseconds), in the thread pool.
+INLINE_DECODE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,12 @@ def create_app(
                     {"Retry-After": "1"},
                 )
             body = await read_body(request, settings.max_body_bytes)
-            x = await concurrency.run_in_threadpool(state.decoder.decode, content_type, body)
+            if media_type(content_type) == NPY_TYPE and len(body) <= INLINE_DECODE_BYTES:
+                # A small .npy is one copy and a finiteness check (tens of microseconds): a hop
+                # to the thread pool and back would cost more than it saves the event loop.
+                x = state.decoder.decode(content_type, body)
+            else:
+                x = await concurrency.run_in_threadpool(state.decoder.decode, content_type, body)
             served: ServedBatch = await asyncio.wrap_future(state.batcher.submit(x))
         except RequestError as err:
             state.metrics.record_request(err.status)

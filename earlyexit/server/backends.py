@@ -1,4 +1,5 @@
-"""What the server serves a batch with: the online learner, or the base model alone (``--plain``).
+"""What the server serves a batch with: the online learner, saved heads as they are (``--frozen``),
+or the base model alone (``--plain``).
 
 Both answer a batch the same way (one JSON-ready prediction per row: label, probability, exit,
 accepted) so that the same server, decoding, batching and JSON serve either, and a benchmark
@@ -17,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,8 +28,17 @@ from torch import Tensor, nn
 
 from .._json import json_safe
 from ..distill import OnlineDistiller
+from ..model import EarlyExitModel
 
-__all__ = ["Backend", "LearnerBackend", "NotAvailable", "PlainBackend", "ServedBatch", "answers"]
+__all__ = [
+    "Backend",
+    "FrozenBackend",
+    "LearnerBackend",
+    "NotAvailable",
+    "PlainBackend",
+    "ServedBatch",
+    "answers",
+]
 
 
 class NotAvailable(Exception):
@@ -159,6 +170,71 @@ class LearnerBackend:
     def close(self) -> None:
         """Stop the learner's background thread (it finishes its current job first)."""
         self.learner.close()
+
+
+class FrozenBackend:
+    """Serve a wrapped model's heads and thresholds as they are: ``eem.predict`` on every batch.
+
+    Nothing learns, audits or recalibrates, so no sample runs to the end unless its gates send
+    it there and no thread works beside serving: the policy of a finished learner, at the cost of
+    the wrapped model alone. ``heads_version`` stays 0 (nothing is ever published); ``save``
+    writes the heads and thresholds served; ``calibrate`` is not available.
+    """
+
+    def __init__(self, eem: EarlyExitModel) -> None:
+        self.eem = eem
+        self.num_exits = eem.num_exits
+        self.input_size = tuple(eem.input_size)
+        self.dtype, self.device = _model_dtype_device(eem.base_model)
+        self._path_macs = list(eem.path_macs())
+        self._exits = [0] * (eem.num_exits + 1)
+        self._macs = 0
+        self._lock = threading.Lock()  # /stats reads the counts from another thread
+
+    def serve(self, x: Tensor) -> ServedBatch:
+        with torch.no_grad():
+            result = self.eem.predict(x.to(self.device))
+        with self._lock:
+            for e in result.exit_index.tolist():
+                self._exits[e] += 1
+                self._macs += self._path_macs[e]
+        return ServedBatch(answers(result.logits, result.exit_index, result.accepted), 0)
+
+    def heads_version(self) -> int:
+        return 0
+
+    def failure(self) -> str | None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        """Samples served, answers per exit (the last entry: the full model), the MAC saving
+        over them (heads included) and the thresholds served."""
+        with self._lock:
+            exits, macs = list(self._exits), self._macs
+        samples = sum(exits)
+        saving = 1.0 - macs / (samples * self.eem.base_macs) if samples else 0.0
+        return json_safe(
+            {
+                "samples": samples,
+                "frozen": True,
+                "exit_counts": exits,
+                "mac_saving": saving,
+                "thresholds": list(self.eem.thresholds),
+            }
+        )
+
+    def save(self, path: str | Path) -> None:
+        """The heads and thresholds served, as :meth:`EarlyExitModel.save` writes them."""
+        self.eem.save(path)
+
+    def calibrate(self) -> None:
+        raise NotAvailable(
+            "--frozen serves the loaded heads and thresholds as they are: nothing calibrates; "
+            "serve without --frozen to learn and calibrate on the traffic"
+        )
+
+    def close(self) -> None:
+        return None
 
 
 class PlainBackend:
