@@ -1,0 +1,187 @@
+"""What ``earlyexit serve`` adds at batch 1 over calling the model directly, paired per request.
+
+Issue #16's target: the server adds <= 1 ms per request over calling ``eem`` directly at batch 1.
+Timings on a shared machine drift by milliseconds between phases, so each request is paired with
+a direct call on the same image right after it, in this process, and the overhead is the median
+of the per-pair differences (``overhead_p50_ms``); the medians of each side are reported too.
+
+Three servers, started one after the other on loopback with the fine-tuned EfficientNet-Lite0 of
+the fashion workload (one torch thread each, as ``benchmarks/serve_load.py`` runs them), one client
+sending one preprocessed Fashion-MNIST test image per request (``.npy``):
+
+* ``plain`` (``--plain``) against the base model called directly;
+* ``frozen`` (``--heads H --frozen``: the heads and thresholds as saved, nothing learning) against
+  ``ee.load(model, H).predict``: the same policy on both sides, so every answer leaves at the
+  same exit (``same_exit`` checks it). This is the server's overhead, the target's figure;
+* ``learning`` (``--heads H``: the default server, learning while it serves) against the same
+  direct call. Its learner audits (runs some early-leaving samples to the end), recalibrates and
+  trains on a second thread, so its exits differ from the saved policy's: this row is the cost of
+  learning at batch 1 on this machine, not of the serving layer.
+
+``H``: ``--heads PATH`` (heads saved by ``eem.save``, e.g. by ``earlyexit serve --save-on-exit``),
+or by default heads learned here on the fashion stream (``learn_online``, seed 0, ~30 s).
+
+Usage:
+    python benchmarks/serve_batch1.py                      # ~3 min
+    python benchmarks/serve_batch1.py --requests 2000 --heads heads.safetensors
+
+Results: ``benchmarks/results/serve_batch1.json`` unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import HOST, Server, npy_bytes
+
+import earlyexit as ee
+from earlyexit.evaluation.workloads._fashion import (
+    fashion_preprocess,
+    load_fashion_backbone,
+    read_fashion_split,
+)
+
+
+def learned_heads(path: Path) -> Path:
+    """Heads learned on the fashion stream as ``earlyexit demo`` learns them (seed 0)."""
+    from earlyexit.evaluation.pipeline import PipelineOptions, learn_online
+    from earlyexit.evaluation.workloads import load_workload
+
+    workload = load_workload("fashion", seed=0)
+    options = PipelineOptions(seed=0, progress=False)
+    run = learn_online(workload.model, workload.traffic, options, workload.input_size)
+    run.learner.close()
+    run.learner.eem.save(path)
+    return path
+
+
+def paired(
+    server: Server, payloads: list[bytes], inputs: list[torch.Tensor], direct: Callable, warmup: int
+) -> dict:
+    """One server request then one direct call on the same image, for every image."""
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=60)
+    served, called, gaps, same = [], [], [], []
+    with torch.no_grad():
+        for i, (body, x) in enumerate(zip(payloads, inputs, strict=True)):
+            began = time.perf_counter()
+            conn.request(
+                "POST", "/predict", body=body, headers={"Content-Type": "application/x-npy"}
+            )
+            reply = conn.getresponse()
+            answer = json.loads(reply.read())
+            server_s = time.perf_counter() - began
+            began = time.perf_counter()
+            result = direct(x)
+            direct_s = time.perf_counter() - began
+            if reply.status != 200:
+                raise RuntimeError(f"the server answered {reply.status}: {answer}")
+            if i < warmup:
+                continue
+            served.append(server_s)
+            called.append(direct_s)
+            gaps.append(server_s - direct_s)
+            exit_direct = int(result.exit_index[0]) if hasattr(result, "exit_index") else 0
+            same.append(answer["predictions"][0]["exit"] == exit_direct)
+    conn.close()
+
+    def ms(values: list[float]) -> float:
+        return 1e3 * statistics.median(values)
+
+    return {
+        "requests": len(gaps),
+        "server_p50_ms": ms(served),
+        "direct_p50_ms": ms(called),
+        "overhead_p50_ms": ms(gaps),
+        "overhead_p90_ms": 1e3 * statistics.quantiles(gaps, n=10)[8],
+        "same_exit": sum(same) / len(same),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=1000, help="paired requests per server")
+    parser.add_argument("--warmup", type=int, default=50, help="pairs left out first")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, server and here")
+    parser.add_argument("--heads", help="heads saved with eem.save (default: learn them here)")
+    parser.add_argument("--out", default=None, help="JSON path")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    tmp = Path(tempfile.mkdtemp(prefix="earlyexit-batch1-"))
+    model = load_fashion_backbone().eval()
+    weights = tmp / "fashion_lite0.pth"
+    torch.save(model.state_dict(), weights)
+    heads = Path(args.heads) if args.heads else learned_heads(tmp / "heads.safetensors")
+    images, _labels = read_fashion_split("test")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    count = args.requests + args.warmup
+    inputs = [fashion_preprocess(images[int(i)][None]) for i in order[:count]]
+    payloads = [npy_bytes(x) for x in inputs]
+    eem = ee.load(model, heads)
+
+    arms = {
+        "plain": ((), model),
+        "frozen": (("--heads", str(heads), "--frozen"), eem.predict),
+        "learning": (("--heads", str(heads)), eem.predict),
+    }
+    results = {}
+    for i, (name, (extra, direct)) in enumerate(arms.items()):
+        print(f"[{name}] starting the server ...", file=sys.stderr)
+        server = Server(
+            weights,
+            18651 + i,
+            plain=name == "plain",
+            threads=args.threads,
+            save=tmp / f"{name}.safetensors",
+            extra=extra,
+        )
+        try:
+            results[name] = paired(server, payloads, inputs, direct, args.warmup)
+        finally:
+            server.stop()
+        r = results[name]
+        print(
+            f"[{name}] server p50 {r['server_p50_ms']:.2f} ms, direct p50 {r['direct_p50_ms']:.2f}"
+            f" ms, paired overhead p50 {r['overhead_p50_ms']:.2f} ms (p90 "
+            f"{r['overhead_p90_ms']:.2f}), same exit {r['same_exit']:.1%}",
+            file=sys.stderr,
+        )
+    eem.remove()
+    report = {
+        "command": " ".join(sys.argv),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "heads": str(heads) if args.heads else "learned on the fashion stream, seed 0",
+        **results,
+        "server_overhead_batch1_ms": results["frozen"]["overhead_p50_ms"],
+        "target": {"server_overhead_batch1_ms_at_most": 1.0},
+    }
+    out = Path(args.out or Path(__file__).parent / "results" / "serve_batch1.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("plain", "frozen", "learning")}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
