@@ -870,3 +870,105 @@ def test_frozen_refuses_what_it_cannot_serve(extra, says, capsys):
 
     code = main(["serve", "--model", "timm:resnet18", "--frozen", *extra])
     assert code == 2 and says in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ --head auto
+
+
+def choosing_app(model, transform, samples: int, kinds=None):
+    """A server whose heads are chosen on its first ``samples`` requests; ``kinds`` (one kind
+    or None per candidate place) replaces what the chooser would choose, once it has seen one
+    batch, so the exits it keeps are known."""
+    import dataclasses
+
+    from earlyexit.server import ChoosingBackend
+
+    config = small_config()
+    chooser = ee.HeadChooser(model, samples=samples, config=config, input_size=SIZE)
+    backend = ChoosingBackend(chooser, config)
+    if kinds is not None:
+        step = chooser.step
+
+        def forced(x):
+            out = step(x)
+            chooser.choice = dataclasses.replace(chooser.finish(), kinds=tuple(kinds))
+            return out
+
+        chooser.step = forced
+    return create_app(backend, transform, ServerSettings()), backend, chooser
+
+
+def test_head_auto_serves_the_full_model_until_the_choice(model, transform):
+    app, _backend, chooser = choosing_app(model, transform, samples=64)
+    x = batch(16)
+    with TestClient(app) as client:
+        answer = client.post("/predict", content=npy_bytes(x), headers=NPY).json()
+        save = client.post("/save", json={"path": "x.safetensors"})
+        calibrate = client.post("/calibrate")
+        stats = client.get("/stats").json()
+    places = len(chooser.places)
+    labels, _ = direct(model, torch.from_numpy(x))
+    assert answer["num_exits"] == places and answer["heads_version"] == 0
+    assert [p["exit"] for p in answer["predictions"]] == [places] * 16  # the full model
+    assert [p["label"] for p in answer["predictions"]] == labels
+    assert save.status_code == 409 and "being chosen (16 of 64 samples" in save.json()["error"]
+    assert calibrate.status_code == 409
+    assert stats["choosing"] is True and stats["samples"] == 16 and stats["choice_samples"] == 64
+
+
+def test_head_auto_hands_over_to_the_chosen_heads_numbered_by_place(model, transform, tmp_path):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = ee.HeadChooser(model, samples=8, input_size=SIZE)
+    places = len(probe.places)
+    probe.probe.remove()
+    kinds = [None] * places
+    kinds[1], kinds[-1] = "linear", "conv"  # two places kept, the others switched off
+    app, backend, _chooser = choosing_app(model, transform, samples=32, kinds=kinds)
+    with TestClient(app) as client:
+        first = client.post("/predict", content=npy_bytes(batch(16, seed=1)), headers=NPY).json()
+        later = [
+            client.post("/predict", content=npy_bytes(batch(16, seed=s)), headers=NPY).json()
+            for s in range(2, 6)
+        ]
+        calibrate = client.post("/calibrate")
+        saved = client.post("/save", json={"path": str(tmp_path / "h.safetensors")})
+        stats = client.get("/stats").json()
+        metrics = client.get("/metrics").text
+    assert first["heads_version"] == 0  # served by the full model, then the choice was made
+    assert all(a["heads_version"] >= 1 and a["num_exits"] == places for a in later)
+    # Answers name candidate places: only kept places (1 and the last) or the full model.
+    exits = {p["exit"] for a in later for p in a["predictions"]}
+    assert exits <= {1, places - 1, places}
+    assert calibrate.status_code == 200 and saved.status_code == 200
+    loaded = ee.load(tiny_model(), tmp_path / "h.safetensors")
+    assert list(loaded.head_kinds) == ["linear", "conv"]
+    assert [e.name for e in loaded.exits] == [_chooser_places(model)[1], _chooser_places(model)[-1]]
+    assert stats["head_choice"]["kinds"] == kinds
+    assert stats["samples"] == 80 and stats["learner_samples"] == 64
+    assert stats["heads_version"] >= 1 and "choosing" not in stats
+    assert len(stats["audited_agreement"]) == places
+    assert f'earlyexit_samples_total{{exit="{places}"}}' in metrics
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    backend.close()
+
+
+def _chooser_places(model) -> tuple[str, ...]:
+    chooser = ee.HeadChooser(model, samples=8, input_size=SIZE)
+    chooser.probe.remove()
+    return chooser.places
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--head", "auto", "--ray"], "not available with --ray"),
+        (["--head", "linear", "--heads", "h.safetensors"], "--heads takes none"),
+        (["--head", "linear", "--plain"], "--plain takes none"),
+        (["--head", "bogus"], "unknown --head 'bogus'"),
+    ],
+)
+def test_head_refuses_what_it_cannot_serve(extra, says, capsys):
+    from earlyexit.cli import main
+
+    code = main(["serve", "--model", "timm:resnet18", *extra])
+    assert code == 2 and says in capsys.readouterr().err

@@ -171,6 +171,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: torch's); use 1 when another job shares the cores",
     )
     serving.add_argument(
+        "--head",
+        metavar="KIND|auto",
+        help="head kind of new heads (default conv, as `earlyexit run`), or 'auto': the full "
+        "model answers the first --choice-samples requests while linear and conv heads learn "
+        "at every candidate place, then each place keeps the kind that saves the most MACs at "
+        "the target (or none) and the learner carries on with them (not with --heads or --ray)",
+    )
+    serving.add_argument(
+        "--choice-samples",
+        type=positive_int,
+        default=2048,
+        metavar="N",
+        help="samples --head auto watches before choosing (default 2048)",
+    )
+    serving.add_argument(
         "--frozen",
         action="store_true",
         help="serve the --heads as they are: no learning, no audits, no recalibration (the "
@@ -231,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
     # Before minutes of model building: the HTTP packages, and the host rule.
     require_extra_packages(SERVE_MODULES, "earlyexit serve", "serve")
     from ..server import (
+        ChoosingBackend,
         FrozenBackend,
         LearnerBackend,
         PlainBackend,
@@ -261,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.plain and args.heads:
         raise CliError("--plain serves the base model alone: it takes no --heads", EXIT_USAGE)
+    _check_head(args)
     if args.ray:
         if args.plain:
             raise CliError(
@@ -288,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
         backend: Any = PlainBackend(model, input_size)
     elif args.frozen:
         backend = FrozenBackend(_wrapped(model, args, input_size))
+    elif args.head == "auto":
+        backend = ChoosingBackend(_chooser(model, args, input_size), _distill_config(args))
     else:
         backend = LearnerBackend(_learner(model, args, input_size))
     app = create_app(backend, transform, settings)
@@ -315,6 +334,32 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_ERROR if state.shutdown_error else EXIT_OK
 
 
+def _check_head(args: argparse.Namespace) -> None:
+    """``--head``: a known kind or ``auto``, for new heads only."""
+    from ..heads import head_kinds
+
+    if args.head is None:
+        return
+    if args.plain or args.heads:
+        given = "--plain" if args.plain else "--heads"
+        raise CliError(
+            f"--head sets the kind of new heads: {given} takes none (saved heads keep theirs)",
+            EXIT_USAGE,
+        )
+    known = (*head_kinds(), "auto")
+    if args.head not in known:
+        raise CliError(
+            f"unknown --head {args.head!r}; expected one of: {', '.join(known)}", EXIT_USAGE
+        )
+    if args.head == "auto" and args.ray:
+        raise CliError(
+            "--head auto is not available with --ray (every replica would have to switch to the "
+            "chosen heads at once): choose them first with `earlyexit run --head auto --save "
+            "heads.safetensors`, then serve --ray --heads heads.safetensors",
+            EXIT_USAGE,
+        )
+
+
 def _preprocessing(model: Any, label: str, input_size: tuple[int, int, int] | None) -> Any:
     """The model's preprocessing (as ``earlyexit run`` builds it) and the size it produces."""
     from PIL import Image
@@ -337,10 +382,9 @@ def _learner(model: Any, args: argparse.Namespace, input_size: tuple[int, int, i
 def _wrapped(model: Any, args: argparse.Namespace, input_size: tuple[int, int, int]) -> Any:
     """The wrapped model: new heads as ``earlyexit run`` wraps, or those saved in ``--heads``."""
     from ..errors import CheckpointError, ConfigError, UnsupportedModelError
-    from ..evaluation.pipeline import PipelineOptions
     from ..loading import load
 
-    defaults = PipelineOptions()  # the exits, heads and gate `earlyexit run` uses
+    defaults = _options(args)  # the exits, heads and gate `earlyexit run` uses
     try:
         # New heads are sized for what the preprocessing makes.
         eem = load(model, args.heads) if args.heads else defaults.wrap(model, input_size)
@@ -355,6 +399,30 @@ def _wrapped(model: Any, args: argparse.Namespace, input_size: tuple[int, int, i
             EXIT_BAD_INPUT,
         )
     return eem
+
+
+def _options(args: argparse.Namespace) -> Any:
+    """``earlyexit run``'s exits, head and gate, with ``--head`` and ``--choice-samples``."""
+    from ..evaluation.pipeline import PipelineOptions
+
+    head = getattr(args, "head", None)
+    return PipelineOptions(
+        **({} if head is None else {"head": head}),
+        choice_samples=getattr(args, "choice_samples", 2048),
+    )
+
+
+def _chooser(model: Any, args: argparse.Namespace, input_size: tuple[int, int, int]) -> Any:
+    """The :class:`~earlyexit.HeadChooser` of ``--head auto``, learning as the server's learner
+    will (the same content split, so what it holds out stays held out)."""
+    from ..errors import ConfigError, UnsupportedModelError
+
+    try:
+        return _options(args).chooser(model, input_size, _distill_config(args))
+    except UnsupportedModelError as err:
+        raise CliError(str(err), EXIT_BAD_INPUT) from None
+    except ConfigError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
 
 
 def _distill_config(args: argparse.Namespace) -> Any:

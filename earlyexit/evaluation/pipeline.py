@@ -58,16 +58,22 @@ class PipelineOptions:
             input_size=input_size,
         )
 
-    def chooser(self, model: nn.Module, input_size: tuple[int, int, int] | None = None) -> Any:
+    def chooser(
+        self,
+        model: nn.Module,
+        input_size: tuple[int, int, int] | None = None,
+        config: DistillConfig | None = None,
+    ) -> Any:
         """A :class:`~earlyexit.distill.head_choice.HeadChooser` for ``head="auto"``: these
-        options' candidate places, kinds, gate and learning settings."""
+        options' candidate places, kinds and gate, learning as ``config`` says (default:
+        :meth:`distill_config`; pass the config of the learner that will take over)."""
         return HeadChooser(
             model,
             kinds=self.head_kinds,
             exits=self.exits,
             num_exits=self.num_exits,
             samples=self.choice_samples,
-            config=self.distill_config(),
+            config=config if config is not None else self.distill_config(),
             input_size=input_size,
             gate=self.gate,
         )

@@ -6,8 +6,8 @@ prometheus_client); nothing below this package imports it, so the core works wit
 Parts, one job each:
 
 - :mod:`.decoding`: request bodies to checked batches, or a 4xx saying what was expected;
-- :mod:`.backends`: what serves a batch (the online learner, saved heads as they are, or the
-  base model alone);
+- :mod:`.backends`: what serves a batch (the online learner, with heads chosen on the first
+  traffic or not, saved heads as they are, or the base model alone);
 - :mod:`.batcher`: dynamic batching on the one serving thread;
 - :mod:`.metrics`: the Prometheus metrics;
 - :mod:`.app`: the FastAPI app (endpoints, token, shutdown save);
@@ -33,6 +33,7 @@ from typing import Any
 
 from .backends import (
     Backend,
+    ChoosingBackend,
     FrozenBackend,
     LearnerBackend,
     NotAvailable,
@@ -44,6 +45,7 @@ from .decoding import RequestDecoder, RequestError
 
 __all__ = [
     "Backend",
+    "ChoosingBackend",
     "DynamicBatcher",
     "FrozenBackend",
     "LearnerBackend",

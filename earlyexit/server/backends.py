@@ -1,5 +1,6 @@
-"""What the server serves a batch with: the online learner, saved heads as they are (``--frozen``),
-or the base model alone (``--plain``).
+"""What the server serves a batch with: the online learner, the learner of heads chosen on the first
+traffic (``--head auto``), saved heads as they are (``--frozen``), or the base model alone
+(``--plain``).
 
 Both answer a batch the same way (one JSON-ready prediction per row: label, probability, exit,
 accepted) so that the same server, decoding, batching and JSON serve either, and a benchmark
@@ -27,11 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from .._json import json_safe
-from ..distill import OnlineDistiller
+from ..distill import DistillConfig, HeadChoice, HeadChooser, OnlineDistiller
 from ..model import EarlyExitModel
 
 __all__ = [
     "Backend",
+    "ChoosingBackend",
     "FrozenBackend",
     "LearnerBackend",
     "NotAvailable",
@@ -170,6 +172,124 @@ class LearnerBackend:
     def close(self) -> None:
         """Stop the learner's background thread (it finishes its current job first)."""
         self.learner.close()
+
+
+class ChoosingBackend:
+    """``--head auto``: the full model answers while a :class:`~earlyexit.HeadChooser` learns
+    every candidate head kind at every candidate place; once it has seen its ``samples``, a
+    learner of the chosen heads takes over (:meth:`OnlineDistiller.take_over`) and serves as
+    :class:`LearnerBackend` does.
+
+    Answers keep one numbering throughout: ``exit`` is the candidate place that answered (a place
+    the choice switched off never answers) and ``num_exits``, the number of candidate places,
+    the full model. Until the choice every answer is the full model's, ``save`` and ``calibrate``
+    are not available and the heads version is 0; taking over publishes version 1 and the
+    learner's later publications count on from there.
+
+    The choice, the wrapping of the chosen heads and the take-over run on the serving thread
+    after the batch that completes the choice, so the next batch waits for them once; until
+    then the chooser trains the candidates on the serving thread too (within
+    ``closed_macs_budget`` of the MACs served per kind), so answers are slower than the full
+    model alone while it watches.
+    """
+
+    def __init__(self, chooser: HeadChooser, config: DistillConfig) -> None:
+        self.config = config
+        self.num_exits = len(chooser.places)
+        self.places = chooser.places
+        self.input_size = tuple(chooser.probe.input_size)
+        self.dtype, self.device = _model_dtype_device(chooser.probe.base_model)
+        self.choice: HeadChoice | None = None
+        self._chooser: HeadChooser | None = chooser
+        self._learner: LearnerBackend | None = None
+        self._exit_of: list[int] = []  # the chosen model's exit j -> candidate place (or the end)
+        self._swap = threading.Lock()  # /stats reads which phase it is from another thread
+
+    def serve(self, x: Tensor) -> ServedBatch:
+        learner = self._learner
+        if learner is not None:
+            served = learner.serve(x)
+            for prediction in served.predictions:
+                prediction["exit"] = self._exit_of[prediction["exit"]]
+            return ServedBatch(served.predictions, 1 + served.heads_version)
+        chooser = self._chooser
+        assert chooser is not None
+        logits = chooser.step(x.to(self.device))
+        full = torch.full((logits.shape[0],), self.num_exits, dtype=torch.long)
+        served = ServedBatch(answers(logits, full, torch.isfinite(logits).all(dim=-1)), 0)
+        if chooser.done:
+            self._take_over(chooser)
+        return served
+
+    def _take_over(self, chooser: HeadChooser) -> None:
+        choice = chooser.finish()
+        learner = OnlineDistiller(chooser.wrap(), self.config)
+        learner.take_over(chooser.handover())
+        chooser.probe.remove()  # the candidates' hooks and buffers go with the chooser
+        with self._swap:
+            self._exit_of = [self.places.index(place) for place, _ in choice.kept]
+            self._exit_of.append(self.num_exits)
+            self.choice = choice
+            self._learner = LearnerBackend(learner)
+            self._chooser = None
+
+    def heads_version(self) -> int:
+        learner = self._learner
+        return 0 if learner is None else 1 + learner.heads_version()
+
+    def failure(self) -> str | None:
+        learner = self._learner
+        return None if learner is None else learner.failure()
+
+    def stats(self) -> dict[str, Any]:
+        """While choosing: samples seen and how many the choice watches. Then the learner's stats
+        counted over the whole stream (``samples`` includes what the chooser served; the
+        learner's own count is ``learner_samples``), per-exit figures by candidate place, and
+        ``head_choice`` (what was chosen and why)."""
+        with self._swap:
+            learner, chooser, choice = self._learner, self._chooser, self.choice
+        if learner is None or choice is None:
+            assert chooser is not None
+            return {
+                "samples": chooser.seen,
+                "choosing": True,
+                "choice_samples": chooser.samples,
+                "places": list(self.places),
+                "mac_saving": 0.0,
+            }
+        stats = learner.stats()
+        stats["learner_samples"] = stats.get("samples", 0)
+        stats["samples"] = stats["learner_samples"] + choice.samples
+        agreement = stats.get("audited_agreement")
+        if isinstance(agreement, list) and len(agreement) == len(self._exit_of) - 1:
+            by_place: list[Any] = [None] * self.num_exits
+            for j, value in enumerate(agreement):
+                by_place[self._exit_of[j]] = value
+            stats["audited_agreement"] = by_place
+        stats["head_choice"] = json_safe(choice.as_dict())
+        return stats
+
+    def save(self, path: str | Path) -> None:
+        self._after_choice("save").save(path)
+
+    def calibrate(self) -> None:
+        self._after_choice("calibrate").calibrate()
+
+    def _after_choice(self, what: str) -> LearnerBackend:
+        learner, chooser = self._learner, self._chooser
+        if learner is None:
+            seen = chooser.seen if chooser is not None else 0
+            total = chooser.samples if chooser is not None else 0
+            raise NotAvailable(
+                f"no heads to {what} yet: they are being chosen ({seen} of {total} samples "
+                "seen; --choice-samples sets how many)"
+            )
+        return learner
+
+    def close(self) -> None:
+        learner = self._learner
+        if learner is not None:
+            learner.close()
 
 
 class FrozenBackend:
