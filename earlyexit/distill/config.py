@@ -227,6 +227,8 @@ class DistillConfig:
     gate_samples: int = 8192
     audit_rate: float = 0.05
     audit_boost: float = 0.25
+    teach_rate: float = 0.0
+    replay_after_open: str = "all"
     evidence_target: int = 2000
     calibration_fraction: float = 0.4
     evidence_samples: int = 12000
@@ -297,6 +299,7 @@ class DistillConfig:
         for name in (
             "audit_rate",
             "audit_boost",
+            "teach_rate",
             "hard_label_weight",
             "min_exit_gain",
             "plateau_tolerance",

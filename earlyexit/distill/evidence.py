@@ -72,6 +72,7 @@ def draw_audit_coins(
     share: float,
     calibration_fraction: float,
     rng: torch.Generator,
+    teach_rate: float = 0.0,
 ) -> Tensor:
     """``[B]`` bool: which samples run to the end even if a head answers them, when ``share`` of
     all traffic is to be audited (see :meth:`Evidence.draw_audits`; a serving replica elsewhere
@@ -87,7 +88,11 @@ def draw_audit_coins(
         return torch.ones(batch, dtype=torch.bool)
     rate = min(1.0, share / calibration_fraction)
     coin = torch.rand(batch, generator=rng) < rate
-    return coin & calibration_side
+    audited = coin & calibration_side
+    if teach_rate > 0:
+        teach = torch.rand(batch, generator=rng) < teach_rate
+        audited = audited | (teach & ~calibration_side)
+    return audited
 
 
 class Evidence:
@@ -136,6 +141,7 @@ class Evidence:
             self.audit_share(),
             self.config.calibration_fraction,
             self.rng,
+            self.config.teach_rate if self.config.replay_after_open == "sampled" else 0.0,
         )
 
     # ------------------------------------------------------------------ the ring

@@ -112,6 +112,10 @@ def sort_rows(
     held_out = calibration_side[final_rows]
     evidence = audit[final_rows] & held_out
     train = ~held_out
+    if config.replay_after_open == "sampled":
+        # Only rows whose running to the end did not depend on the heads teach: with gates
+        # open, the others are the ones no head could answer (a biased sample).
+        train = train & audit[final_rows]
     if dropped:
         evidence, train = evidence & usable, train & usable
     return BatchRows(counts, spent, audits, dropped, zs, teacher, evidence, train, classes)
