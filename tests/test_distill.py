@@ -778,6 +778,7 @@ def test_state_keeps_the_version_1_layout():
         "cost_block",
         "cost_last_block",
         "allowance_macs",  # new, optional: older files lack it (what was learned, none owed)
+        "scored",  # new, optional: older files count the next calibration's rows in full
     ]
     assert list(state["rings"]) == ["replay", "evidence", "gate_data"]
     prefixes = {key.split(".")[0] for key in tensors}

@@ -414,3 +414,36 @@ def test_a_learner_saved_before_the_mac_budget_owes_nothing_back():
     resumed.load_state_dict(tensors, state)
     schedule = resumed.schedule
     assert schedule.allowance_macs == schedule.train_macs + schedule.calibration_macs
+
+
+def test_a_calibration_counts_only_the_rows_its_heads_have_not_scored():
+    # Heads that did not train since the last calibration are scored on the new rows only (the
+    # calibrator keeps the others' logits), and learning cost counts exactly that.
+    from test_distill import quick, run
+
+    learner = OnlineDistiller(toy_wrap(), quick(gate="fixed", learn_macs_budget=None))
+    run(learner, 6, torch.Generator().manual_seed(31))
+    learner.calibrate()
+    before = learner.schedule.calibration_macs
+    learner.calibrate()  # no training, no new rows in between
+    assert learner.schedule.calibration_macs == before
+    have = len(learner.evidence)
+    learner.trainer.train_step()  # the heads change: every row must be scored again
+    learner.calibrate()
+    per_row = sum(learner.eem.head_macs)
+    assert learner.schedule.calibration_macs - before == have * per_row
+
+
+def test_what_was_scored_is_saved_and_checked():
+    schedule = Schedule(scored=[2, 40, 900])
+    _, state = schedule.state_dict()
+    restored = Schedule()
+    restored.load_state_dict({}, state)
+    assert restored.scored == [2, 40, 900]
+    for bad in ([0, 1], [-2, 0, 0], [0, 0, -1], "x"):
+        with pytest.raises(CheckpointError, match="scored"):
+            Schedule().load_state_dict({}, {"counters": {**state["counters"], "scored": bad}})
+    old = {k: v for k, v in state["counters"].items() if k != "scored"}
+    fresh = Schedule()
+    fresh.load_state_dict({}, {"counters": old})
+    assert fresh.scored == [-1, -1, 0]  # an older file: the next calibration counts every row

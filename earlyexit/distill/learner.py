@@ -831,23 +831,25 @@ class OnlineDistiller:
             data = self.evidence.snapshot()
             ring = self.evidence.ring
             # The student changes only by training steps (under the train lock we hold).
-            rows_key = ((epoch, self.trainer.train_steps), ring.head, ring.added)
+            steps = self.trainer.train_steps
+            rows_key = ((epoch, steps), ring.head, ring.added)
+            scored = self.schedule.rows_to_score(epoch, steps, ring.added, have)
         heads = self.trainer.copy_student(self.eem.training, like=self.eem.heads)
         gate, gate_note = self._fit_gate()
         candidate = self.calibrator.candidate(heads, gate, gate_note, data, epoch, rows_key)
         with self._lock:
-            self.schedule.count_learning(self._calibration_macs(have), calibration=True)
+            self.schedule.count_learning(self._calibration_macs(scored), calibration=True)
+            self.schedule.mark_scored(epoch, steps, ring.added)
         return candidate
 
-    def _calibration_macs(self, have: int) -> int:
-        """MACs of one calibration on ``have`` evidence rows: every head on every row (an upper
-        bound: the calibrator skips rows it scored with the same heads, rare when the heads
-        train between calibrations; counted the same way whatever its cache holds, so a
-        resumed learner counts what one that never stopped counts), plus the learned gate's fit
+    def _calibration_macs(self, rows: int) -> int:
+        """MACs of one calibration that scores ``rows`` evidence rows (every head on each: all
+        rows when the heads trained since the last calibration, else the rows added since, as
+        the calibrator's cache does; see ``Schedule.rows_to_score``), plus the learned gate's fit
         (an upper bound too: every Newton step, ``features**2`` per row and exit). Selecting
         exits and testing thresholds on the scores is counted as free (passes over ``[N, E]``
         numbers)."""
-        macs = have * self._head_macs
+        macs = rows * self._head_macs
         if self.config.gate == "learned":
             ring = self.gate_data.ring
             fitted = len(ring) if ring is not None else 0

@@ -118,6 +118,9 @@ class Schedule:
     allowance_macs: float = 0.0
     block: list[int] = field(default_factory=lambda: [0, 0, 0])
     last_block: list[int] = field(default_factory=lambda: [0, 0, 0])
+    # What the last calibration scored: (epoch, training steps, evidence rows ever added); -1:
+    # nothing yet. Heads that have not trained since need only the rows added since scored.
+    scored: list[int] = field(default_factory=lambda: [-1, -1, 0])
 
     # ------------------------------------------------------------------ wall-clock (opt-in cap)
     def earn(self, served: float, rate: float) -> None:
@@ -216,6 +219,26 @@ class Schedule:
         """
         self.allowance_macs += rate * served_macs
 
+    def rows_to_score(self, epoch: int, steps: int, added: int, have: int) -> int:
+        """Evidence rows a calibration must score: all ``have`` when the heads trained (or the
+        epoch changed) since the last calibration, else only those added since (the others
+        were scored with the same heads; the calibrator keeps their logits). Counted from the
+        saved record, so a resumed learner counts what one that never stopped counts (its
+        first calibration, with nothing kept in memory, rescores every row: uncounted).
+
+        Example:
+            >>> s = Schedule(scored=[0, 40, 900])
+            >>> s.rows_to_score(epoch=0, steps=40, added=1000, have=1000), s.rows_to_score(0, 41, 1000, 1000)
+            (100, 1000)
+        """
+        if self.scored[:2] == [epoch, steps]:
+            return max(0, min(have, added - self.scored[2]))
+        return have
+
+    def mark_scored(self, epoch: int, steps: int, added: int) -> None:
+        """Remember what a calibration scored (see :meth:`rows_to_score`)."""
+        self.scored = [int(epoch), int(steps), int(added)]
+
     def macs_affordable(self, macs: int) -> bool:
         """Whether learning so far plus ``macs`` more stays within the learning MACs earned."""
         return self.train_macs + self.calibration_macs + macs <= self.allowance_macs
@@ -269,6 +292,7 @@ class Schedule:
                 "cost_block": list(self.block),
                 "cost_last_block": list(self.last_block),
                 "allowance_macs": self.allowance_macs,
+                "scored": list(self.scored),
             }
         }
 
@@ -309,6 +333,7 @@ class Schedule:
             if earned_macs is None
             else float(earned_macs)
         )
+        self.scored = [int(v) for v in counters.get("scored", [-1, -1, 0])]
 
 
 #: Keys of the ``counters`` record a :class:`Schedule` saves.
@@ -327,6 +352,7 @@ LATER_KEYS = (
     "cost_block",
     "cost_last_block",
     "allowance_macs",
+    "scored",
 )
 
 
@@ -364,6 +390,9 @@ def check_schedule_state(state: Any) -> None:
         if key in counters:
             for i, value in enumerate(expect_list(counters[key], f"counters.{key}", 3)):
                 expect_int(value, f"counters.{key}[{i}]")
+    if "scored" in counters:
+        for i, value in enumerate(expect_list(counters["scored"], "counters.scored", 3)):
+            expect_int(value, f"counters.scored[{i}]", low=-1 if i < 2 else 0)
 
 
 def check_phase(text: Any) -> PhaseStatus:
