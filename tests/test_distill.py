@@ -895,3 +895,65 @@ def test_phase_and_exit_states_are_typed_but_report_as_before():
 def test_config_numbers_beyond_float32_are_refused(field):
     with pytest.raises(ConfigError, match=f"{field} must be a finite number"):
         DistillConfig(**{field: 1e300})
+
+
+# ------------------------------------------------------------------ what teaches once gates open
+
+
+def test_teaching_coins_draw_training_side_samples_at_teach_rate():
+    from earlyexit.distill.evidence import draw_audit_coins
+
+    held_out = torch.arange(20000) % 4 == 0  # a quarter held out
+    g = torch.Generator().manual_seed(0)
+    coins = draw_audit_coins(held_out, False, 0.05, 0.25, g, teach_rate=0.3)
+    assert abs(float(coins[held_out].float().mean()) - 0.05 / 0.25) < 0.02
+    assert abs(float(coins[~held_out].float().mean()) - 0.3) < 0.02
+    plain = draw_audit_coins(held_out, False, 0.05, 0.25, torch.Generator().manual_seed(0))
+    assert not bool(plain[~held_out].any())  # without teaching: held-out contents only
+    assert bool(draw_audit_coins(held_out, True, 0.05, 0.25, g, teach_rate=0.3).all())
+    assert DistillConfig(replay_after_open="all", teach_rate=0.3).teaching_rate == 0.0
+    assert DistillConfig(teach_rate=0.3).teaching_rate == 0.3
+
+
+@pytest.mark.parametrize("mode", ["sampled", "all"])
+def test_with_a_gate_open_only_rows_drawn_to_run_to_the_end_teach(mode):
+    from earlyexit.distill.rows import sort_rows
+
+    eem = toy_wrap()
+    config = quick(replay_after_open=mode, teach_rate=0.25)
+    learner = OnlineDistiller(eem, config)
+    g = torch.Generator().manual_seed(3)
+    run(learner, 15, g)
+    assert any(t < math.inf for t in eem.thresholds)
+    x = stream(512, g, same_halves=0.5)  # half the images lie: some no head answers
+    held_out = learner.split.is_calibration(x)
+    audit = learner.evidence.draw_audits(held_out, gates_closed=False)
+    result, trace = eem.trace(x, audit=audit, input_checked=True)
+    rows = sort_rows(eem, config, result, trace, audit, held_out)
+    final = trace.final_rows
+    ran_on_their_own = ~audit[final] & ~held_out[final]
+    assert bool(ran_on_their_own.any())  # samples no head could answer
+    want = ~held_out[final] & (audit[final] if mode == "sampled" else True)
+    assert torch.equal(rows.train, want)
+    assert torch.equal(rows.evidence, audit[final] & held_out[final])
+    # The drift monitor hears of held-out audits only, whatever ran to the end to teach.
+    audited_early = audit & (result.exit_index < eem.num_exits)
+    assert len(rows.audits) == int((audited_early & held_out).sum())
+    # Every sample drawn ran to the end and was paid for as such.
+    path = eem.path_macs()
+    assert rows.spent == sum(
+        path[eem.num_exits] if bool(a) else path[int(e)]
+        for a, e in zip(audit, result.exit_index, strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ({"replay_after_open": "hard"}, "replay_after_open must be"),
+        ({"teach_rate": 1.5}, "teach_rate"),
+    ],
+)
+def test_teaching_settings_are_checked(bad, says):
+    with pytest.raises(ConfigError, match=says):
+        DistillConfig(**bad)

@@ -15,6 +15,7 @@ CalibrationMethod = Literal["ltt", "clopper_pearson"]
 CalibrationMode = Literal["joint", "per_exit"]
 #: What the calibration promises: Learn-then-Test with high probability, or CRC in expectation.
 Guarantee = Literal["high_probability", "expected"]
+ReplayAfterOpen = Literal["sampled", "all"]
 #: The guarantee a config without the field (every learner saved before it existed) has.
 DEFAULT_GUARANTEE: Guarantee = "high_probability"
 #: ``"learned"``: fit a gate while learning; ``"fixed"``: keep the gate given to ``ee.wrap``.
@@ -29,6 +30,7 @@ _METHODS: tuple[str, ...] = get_args(CalibrationMethod)
 _MODES: tuple[str, ...] = get_args(CalibrationMode)
 _GATES: tuple[str, ...] = get_args(GateChoice)
 _GUARANTEES: tuple[str, ...] = get_args(Guarantee)
+_REPLAY_AFTER_OPEN: tuple[str, ...] = get_args(ReplayAfterOpen)
 _HEAD_COSTS: tuple[str, ...] = get_args(HeadCost)
 #: Largest float32: the learner trains in float32.
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -158,6 +160,17 @@ class DistillConfig:
             while every gate is closed): they save nothing whatever the learner does, so this
             is where learning is cheapest to afford. Ignored when ``learn_macs_budget`` is
             ``None``; read as ``learn_macs_budget`` if lower.
+        replay_after_open: which samples that ran to the end teach once a gate is open.
+            ``"sampled"`` (default): only those drawn by teaching coins (``teach_rate``) that
+            ignore what the heads say, so the replay and the learned gate's data stay a uniform
+            sample of the training-side traffic. ``"all"``: every one of them; with gates open
+            these are the samples no head could answer, so replay fills with the hardest ones and
+            the heads, trained on them, lose the easy ones they let out (measured: more training
+            after gates open then lowered the saving). While every gate is closed both are the
+            same: everything runs to the end and teaches.
+        teach_rate: with ``replay_after_open="sampled"``, the share of training-side samples that
+            run to the end once a gate is open even if a head answers them (they cost what
+            audits cost: the MACs they would have saved).
         replay_samples: cap on the replay buffer (features at every exit + teacher logits).
         max_memory_bytes: cap on replay + evidence buffers together (``None``: sample caps only).
             Calibrations work on one copy of the evidence buffer, allocated once and reused.
@@ -227,8 +240,6 @@ class DistillConfig:
     gate_samples: int = 8192
     audit_rate: float = 0.05
     audit_boost: float = 0.25
-    teach_rate: float = 0.0
-    replay_after_open: str = "all"
     evidence_target: int = 2000
     calibration_fraction: float = 0.4
     evidence_samples: int = 12000
@@ -246,6 +257,8 @@ class DistillConfig:
     closed_time_budget: float = 1.0
     learn_macs_budget: float | None = 0.05
     closed_macs_budget: float = 0.25
+    replay_after_open: ReplayAfterOpen = "sampled"
+    teach_rate: float = 0.05
     replay_samples: int = 20000
     max_memory_bytes: int | None = 256 * 2**20
     storage_dtype: StorageDtype = "float32"
@@ -261,6 +274,12 @@ class DistillConfig:
     forget_on_drift: bool = True
     background: bool = False
     seed: int = 0
+
+    @property
+    def teaching_rate(self) -> float:
+        """Share of training-side traffic drawn to run to the end and teach once a gate is open
+        (``teach_rate`` under ``replay_after_open="sampled"``, else 0: all such samples teach)."""
+        return self.teach_rate if self.replay_after_open == "sampled" else 0.0
 
     def __post_init__(self) -> None:
         def unit_open(name: str) -> None:
@@ -340,6 +359,11 @@ class DistillConfig:
         if self.calibration_mode not in _MODES:
             raise ConfigError(
                 f"calibration_mode must be 'joint' or 'per_exit', got {self.calibration_mode!r}"
+            )
+        if self.replay_after_open not in _REPLAY_AFTER_OPEN:
+            raise ConfigError(
+                "replay_after_open must be 'sampled' (teaching coins) or 'all' (every sample that "
+                f"ran to the end), got {self.replay_after_open!r}"
             )
         if self.guarantee not in _GUARANTEES:
             raise ConfigError(

@@ -76,7 +76,8 @@ def draw_audit_coins(
 ) -> Tensor:
     """``[B]`` bool: which samples run to the end even if a head answers them, when ``share`` of
     all traffic is to be audited (see :meth:`Evidence.draw_audits`; a serving replica elsewhere
-    draws with the share its learner published).
+    draws with the share its learner published), and ``teach_rate`` of the training-side samples
+    is drawn to teach (see ``DistillConfig.replay_after_open``).
 
     Example:
         >>> held_out = torch.tensor([True, False, True])
@@ -131,9 +132,10 @@ class Evidence:
         """``[B]`` bool: the samples to run to the end even if a head answers them.
 
         With every gate closed everything runs to the end anyway (all of it is evidence or
-        teaches). Otherwise only held-out contents are audited, at the rate that audits
-        :meth:`audit_share` of all traffic: every audited sample is then evidence (auditing a
-        sample whose content may only teach would pay the full model for nothing).
+        teaches). Otherwise held-out contents are audited, at the rate that audits
+        :meth:`audit_share` of all traffic (every such sample is then evidence), and
+        training-side contents at ``teaching_rate`` (they teach: a uniform sample of the
+        training side, where the samples that ran to the end on their own are the hard ones).
         """
         return draw_audit_coins(
             calibration_side,
@@ -141,7 +143,7 @@ class Evidence:
             self.audit_share(),
             self.config.calibration_fraction,
             self.rng,
-            self.config.teach_rate if self.config.replay_after_open == "sampled" else 0.0,
+            self.config.teaching_rate,
         )
 
     # ------------------------------------------------------------------ the ring

@@ -134,6 +134,7 @@ class ServingReplica:
             self.audit_share,
             self.config.calibration_fraction,
             self.rng,
+            self.config.teaching_rate,
         )
         audit, calibration_side = audit.to(x.device), calibration_side.to(x.device)
         result, trace = eem.trace(x, audit=audit, input_checked=True)

@@ -96,8 +96,10 @@ def sort_rows(
     dropped = int((~usable).sum())
     position = torch.full((batch,), -1, dtype=torch.long, device=final_rows.device)
     position[final_rows] = torch.arange(final_rows.numel(), device=final_rows.device)
-    # Agreement of audited early answers with the full model: the drift monitor's input.
-    audited_rows = torch.nonzero(audited_full.to(final_rows.device)).flatten()
+    # Agreement of audited early answers with the full model: the drift monitor's input (held-out
+    # contents only; training-side samples drawn to teach ran to the end too, and paid for it).
+    audited_early = audited_full & calibration_side.cpu()
+    audited_rows = torch.nonzero(audited_early.to(final_rows.device)).flatten()
     audits: list[tuple[int, bool]] = []
     if audited_rows.numel():
         if dropped:
@@ -113,8 +115,8 @@ def sort_rows(
     evidence = audit[final_rows] & held_out
     train = ~held_out
     if config.replay_after_open == "sampled":
-        # Only rows whose running to the end did not depend on the heads teach: with gates
-        # open, the others are the ones no head could answer (a biased sample).
+        # Only rows drawn to run to the end teach (all of them while every gate is closed): with
+        # a gate open the others are the ones no head could answer, a sample of the hardest.
         train = train & audit[final_rows]
     if dropped:
         evidence, train = evidence & usable, train & usable
