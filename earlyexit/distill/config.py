@@ -15,6 +15,7 @@ CalibrationMethod = Literal["ltt", "clopper_pearson"]
 CalibrationMode = Literal["joint", "per_exit"]
 #: What the calibration promises: Learn-then-Test with high probability, or CRC in expectation.
 Guarantee = Literal["high_probability", "expected"]
+#: Which samples that ran to the end teach once a gate is open (see ``replay_after_open``).
 ReplayAfterOpen = Literal["sampled", "all"]
 #: The guarantee a config without the field (every learner saved before it existed) has.
 DEFAULT_GUARANTEE: Guarantee = "high_probability"
