@@ -40,13 +40,10 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_batch1 import learned_heads
+from serve_load import fashion_test_images
 
 import earlyexit as ee
-from earlyexit.evaluation.workloads._fashion import (
-    fashion_preprocess,
-    load_fashion_backbone,
-    read_fashion_split,
-)
+from earlyexit.evaluation.workloads._fashion import load_fashion_backbone
 
 CHANNELS_LAST = torch.channels_last
 REFERENCE_KERNEL = "aten::_slow_conv2d_forward"
@@ -82,9 +79,7 @@ def main() -> int:
     )
     channels_last = copy.deepcopy(model).to(memory_format=CHANNELS_LAST)
     wrapped = {"nchw": ee.load(model, heads), "channels_last": ee.load(channels_last, heads)}
-    images, _labels = read_fashion_split("test")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    xs = torch.cat([fashion_preprocess(images[int(i)][None]) for i in order[: args.samples]])
+    xs = torch.cat(fashion_test_images(args.samples))
 
     def arms(layout: str) -> dict:
         base = model if layout == "nchw" else channels_last

@@ -46,14 +46,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import HOST, Server, npy_bytes
+from serve_load import HOST, Server, fashion_test_images, npy_bytes
 
 import earlyexit as ee
-from earlyexit.evaluation.workloads._fashion import (
-    fashion_preprocess,
-    load_fashion_backbone,
-    read_fashion_split,
-)
+from earlyexit.evaluation.workloads._fashion import load_fashion_backbone
 
 
 def learned_heads(path: Path) -> Path:
@@ -129,10 +125,7 @@ def main() -> int:
     weights = tmp / "fashion_lite0.pth"
     torch.save(model.state_dict(), weights)
     heads = Path(args.heads) if args.heads else learned_heads(tmp / "heads.safetensors")
-    images, _labels = read_fashion_split("test")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    count = args.requests + args.warmup
-    inputs = [fashion_preprocess(images[int(i)][None]) for i in order[:count]]
+    inputs = fashion_test_images(args.requests + args.warmup)
     payloads = [npy_bytes(x) for x in inputs]
     eem = ee.load(model, heads)
 

@@ -74,6 +74,15 @@ def npy_bytes(batch: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def fashion_test_images(count: int) -> list[torch.Tensor]:
+    """The first ``count`` Fashion-MNIST test images in a seeded order (seed 0), each
+    preprocessed as the fashion workload does, ``[1, C, H, W]``: what every serving benchmark
+    sends."""
+    images, _labels = read_fashion_split("test")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return [fashion_preprocess(images[int(i)][None]) for i in order[:count]]
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (Linux /proc), 0 where unreadable."""
     try:
@@ -474,9 +483,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="earlyexit-serve-load-"))
     weights = tmp / "fashion_lite0.pth"
     torch.save(model.state_dict(), weights)
-    images, _labels = read_fashion_split("test")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    inputs = [fashion_preprocess(images[int(i)][None]) for i in order[:4000]]
+    inputs = fashion_test_images(4000)
     payloads = [npy_bytes(x) for x in inputs]
     if args.model_only:
         out = Path(args.out or Path(__file__).parent / "results" / "serve_load.json")
