@@ -1,12 +1,13 @@
 """Load on the embedded server: early exit under concurrent traffic, against the same model unwrapped.
 
-``earlyexit serve`` is started three times on loopback with the fine-tuned EfficientNet-Lite0 of the
-fashion workload: serving the base model as is (``plain``: ``--plain``, same decoding, batching
-and JSON, no exits, no learner), wrapped and learning online (``early_exit``), and wrapped on Ray
-Serve (``ray``: ``--ray --replicas 2``, one learner; one replica process is killed with SIGKILL
-half-way through the run, and the run checks that it comes back serving the latest heads). Each
-run sends real Fashion-MNIST
-test images (``.npy``, preprocessed like the workload) from N concurrent clients for a fixed
+``earlyexit serve`` is started once per arm on loopback with the fine-tuned EfficientNet-Lite0 of
+the fashion workload: serving the base model as is (``plain``: ``--plain``, same decoding,
+batching and JSON, no exits, no learner), wrapped and learning online (``early_exit``), and wrapped
+on Ray Serve (``ray``: ``--ray --replicas 2``, one learner; one replica process is killed with
+SIGKILL half-way through the run, and the run checks that it comes back serving the latest heads).
+An optional fourth arm, ``frozen`` (``--heads SAVED --frozen``), serves the heads and thresholds
+the ``early_exit`` arm saved without learning: the server's cost apart from the learner's. Each
+run sends real Fashion-MNIST test images (``.npy``, preprocessed like the workload) from N concurrent clients for a fixed
 time, then one client alone, and reports:
 
 * throughput, p50/p95/p99 latency, errors and lost requests (sent without an answer: must be 0);
@@ -40,6 +41,7 @@ import argparse
 import http.client
 import io
 import json
+import math
 import os
 import platform
 import signal
@@ -55,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 import earlyexit as ee
@@ -74,13 +77,18 @@ def npy_bytes(batch: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def fashion_test_images(count: int) -> list[torch.Tensor]:
+def fashion_test_images(count: int, size: int = 64) -> list[torch.Tensor]:
     """The first ``count`` Fashion-MNIST test images in a seeded order (seed 0), each
     preprocessed as the fashion workload does, ``[1, C, H, W]``: what every serving benchmark
-    sends."""
+    sends. ``size`` other than the workload's 64 resizes them further (bilinear), for serving
+    the same model at a resolution where its compute, not its per-operator overhead, dominates.
+    """
     images, _labels = read_fashion_split("test")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    return [fashion_preprocess(images[int(i)][None]) for i in order[:count]]
+    batch = fashion_preprocess(images[order[:count]])
+    if size != batch.shape[-1]:
+        batch = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False)
+    return list(batch.split(1))
 
 
 def rss_bytes(pid: int) -> int:
@@ -128,11 +136,12 @@ class Server:
         save: Path,
         replicas: int = 0,
         extra: tuple[str, ...] = (),
+        image_size: int = 64,
     ) -> None:
         command = [
             sys.executable, "-m", "earlyexit", "serve",
             "--model", MODEL, "--num-classes", "10", "--weights", str(weights),
-            "--input-size", "3,64,64", "--host", HOST, "--port", str(port),
+            "--input-size", f"3,{image_size},{image_size}", "--host", HOST, "--port", str(port),
             "--threads", str(threads), "--save-on-exit", str(save),
         ]  # fmt: skip
         if plain:
@@ -242,75 +251,148 @@ def client_loop(
     conn.close()
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc), 0 where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(all, idle) CPU ticks of the machine so far (Linux /proc/stat), (0, 0) where unreadable."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    return sum(values), values[3] + values[4]  # idle + iowait
+
+
+class LoadRecord:
+    """What N clients saw against one server, over one slice of load or several (``--paired``
+    alternates slices between servers): answers, latencies, exits, heads versions, the server's
+    RSS, and where the CPU went (the server's process, the clients, the whole machine)."""
+
+    def __init__(self, clients: int) -> None:
+        self.clients = clients
+        self.outs = [
+            {"sent": 0, "lost": 0, "errors": 0, "latencies": [], "exits": [], "versions": set()}
+            for _ in range(clients)
+        ]
+        self.seconds = 0.0
+        self.slices = 0
+        self.rss: list[int] = []
+        # Per process: [seconds under load so far, bytes] (a killed replica's series stops).
+        self.by_process: dict[str, list[tuple[float, int]]] = {}
+        self.killed: dict[str, Any] | None = None
+        self.server_cpu_s = self.client_cpu_s = 0.0
+        self.machine_ticks = self.machine_idle_ticks = 0
+
+    def summary(self) -> dict:
+        outs = self.outs
+        latencies = sorted(x for o in outs for x in o["latencies"])
+
+        def pct(q: float) -> float | None:
+            if not latencies:
+                return None
+            return 1e3 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
+        busy = 1.0 - self.machine_idle_ticks / self.machine_ticks if self.machine_ticks else None
+        return {
+            "clients": self.clients,
+            "seconds": self.seconds,
+            "slices": self.slices,
+            "sent": sum(o["sent"] for o in outs),
+            "answered": len(latencies),
+            "errors": sum(o["errors"] for o in outs),
+            "lost": sum(o["lost"] for o in outs),
+            "last_error": next((o["last_error"] for o in outs if "last_error" in o), None),
+            "throughput_per_s": len(latencies) / self.seconds if self.seconds else 0.0,
+            "latency_p50_ms": pct(0.50),
+            "latency_p95_ms": pct(0.95),
+            "latency_p99_ms": pct(0.99),
+            "latency_max_ms": 1e3 * latencies[-1] if latencies else None,
+            "heads_versions_seen": sorted(set().union(*(o["versions"] for o in outs))),
+            "killed_replica": self.killed,
+            # Cores in use while under load (CPU seconds / wall seconds): the server's main
+            # process (with Ray: the driver only, None), the load's clients, the whole machine.
+            "cpu": {
+                "server_cores": (
+                    self.server_cpu_s / self.seconds
+                    if self.seconds and not math.isnan(self.server_cpu_s)
+                    else None
+                ),
+                "client_cores": self.client_cpu_s / self.seconds if self.seconds else None,
+                "machine_busy_share": busy,
+                "machine_cores": os.cpu_count(),
+            },
+            "rss_bytes": {
+                "start": self.rss[0],
+                "end": self.rss[-1],
+                "max": max(self.rss),
+                "samples": self.rss,
+            },
+            "rss_by_process": self.by_process,
+        }
+
+
 def load_phase(
     server: Server,
     payloads: list[bytes],
     clients: int,
     seconds: float,
     kill_at: float | None = None,
-) -> dict:
+    record: LoadRecord | None = None,
+) -> LoadRecord:
     """N clients for ``seconds``; RSS sampled every 5 s. With ``kill_at``, one Ray replica is
-    killed (SIGKILL, like a crash) that many seconds into the run."""
-    outs = [
-        {"sent": 0, "lost": 0, "errors": 0, "latencies": [], "exits": [], "versions": set()}
-        for _ in range(clients)
-    ]
+    killed (SIGKILL, like a crash) that many seconds into the run. With ``record``, this slice
+    of load is added to it (same clients count), else to a new record; returns the record."""
+    record = record or LoadRecord(clients)
+    outs = record.outs
     stop_at = time.monotonic() + seconds
     threads = [
         threading.Thread(target=client_loop, args=(server.port, payloads, stop_at, c, clients, o))
         for c, o in enumerate(outs)
     ]
     began = time.perf_counter()
-    by_process: dict[str, list[tuple[float, int]]] = {}
+    offset = record.seconds  # this slice's samples are timed from the record's start
 
     def sample() -> int:
         """Sample every process's RSS (kept by process, with the time) and return the total."""
-        now = time.perf_counter() - began
+        now = offset + time.perf_counter() - began
         sizes = server.rss_by_process()
         for name, size in sizes.items():
-            by_process.setdefault(name, []).append((round(now, 1), size))
+            record.by_process.setdefault(name, []).append((round(now, 1), size))
         return sum(sizes.values())
 
-    rss = [sample()]
-    killed: dict[str, Any] | None = None
+    record.rss.append(sample())
+    server_cpu = process_cpu_seconds(server.process.pid)
+    client_cpu = time.process_time()
+    ticks, idle = machine_ticks()
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
-        time.sleep(1.0 if kill_at is not None and killed is None else 5.0)
-        if kill_at is not None and killed is None and time.perf_counter() - began >= kill_at:
+        time.sleep(1.0 if kill_at is not None and record.killed is None else 5.0)
+        if kill_at is not None and record.killed is None and time.perf_counter() - began >= kill_at:
             victims = ray_actor_pids("ServeReplica:earlyexit:EarlyExitReplica")
             os.kill(victims[0], signal.SIGKILL)
-            killed = {"pid": victims[0], "at_s": time.perf_counter() - began}
+            record.killed = {"pid": victims[0], "at_s": time.perf_counter() - began}
             print(f"killed replica process {victims[0]}", file=sys.stderr)
-        rss.append(sample())
+        record.rss.append(sample())
     for t in threads:
         t.join()
-    wall = time.perf_counter() - began
-    latencies = sorted(x for o in outs for x in o["latencies"])
-
-    def pct(q: float) -> float | None:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
-
-    answered = len(latencies)
-    return {
-        "clients": clients,
-        "seconds": wall,
-        "sent": sum(o["sent"] for o in outs),
-        "answered": answered,
-        "errors": sum(o["errors"] for o in outs),
-        "lost": sum(o["lost"] for o in outs),
-        "last_error": next((o["last_error"] for o in outs if "last_error" in o), None),
-        "throughput_per_s": answered / wall,
-        "latency_p50_ms": 1e3 * pct(0.50) if latencies else None,
-        "latency_p95_ms": 1e3 * pct(0.95) if latencies else None,
-        "latency_p99_ms": 1e3 * pct(0.99) if latencies else None,
-        "latency_max_ms": 1e3 * latencies[-1] if latencies else None,
-        "heads_versions_seen": sorted(set().union(*(o["versions"] for o in outs))),
-        "killed_replica": killed,
-        "rss_bytes": {"start": rss[0], "end": rss[-1], "max": max(rss), "samples": rss},
-        # Per process: [seconds into the run, bytes] (a killed replica's series stops there).
-        "rss_by_process": by_process,
-    }
+    record.seconds += time.perf_counter() - began
+    record.slices += 1
+    if server.ray:  # the work runs in Ray's actor processes, not in the driver
+        record.server_cpu_s = math.nan
+    else:
+        record.server_cpu_s += process_cpu_seconds(server.process.pid) - server_cpu
+    record.client_cpu_s += time.process_time() - client_cpu
+    ticks_after, idle_after = machine_ticks()
+    record.machine_ticks += ticks_after - ticks
+    record.machine_idle_ticks += idle_after - idle
+    return record
 
 
 def sequential_latency(server: Server, payloads: list[bytes], count: int) -> list[float]:
@@ -368,39 +450,67 @@ def model_only(
     }
 
 
-def run_server(
+def start_server(
     args: argparse.Namespace,
     weights: Path,
     payloads: list[bytes],
     *,
     kind: str,
     port: int,
-) -> tuple[dict, Path]:
-    """One arm: ``plain`` (the base model), ``early_exit`` (the embedded server) or ``ray``
-    (Ray Serve, ``args.replicas`` replicas, one of them killed half-way)."""
+    learned: Path | None = None,
+) -> tuple[Server, Path]:
+    """Start one arm's server and warm it; returns it and where it saves its heads on SIGTERM.
+
+    Arms: ``plain`` (the base model), ``early_exit`` (the embedded server, learning),
+    ``frozen`` (the embedded server with ``--frozen``, serving ``learned``: the heads and
+    thresholds the ``early_exit`` arm saved) or ``ray`` (Ray Serve, ``args.replicas``
+    replicas)."""
     save = Path(tempfile.mkdtemp(prefix="earlyexit-serve-")) / "heads.safetensors"
     replicas = args.replicas if kind == "ray" else 0
+    extra: tuple[str, ...] = ()
+    if kind == "frozen":
+        if learned is None:
+            raise ValueError("the frozen arm serves the heads the early_exit arm saved: run both")
+        extra = ("--heads", str(learned), "--frozen")
     print(f"[{kind}] starting the server ...", file=sys.stderr)
     server = Server(
-        weights, port, plain=kind == "plain", threads=args.threads, save=save, replicas=replicas
+        weights,
+        port,
+        plain=kind == "plain",
+        threads=args.threads,
+        save=save,
+        replicas=replicas,
+        extra=extra,
+        image_size=args.image_size,
     )
-    recovered = None
     try:
-        # Warm-up: a few sequential requests (first calls allocate).
-        sequential_latency(server, payloads, 20)
-        print(f"[{kind}] {args.clients} clients for {args.duration:.0f} s ...", file=sys.stderr)
-        kill_at = args.duration / 2 if replicas else None
-        load = load_phase(server, payloads, args.clients, args.duration, kill_at=kill_at)
-        if replicas:
-            recovered = replicas_recovered(server, replicas)
+        sequential_latency(server, payloads, 20)  # warm-up: first calls allocate
+    except BaseException:
+        server.stop()
+        raise
+    return server, save
+
+
+def finish_server(
+    args: argparse.Namespace,
+    server: Server,
+    payloads: list[bytes],
+    *,
+    kind: str,
+    load: dict,
+    recovered: dict | None = None,
+) -> dict:
+    """After an arm's load: one client alone at batch 1, ``/stats`` and ``/metrics``, then
+    SIGTERM (the server saves its heads); returns the arm's report."""
+    try:
         single = sequential_latency(server, payloads[::-1], args.sequential)
         stats = server.get("/stats")
         metrics = server.get("/metrics")
     finally:
         code = server.stop()
-    result = {
+    return {
         "server": kind,
-        "replicas": replicas or None,
+        "replicas": args.replicas if server.ray else None,
         "replicas_after_kill": recovered,
         "load": load,
         "batch1_server_p50_ms": 1e3 * statistics.median(single) if single else None,
@@ -423,7 +533,96 @@ def run_server(
         },
         "metrics_lines": sum(1 for line in metrics.splitlines() if line.startswith("earlyexit_")),
     }
-    return result, save
+
+
+def run_server(
+    args: argparse.Namespace,
+    weights: Path,
+    payloads: list[bytes],
+    *,
+    kind: str,
+    port: int,
+    learned: Path | None = None,
+) -> tuple[dict, Path]:
+    """One arm alone for ``args.duration`` seconds (with Ray, one replica is killed half-way
+    and the run waits for the replicas to serve the latest heads again)."""
+    server, save = start_server(args, weights, payloads, kind=kind, port=port, learned=learned)
+    recovered = None
+    try:
+        print(f"[{kind}] {args.clients} clients for {args.duration:.0f} s ...", file=sys.stderr)
+        kill_at = args.duration / 2 if server.ray else None
+        load = load_phase(server, payloads, args.clients, args.duration, kill_at=kill_at).summary()
+        if server.ray:
+            recovered = replicas_recovered(server, args.replicas)
+    except BaseException:
+        server.stop()
+        raise
+    return finish_server(args, server, payloads, kind=kind, load=load, recovered=recovered), save
+
+
+def alternate(
+    args: argparse.Namespace, payloads: list[bytes], servers: dict[str, Server]
+) -> dict[str, LoadRecord]:
+    """Load two running servers in turn: ``args.slices`` rounds of ``args.duration /
+    args.slices`` seconds each (A then B, then B then A, ...), so a change in the shared
+    machine's speed falls on both and their ratio is paired. The idle server waits; a learning
+    server learns only from what it serves."""
+    kinds = list(servers)
+    records = {kind: LoadRecord(args.clients) for kind in kinds}
+    each = args.duration / args.slices
+    print(
+        f"[{' / '.join(kinds)}] {args.clients} clients, {args.slices} alternating slices of "
+        f"{each:.0f} s each ...",
+        file=sys.stderr,
+    )
+    for round_index in range(args.slices):
+        for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
+            load_phase(servers[kind], payloads, args.clients, each, record=records[kind])
+    return records
+
+
+def run_paired(
+    args: argparse.Namespace, weights: Path, payloads: list[bytes], *, frozen: bool
+) -> tuple[dict[str, dict], dict[str, Path]]:
+    """``--paired``: ``plain`` and ``early_exit`` up together, loaded in alternating slices;
+    then, with ``frozen``, the early_exit server stops (saving its heads) and a frozen server
+    with those heads alternates with the same plain server. Each arm's ``vs_plain`` is taken
+    against the plain server's slices of its own pairing (``paired_plain_load``)."""
+    results: dict[str, dict] = {}
+    heads: dict[str, Path] = {}
+    running: dict[str, Server] = {}
+    try:
+        running["plain"], heads["plain"] = start_server(
+            args, weights, payloads, kind="plain", port=18601
+        )
+        running["early_exit"], heads["early_exit"] = start_server(
+            args, weights, payloads, kind="early_exit", port=18602
+        )
+        records = alternate(args, payloads, running)
+        plain_loads = {"early_exit": records["plain"].summary()}
+        results["early_exit"] = finish_server(
+            args, running.pop("early_exit"), payloads, kind="early_exit",
+            load=records["early_exit"].summary(),
+        )  # fmt: skip
+        if frozen:
+            running["frozen"], heads["frozen"] = start_server(
+                args, weights, payloads, kind="frozen", port=18603, learned=heads["early_exit"]
+            )
+            frozen_records = alternate(args, payloads, running)
+            plain_loads["frozen"] = frozen_records["plain"].summary()
+            results["frozen"] = finish_server(
+                args, running.pop("frozen"), payloads, kind="frozen",
+                load=frozen_records["frozen"].summary(),
+            )  # fmt: skip
+        results["plain"] = finish_server(
+            args, running.pop("plain"), payloads, kind="plain", load=plain_loads["early_exit"]
+        )
+        for kind, load in plain_loads.items():
+            results[kind]["paired_plain_load"] = load
+        return {k: results[k] for k in ("plain", "early_exit", "frozen") if k in results}, heads
+    finally:
+        for server in running.values():
+            server.stop()
 
 
 def replicas_recovered(server: Server, replicas: int, timeout: float = 120.0) -> dict:
@@ -457,7 +656,8 @@ def main() -> int:
     parser.add_argument(
         "--servers",
         default="plain,early_exit,ray",
-        help="arms to run, comma-separated: plain, early_exit, ray (default all three)",
+        help="arms to run, comma-separated: plain, early_exit, frozen, ray (default plain, "
+        "early_exit, ray); frozen serves the heads early_exit saved, so it runs after it",
     )
     parser.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (ray arm)")
     parser.add_argument("--out", default=None, help="JSON path")
@@ -468,13 +668,38 @@ def main() -> int:
         "at --batch, and add it to the report at --out",
     )
     parser.add_argument("--batch", type=int, default=4, help="batch size for --model-only")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="run plain and early_exit (then plain and frozen) side by side, alternating the "
+        "load between them in --slices slices: their ratio is then paired, whatever the shared "
+        "machine does meanwhile (ray, if listed, still runs alone after them)",
+    )
+    parser.add_argument(
+        "--slices", type=int, default=10, help="alternating slices of load with --paired"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=64,
+        help="side of the images served (the workload's model takes 64; larger sizes serve the "
+        "same model where its compute, not its per-operator overhead, dominates)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration = min(args.duration, 60.0)
     arms = [a.strip() for a in args.servers.split(",") if a.strip()]
-    unknown = set(arms) - {"plain", "early_exit", "ray"}
+    unknown = set(arms) - {"plain", "early_exit", "frozen", "ray"}
     if unknown or not arms:
-        parser.error(f"--servers takes plain, early_exit, ray; got {args.servers!r}")
+        parser.error(f"--servers takes plain, early_exit, frozen, ray; got {args.servers!r}")
+    if "frozen" in arms and "early_exit" not in arms[: arms.index("frozen")]:
+        parser.error(
+            "the frozen arm serves the heads the early_exit arm saved: list early_exit first"
+        )
+    if args.paired and arms[:2] != ["plain", "early_exit"]:
+        parser.error("--paired compares with plain: list plain,early_exit first (then frozen, ray)")
+    if args.slices < 1:
+        parser.error(f"--slices must be at least 1, got {args.slices}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -483,7 +708,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="earlyexit-serve-load-"))
     weights = tmp / "fashion_lite0.pth"
     torch.save(model.state_dict(), weights)
-    inputs = fashion_test_images(4000)
+    inputs = fashion_test_images(4000, args.image_size)
     payloads = [npy_bytes(x) for x in inputs]
     if args.model_only:
         out = Path(args.out or Path(__file__).parent / "results" / "serve_load.json")
@@ -495,8 +720,14 @@ def main() -> int:
 
     results: dict[str, dict] = {}
     heads: dict[str, Path] = {}
-    for i, kind in enumerate(arms):
-        results[kind], heads[kind] = run_server(args, weights, payloads, kind=kind, port=18601 + i)
+    alone = arms
+    if args.paired:
+        results, heads = run_paired(args, weights, payloads, frozen="frozen" in arms)
+        alone = [kind for kind in arms if kind not in results]
+    for i, kind in enumerate(alone):
+        results[kind], heads[kind] = run_server(
+            args, weights, payloads, kind=kind, port=18611 + i, learned=heads.get("early_exit")
+        )
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "platform": platform.platform(),
@@ -505,6 +736,8 @@ def main() -> int:
         "threads": args.threads,
         "clients": args.clients,
         "duration_s": args.duration,
+        "image_size": args.image_size,
+        "paired_slices": args.slices if args.paired else None,
         **results,
         "targets": {
             "throughput_gain_vs_allowed_at_least": 0.7,
@@ -516,11 +749,15 @@ def main() -> int:
         mean_batch = max(1, round((served["samples"] or 0) / max(served["batches"] or 1, 1)))
         report["model_only"] = model_only(model, heads["early_exit"], inputs, mean_batch)
     if "plain" in results:
-        base = results["plain"]["load"]["throughput_per_s"]
-        for kind in ("early_exit", "ray"):
+        for kind in ("early_exit", "frozen", "ray"):
             if kind not in results:
                 continue
-            saving = results[kind]["stats"].get("mac_saving_total") or 0.0
+            # Paired: against the plain server's slices of the same pairing.
+            base_load = results[kind].get("paired_plain_load") or results["plain"]["load"]
+            base = base_load["throughput_per_s"]
+            stats = results[kind]["stats"]
+            # A frozen server's whole-run saving is its mac_saving (nothing is spent learning).
+            saving = stats.get("mac_saving_total") or stats.get("mac_saving") or 0.0
             speedup = results[kind]["load"]["throughput_per_s"] / base
             allowed = 1.0 / (1.0 - saving) - 1.0 if saving < 1 else float("inf")
             results[kind]["vs_plain"] = {
@@ -574,9 +811,13 @@ def print_table(results: dict[str, dict]) -> None:
             f"{r['load']['rss_bytes']['end'] / 2**20:.0f}"
         ),
     )
+    row("server process (cores)", lambda r: r["load"]["cpu"]["server_cores"])
+    row("clients (cores)", lambda r: r["load"]["cpu"]["client_cores"])
+    row("machine busy (share)", lambda r: r["load"]["cpu"]["machine_busy_share"])
     row("batch-1 p50 via server (ms)", lambda r: r["batch1_server_p50_ms"])
-    row("MAC saving (whole run)", lambda r: r["stats"]["mac_saving_total"])
+    row("MAC saving (whole run)", lambda r: r["vs_plain"]["mac_saving_under_load"])
     row("heads versions seen", lambda r: len(r["load"]["heads_versions_seen"]))
+    row("plain alongside (req/s)", lambda r: r["paired_plain_load"]["throughput_per_s"])
     row("throughput x plain", lambda r: r["vs_plain"]["throughput_ratio"])
     row("gain / what saving allows", lambda r: r["vs_plain"]["throughput_gain_vs_allowed"])
     row("replicas back after kill", lambda r: r["replicas_after_kill"]["recovered"])
