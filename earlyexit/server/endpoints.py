@@ -22,7 +22,14 @@ from .decoding import RequestError, media_type
 
 responses = import_extra_package("fastapi.responses", "earlyexit serve", "serve")
 
-__all__ = ["authorize", "json_error", "predict_answer", "read_body", "save_path_of"]
+__all__ = [
+    "authorize",
+    "json_error",
+    "predict_answer",
+    "predict_payload",
+    "read_body",
+    "save_path_of",
+]
 
 #: Largest ``/save`` body read (it only names a path).
 SAVE_BODY_LIMIT = 64 * 1024
@@ -33,16 +40,19 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     return responses.JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def predict_payload(served: ServedBatch, num_exits: int, **extra: Any) -> dict[str, Any]:
+    """The ``/predict`` answer's JSON: ``{"predictions", "heads_version", "num_exits", **extra}``."""
+    return {
+        "predictions": served.predictions,
+        "heads_version": served.heads_version,
+        "num_exits": num_exits,
+        **extra,
+    }
+
+
 def predict_answer(served: ServedBatch, num_exits: int, **extra: Any) -> Any:
-    """The ``/predict`` answer: ``{"predictions", "heads_version", "num_exits", **extra}``."""
-    return responses.JSONResponse(
-        {
-            "predictions": served.predictions,
-            "heads_version": served.heads_version,
-            "num_exits": num_exits,
-            **extra,
-        }
-    )
+    """The ``/predict`` answer (:func:`predict_payload` as a JSON response)."""
+    return responses.JSONResponse(predict_payload(served, num_exits, **extra))
 
 
 async def read_body(request: Any, limit: int) -> bytes:

@@ -23,6 +23,10 @@ name                                    type       what
 ``earlyexit_batch_size``                histogram  samples per served batch
 ======================================  =========  ==============================================
 
+On Ray Serve the router counts them: requests, samples and latency as they pass through it;
+batches by the numbers replicas give them (a batch whose answers all came back after a later
+batch's is counted but its size not observed).
+
 Each server has its own registry (several servers, e.g. in tests, never share counts). The gauges
 read from the learner's ``stats()`` are refreshed when ``/metrics`` is scraped.
 
@@ -127,6 +131,17 @@ class ServerMetrics:
         """Count a served batch: its size and which exit answered each sample."""
         self.batches.inc()
         self.batch_size.observe(len(served.predictions))
+        self.record_samples(served)
+
+    def record_batches(self, count: int, rows: int) -> None:
+        """Count ``count`` batches served elsewhere, the last of them ``rows`` samples (the Ray
+        router learns of a replica's batches by their numbers)."""
+        self.batches.inc(count)
+        self.batch_size.observe(rows)
+
+    def record_samples(self, served: ServedBatch) -> None:
+        """Count answered samples by the exit that answered each (and the heads version), not
+        a batch: with Ray the router sees requests, and counts batches by their numbers."""
         counts = [0] * (self.num_exits + 1)
         for prediction in served.predictions:
             counts[prediction["exit"]] += 1

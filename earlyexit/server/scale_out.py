@@ -2,7 +2,12 @@
 
 The deployment graph (:func:`build_app`):
 
-- ``EarlyExitReplica`` (``replicas`` copies, the HTTP ingress): each serves ``/predict`` with
+- ``EarlyExitRouter`` (one, the HTTP ingress): reads each ``/predict`` body under the size limit
+  and hands it to a replica by deployment handle. A request whose replica dies while serving it
+  (killed, out of memory) is sent again to another replica, up to ``ScaleOutSettings.retries``
+  times; after that the client gets a JSON 503 that says so (nothing hangs, nothing fails with a
+  bare 500). The other endpoints go to the learner.
+- ``EarlyExitReplica`` (``replicas`` copies): each decodes and serves requests with
   ``@serve.batch`` through a :class:`~earlyexit.distill.ServingReplica`, sends every batch's
   teacher signals (the head inputs and final logits of the samples that ran to the end, and the
   audit outcomes: features, never images) to the learner, and installs the learner's newest
@@ -10,18 +15,19 @@ The deployment graph (:func:`build_app`):
   of one version: no batch is served with a mix). It follows the learner every ``poll_s``.
 - ``EarlyExitLearner`` (one): an :class:`~earlyexit.OnlineDistiller` in background mode fed by
   :meth:`~earlyexit.OnlineDistiller.record`; it trains, calibrates and releases versioned heads,
-  and knows which version each live replica serves.
+  and knows which version each live replica serves, and its counters.
 
 The endpoints are those of ``earlyexit serve`` (:mod:`.app`), through Ray's HTTP proxy:
-``/predict`` (answers also name the ``replica``), ``/healthz``, ``/stats`` (the learner's stats,
-``replicas``: the heads version each live replica serves, and this replica's counters),
-``/metrics`` (this replica's counters, the learner's gauges), ``/save`` and ``/calibrate`` (to
-the learner; token as for the embedded server). Requests beyond ``max_queued_requests`` per
-replica get Ray's 503 (back-pressure) instead of queueing without bound.
+``/predict`` (answers also name the ``replica``), ``/healthz``, ``/stats`` (the learner's stats;
+``replicas``: each live replica's heads version and counters; ``router``: the router's
+counters), ``/metrics`` (counted at the router, the learner's gauges), ``/save`` and
+``/calibrate`` (to the learner; token as for the embedded server). Requests beyond
+``max_queued_requests`` get a JSON 503 (back-pressure) instead of queueing without bound.
 
-A replica that dies is restarted by Ray Serve; it installs the learner's latest release before
-it takes a request. A batch in flight on the dead replica fails (the proxy answers 500); nothing
-hangs. Needs the ``ray`` extra (``pip install 'earlyexit[ray]'``); nothing else imports this.
+A replica that dies is restarted by Ray Serve; it installs the learner's latest release before it
+takes a request. A retried request may have been served (and its teacher signals sent) just
+before its replica died: the learner then sees those samples twice, which is rare and harmless.
+Needs the ``ray`` extra (``pip install 'earlyexit[ray]'``); nothing else imports this.
 
 Example:
     >>> import ray
@@ -40,7 +46,7 @@ import dataclasses
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,10 +61,12 @@ from ..model import EarlyExitModel
 from .app import DEFAULT_MAX_BODY_BYTES
 from .backends import ServedBatch, answers
 from .decoding import DEFAULT_MAX_PIXELS, RequestDecoder, RequestError
-from .endpoints import authorize, json_error, predict_answer, read_body, save_path_of
+from .endpoints import authorize, json_error, predict_payload, read_body, save_path_of
 from .metrics import ServerMetrics
 
 serve = import_extra_package("ray.serve", "earlyexit serve --ray", "ray")
+ray_exceptions = import_extra_package("ray.exceptions", "earlyexit serve --ray", "ray")
+serve_exceptions = import_extra_package("ray.serve.exceptions", "earlyexit serve --ray", "ray")
 fastapi = import_extra_package("fastapi", "earlyexit serve --ray", "ray")
 responses = import_extra_package("fastapi.responses", "earlyexit serve --ray", "ray")
 
@@ -66,12 +74,22 @@ Request = fastapi.Request  # read by FastAPI from the endpoints' annotations
 Response = fastapi.Response
 JSONResponse = responses.JSONResponse
 
-__all__ = ["APP_NAME", "ScaleOutSettings", "ServedModel", "build_app", "learner_handle"]
+__all__ = [
+    "APP_NAME",
+    "ScaleOutSettings",
+    "ServedModel",
+    "build_app",
+    "learner_handle",
+    "send_with_retries",
+]
 
 #: The Serve application name used by ``earlyexit serve --ray``.
 APP_NAME = "earlyexit"
 #: A replica not heard from for this long is no longer listed in ``/stats``.
 REPLICA_SILENCE_S = 10.0
+#: A replica that died with a request on it (or was gone when the request was sent): the router
+#: sends the request again, to whichever replica Ray's handle picks.
+_REPLICA_LOST = (ray_exceptions.RayActorError, serve_exceptions.ReplicaUnavailableError)
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,10 @@ class ScaleOutSettings:
         poll_s: how often a replica asks the learner for a newer release.
         max_unsent_batches: teacher signals a replica keeps while the learner is busy; beyond
             that the oldest are dropped (counted in ``signals_dropped``) rather than pile up.
+        retries: times the router sends a request again when its replica died while serving it
+            (0: the client gets the 503 at once).
+        retry_backoff_s: wait before the first retry, doubled for each next one (Ray's handle
+            needs a moment to learn that a replica is gone).
     """
 
     replicas: int = 2
@@ -146,6 +168,8 @@ class ScaleOutSettings:
     learner_cpus: float = 0.0
     poll_s: float = 0.25
     max_unsent_batches: int = 64
+    retries: int = 2
+    retry_backoff_s: float = 0.05
 
     def __post_init__(self) -> None:
         checks = {
@@ -158,6 +182,8 @@ class ScaleOutSettings:
             "learner_cpus": self.learner_cpus >= 0,
             "poll_s": self.poll_s > 0,
             "max_unsent_batches": self.max_unsent_batches >= 1,
+            "retries": self.retries >= 0,
+            "retry_backoff_s": self.retry_backoff_s >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -199,9 +225,15 @@ class EarlyExitLearner:
         self._replicas: dict[str, dict[str, Any]] = {}
         self.signals = 0
 
-    def _seen(self, replica: str, index: int, version: int) -> None:
+    def _seen(
+        self, replica: str, index: int, version: int, counters: dict[str, int] | None = None
+    ) -> None:
         entry = self._replicas.setdefault(replica, {"index": index, "batches": 0})
-        entry.update(heads_version=version, seen=time.monotonic())
+        entry.update(counters or {}, heads_version=version, seen=time.monotonic())
+
+    def num_exits(self) -> int:
+        """The wrapped model's exits (the router sizes its metrics with it)."""
+        return int(self.learner.eem.num_exits)
 
     def record(self, batches: list[tuple[Any, float, int]], replica: str, index: int) -> None:
         """Learn from batches a replica served: ``(rows, serve_seconds, heads_version)`` each,
@@ -214,11 +246,17 @@ class EarlyExitLearner:
                 self.signals += 1
 
     def poll(
-        self, since: int, replica: str, index: int, version: int
+        self,
+        since: int,
+        replica: str,
+        index: int,
+        version: int,
+        counters: dict[str, int] | None = None,
     ) -> tuple[float, HeadsRelease | None]:
-        """The audit share now, and the release if it is newer than ``since``."""
+        """The audit share now, and the release if it is newer than ``since`` (``counters``:
+        the replica's own, listed in ``/stats``)."""
         with self._lock:
-            self._seen(replica, index, version)
+            self._seen(replica, index, version, counters)
             release = self.learner.release()
         return release.audit_share, (release if release.version > since else None)
 
@@ -257,13 +295,10 @@ class EarlyExitLearner:
 
 
 # ---------------------------------------------------------------------------------- the replicas
-http = fastapi.FastAPI(title="earlyexit", docs_url=None, redoc_url=None, openapi_url=None)
-
-
 @serve.deployment
-@serve.ingress(http)
 class EarlyExitReplica:
-    """One serving copy of the wrapped model (the HTTP ingress; see the module docstring)."""
+    """One serving copy of the wrapped model (see the module docstring); the router calls
+    :meth:`predict`."""
 
     async def __init__(self, served: ServedModel, settings: ScaleOutSettings, learner: Any):
         _set_threads(served.threads)
@@ -283,9 +318,9 @@ class EarlyExitReplica:
             max_pixels=settings.max_pixels,
         )
         self.settings = settings
-        self.metrics = ServerMetrics(eem.num_exits)
         self.learner = learner
         self.requests = 0
+        self.batches = 0  # batches served: the router counts each once by this number
         self.signals_dropped = 0
         self.signals_failed = 0
         # The latest release before the first request: a restarted replica serves what the
@@ -302,10 +337,22 @@ class EarlyExitReplica:
         ]
 
     # -------------------------------------------------------------- following the learner
-    async def _follow_once(self) -> None:
-        share, release = await self.learner.poll.remote(
-            self.replica.heads_version, self.name, self.index, self.replica.heads_version
+    def _counters(self) -> dict[str, int]:
+        return {
+            "requests": self.requests,
+            "batches_served": self.batches,
+            "signals_dropped": self.signals_dropped,
+            "signals_failed": self.signals_failed,
+        }
+
+    async def _poll(self) -> tuple[float, HeadsRelease | None]:
+        version = self.replica.heads_version
+        return await self.learner.poll.remote(
+            version, self.name, self.index, version, self._counters()
         )
+
+    async def _follow_once(self) -> None:
+        share, release = await self._poll()
         self.replica.audit_share = share
         if release is not None:
             self.replica.install(release)
@@ -315,9 +362,7 @@ class EarlyExitReplica:
         while True:
             await asyncio.sleep(self.settings.poll_s)
             try:
-                share, release = await self.learner.poll.remote(
-                    self.replica.heads_version, self.name, self.index, self.replica.heads_version
-                )
+                share, release = await self._poll()
             except Exception:  # the learner is restarting: keep serving what is installed
                 continue
             self.replica.audit_share = share
@@ -338,51 +383,148 @@ class EarlyExitReplica:
                 self.signals_failed += len(batches)
 
     # -------------------------------------------------------------- serving
-    async def _serve_rows(self, x: Tensor) -> ServedBatch:
-        """Serve ``x`` with the installed heads and queue its teacher signals for the learner."""
+    async def _serve_rows(self, x: Tensor) -> tuple[ServedBatch, int, int]:
+        """Serve ``x`` with the installed heads and queue its teacher signals for the learner;
+        returns the answers, the batch's number on this replica and its rows."""
         async with self._serving:  # no release is installed while this batch is served
             version = self.replica.heads_version
             started = time.perf_counter()
             result, rows = await asyncio.to_thread(self.replica.serve, x)
             seconds = time.perf_counter() - started
+            self.batches += 1
+            number = self.batches
         served = ServedBatch(answers(result.logits, result.exit_index, result.accepted), version)
-        self.metrics.record_batch(served)
         if self._outbox.full():  # the learner lags: drop the oldest signals, never block serving
             self._outbox.get_nowait()
             self.signals_dropped += 1
         self._outbox.put_nowait((rows, seconds, version))
-        return served
+        return served, number, int(x.shape[0])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=_rows_in)
-    async def _serve_batch(self, xs: list[Tensor]) -> list[ServedBatch]:
-        served = await self._serve_rows(xs[0] if len(xs) == 1 else torch.cat(xs))
+    async def _serve_batch(self, xs: list[Tensor]) -> list[tuple[ServedBatch, int, int]]:
+        served, number, rows = await self._serve_rows(xs[0] if len(xs) == 1 else torch.cat(xs))
         shares, start = [], 0
         for part in xs:
-            shares.append(served.rows(start, start + int(part.shape[0])))
+            shares.append((served.rows(start, start + int(part.shape[0])), number, rows))
             start += int(part.shape[0])
         return shares
+
+    async def predict(self, content_type: str | None, body: bytes) -> dict[str, Any]:
+        """Decode and serve one ``/predict`` body. Returns ``{"status", "answer"}`` (the JSON
+        the client gets) and, when served, ``"batch": (number, rows)`` of the batch it rode in
+        (the router's batch metrics)."""
+        self.requests += 1
+        try:
+            self.decoder.check_content_type(content_type)
+            x = await asyncio.to_thread(self.decoder.decode, content_type, body)
+            if x.shape[0] > self.settings.max_batch:  # too big to share a batch: served alone
+                served, number, rows = await self._serve_rows(x)
+            else:
+                served, number, rows = await self._serve_batch(x)
+        except RequestError as err:
+            return {"status": err.status, "answer": {"error": err.message}}
+        except Exception as err:
+            return {
+                "status": 500,
+                "answer": {"error": f"serving failed ({type(err).__name__}: {err})"},
+            }
+        answer = predict_payload(served, self.num_exits, replica=self.name)
+        return {"status": 200, "answer": answer, "batch": (self.name, number, rows)}
+
+
+# ---------------------------------------------------------------------------------- the router
+async def send_with_retries(
+    send: Callable[[], Awaitable[dict[str, Any]]], retries: int, backoff_s: float
+) -> tuple[dict[str, Any], int]:
+    """Await ``send()`` (a replica's :meth:`EarlyExitReplica.predict` reply); while the replica
+    it reached died under the request or was gone, send again after ``backoff_s`` (doubled each
+    time), at most ``retries`` times. Returns the reply and how many times it was sent again.
+
+    A request the replicas' queues refuse gets a 503 reply (``Retry-After``); one whose every try
+    lost its replica gets a 503 reply that says so, with ``"replica_lost": True``. Any other
+    error is raised.
+    """
+    delay = backoff_s
+    for attempt in range(retries + 1):
+        if attempt:
+            await asyncio.sleep(delay)
+            delay *= 2
+        try:
+            return await send(), attempt
+        except _REPLICA_LOST:
+            continue
+        except serve_exceptions.BackPressureError:
+            overloaded = {
+                "error": "the replicas are overloaded (their queues are full); retry later"
+            }
+            return {"status": 503, "answer": overloaded, "headers": {"Retry-After": "1"}}, attempt
+    lost = {
+        "error": f"the replica serving this request stopped ({retries + 1} tries, each on a "
+        "replica that died or was gone); Ray Serve restarts replicas: retry"
+    }
+    reply = {"status": 503, "answer": lost, "headers": {"Retry-After": "1"}, "replica_lost": True}
+    return reply, retries
+
+
+http = fastapi.FastAPI(title="earlyexit", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@serve.deployment(max_ongoing_requests=4096)
+@serve.ingress(http)
+class EarlyExitRouter:
+    """The HTTP ingress (see the module docstring): ``/predict`` to a replica, with retries when
+    one dies under a request; the rest to the learner. It holds no model."""
+
+    async def __init__(self, settings: ScaleOutSettings, replicas: Any, learner: Any):
+        self.settings = settings
+        self.replicas = replicas
+        self.learner = learner
+        self.metrics = ServerMetrics(await learner.num_exits.remote())
+        self.requests = 0
+        self.retried = 0  # sends again after a replica died under the request
+        self.lost_replica = 0  # requests answered 503 because every try lost its replica
+        self._last_batch: dict[str, int] = {}  # per replica, the highest batch number counted
+
+    def _count_batch(self, replica: str, number: int, rows: int) -> None:
+        """Count a replica's batch once, whichever of its requests comes back first (batches are
+        numbered in the order each replica serves them)."""
+        last = self._last_batch.get(replica, 0)
+        if number > last:
+            self._last_batch[replica] = number
+            self.metrics.record_batches(number - last, rows)
 
     @http.post("/predict")
     async def predict(self, request: Request) -> Response:
         arrived = time.perf_counter()
         self.requests += 1
         try:
-            content_type = request.headers.get("content-type")
-            self.decoder.check_content_type(content_type)
             body = await read_body(request, self.settings.max_body_bytes)
-            x = await asyncio.to_thread(self.decoder.decode, content_type, body)
-            if x.shape[0] > self.settings.max_batch:  # too big to share a batch: served alone
-                served = await self._serve_rows(x)
-            else:
-                served = await self._serve_batch(x)
         except RequestError as err:
             self.metrics.record_request(err.status)
             return json_error(err.status, err.message)
-        except Exception as err:
+        content_type = request.headers.get("content-type")
+        try:
+            reply, resent = await send_with_retries(
+                lambda: self.replicas.predict.remote(content_type, body),
+                self.settings.retries,
+                self.settings.retry_backoff_s,
+            )
+        except Exception as err:  # not a replica's death: say what failed
             self.metrics.record_request(500)
             return json_error(500, f"serving failed ({type(err).__name__}: {err})")
+        self.retried += resent
+        status = reply["status"]
+        if reply.get("replica_lost"):
+            self.lost_replica += 1
+        if status != 200:
+            self.metrics.record_request(status)
+            return JSONResponse(reply["answer"], status_code=status, headers=reply.get("headers"))
+        answer = reply["answer"]
+        served = ServedBatch(answer["predictions"], answer["heads_version"])
+        self._count_batch(*reply["batch"])
+        self.metrics.record_samples(served)
         self.metrics.record_request(200, time.perf_counter() - arrived)
-        return predict_answer(served, self.num_exits, replica=self.name)
+        return JSONResponse(answer)
 
     @http.get("/healthz")
     async def healthz(self) -> Response:
@@ -392,30 +534,25 @@ class EarlyExitReplica:
             failure = f"the learner cannot be reached ({type(err).__name__})"
         if failure is not None:
             return JSONResponse({"status": "failing", "error": failure}, status_code=503)
-        return JSONResponse(
-            {"status": "ok", "replica": self.name, "heads_version": self.replica.heads_version}
-        )
+        return JSONResponse({"status": "ok"})
 
     def _own(self) -> dict[str, Any]:
         return {
-            "name": self.name,
-            "index": self.index,
-            "heads_version": self.replica.heads_version,
             "requests": self.requests,
-            "signals_dropped": self.signals_dropped,
-            "signals_failed": self.signals_failed,
+            "retried": self.retried,
+            "lost_replica": self.lost_replica,
         }
 
     @http.get("/stats")
     async def stats(self) -> Response:
         stats = await self.learner.stats.remote()
-        stats["replica"] = self._own()
+        stats["router"] = self._own()
         return JSONResponse(stats)
 
     @http.get("/metrics")
     async def metrics_text(self) -> Response:
         stats = await self.learner.stats.remote()
-        body, content_type = self.metrics.render(stats, self.replica.heads_version)
+        body, content_type = self.metrics.render(stats, stats["heads_version"])
         return Response(content=body, media_type=content_type)
 
     @http.post("/save")
@@ -442,7 +579,7 @@ class EarlyExitReplica:
 
 # ---------------------------------------------------------------------------------- the graph
 def build_app(served: ServedModel, settings: ScaleOutSettings | None = None) -> Any:
-    """The Ray Serve application: ``settings.replicas`` replicas and one learner.
+    """The Ray Serve application: a router, ``settings.replicas`` replicas and one learner.
 
     Run it with ``serve.run(app, name=APP_NAME)`` (its HTTP endpoints then answer on Serve's
     proxy), or bind it into your own application.
@@ -456,12 +593,16 @@ def build_app(served: ServedModel, settings: ScaleOutSettings | None = None) -> 
     learner = EarlyExitLearner.options(ray_actor_options={"num_cpus": settings.learner_cpus}).bind(
         served
     )
-    return EarlyExitReplica.options(
+    replicas = EarlyExitReplica.options(
         num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": settings.replica_cpus},
         max_ongoing_requests=max(2 * settings.max_batch, 8),
         max_queued_requests=settings.max_queued_requests,
     ).bind(served, settings, learner)
+    # The router only forwards: no CPU reserved, so it never keeps a replica from starting.
+    return EarlyExitRouter.options(ray_actor_options={"num_cpus": 0}).bind(
+        settings, replicas, learner
+    )
 
 
 def learner_handle(app_name: str = APP_NAME) -> Any:
