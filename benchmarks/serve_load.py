@@ -25,13 +25,16 @@ time, then one client alone, and reports:
 
 Targets (issue #16): the server adds <= 1 ms per request over calling ``eem`` directly at batch 1;
 under load, early exit raises throughput over the unwrapped server by >= 0.7 x what the MAC saving
-allows (``1 / (1 - saving) - 1``). All arms run in one invocation, one after the other, on the
-same machine, so their ratio is what to read.
+allows (``1 / (1 - saving) - 1``). By default the arms run one after the other; on a shared
+machine whose speed drifts between them, ``--paired`` runs plain and early_exit (then plain and
+frozen) side by side with the load alternating between them in slices, and their ratio is the
+one to read. Each arm also reports the cores its server process used and how busy the machine
+was: a server that uses under one core while the machine idles is bound by one thread.
 
 Usage:
     python benchmarks/serve_load.py                    # 10 minutes per server (the issue's run)
     python benchmarks/serve_load.py --quick            # 60 s per server, to try it
-    python benchmarks/serve_load.py --clients 8 --duration 300 --threads 1
+    python benchmarks/serve_load.py --paired --servers plain,early_exit,frozen --duration 300
     python benchmarks/serve_load.py --servers ray --quick   # one arm
 """
 
