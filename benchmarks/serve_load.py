@@ -420,6 +420,14 @@ def sequential_latency(server: Server, payloads: list[bytes], count: int) -> lis
     return times
 
 
+def gain_vs_allowed(speedup: float, saving: float) -> float | None:
+    """How much of the throughput gain a MAC saving allows a speedup delivers: ``(speedup - 1)
+    / (1 / (1 - saving) - 1)`` (1.0: time fell exactly as MACs did; None where the saving
+    allows no gain)."""
+    allowed = 1.0 / (1.0 - saving) - 1.0 if saving < 1 else math.inf
+    return (speedup - 1.0) / allowed if allowed > 0 else None
+
+
 def model_only(
     model: torch.nn.Module, heads: Path, inputs: list[torch.Tensor], batch: int, rounds: int = 3
 ) -> dict:
@@ -450,13 +458,12 @@ def model_only(
     samples = sum(int(x.shape[0]) for x in batches)
     saving = 1.0 - spent / (samples * eem.base_macs)
     speedup = plain_s / exit_s
-    allowed = 1.0 / (1.0 - saving) - 1.0 if saving < 1 else float("inf")
     return {
         "batch": batch,
         "samples": samples,
         "mac_saving": saving,
         "throughput_ratio": speedup,
-        "throughput_gain_vs_allowed": (speedup - 1.0) / allowed if allowed > 0 else None,
+        "throughput_gain_vs_allowed": gain_vs_allowed(speedup, saving),
     }
 
 
@@ -769,11 +776,10 @@ def main() -> int:
             # A frozen server's whole-run saving is its mac_saving (nothing is spent learning).
             saving = stats.get("mac_saving_total") or stats.get("mac_saving") or 0.0
             speedup = results[kind]["load"]["throughput_per_s"] / base
-            allowed = 1.0 / (1.0 - saving) - 1.0 if saving < 1 else float("inf")
             results[kind]["vs_plain"] = {
                 "throughput_ratio": speedup,
                 "mac_saving_under_load": saving,
-                "throughput_gain_vs_allowed": (speedup - 1.0) / allowed if allowed > 0 else None,
+                "throughput_gain_vs_allowed": gain_vs_allowed(speedup, saving),
             }
             if "paired_plain_load" in results[kind]:
                 results[kind]["vs_plain"].update(
@@ -805,11 +811,10 @@ def after_first_slice_ratio(load: dict, plain_load: dict, recent_saving: float |
     if not ours or not base or recent_saving is None or recent_saving >= 1:
         return {}
     ratio = statistics.fmean(ours) / statistics.fmean(base)
-    allowed = 1.0 / (1.0 - recent_saving) - 1.0
     return {
         "after_first_slice_ratio": ratio,
         "recent_mac_saving": recent_saving,
-        "after_first_slice_gain_vs_allowed": (ratio - 1.0) / allowed if allowed > 0 else None,
+        "after_first_slice_gain_vs_allowed": gain_vs_allowed(ratio, recent_saving),
     }
 
 
