@@ -142,7 +142,10 @@ def test_one_learner_releases_heads_that_every_replica_serves(cluster):
     # Every replica now answers with the learner's heads: early exits happen.
     status, answer = _call(f"{url}/predict", _npy(_stream(64, 999)), NPY)
     assert status == 200, answer
-    assert answer["heads_version"] == stats["heads_version"]
+    # The learner may still publish from signals it had queued: the answer's version is one
+    # every replica had reached or a later one the learner has published since, never older.
+    published_since = _call(f"{url}/stats")[1]["heads_version"]
+    assert stats["heads_version"] <= answer["heads_version"] <= published_since
     assert any(p["exit"] < 2 for p in answer["predictions"])
 
 
@@ -231,7 +234,8 @@ def test_a_killed_replica_s_requests_are_retried_and_it_comes_back_with_the_late
         assert time.monotonic() < deadline, stats["replicas"]
         time.sleep(0.5)
     status, answer = _call(f"{url}/predict", _npy(_stream(8, 7)), NPY)
-    assert status == 200 and answer["heads_version"] == stats["heads_version"]
+    published_since = _call(f"{url}/stats")[1]["heads_version"]
+    assert status == 200 and stats["heads_version"] <= answer["heads_version"] <= published_since
 
 
 def test_settings_are_checked():
