@@ -18,6 +18,14 @@ sending one preprocessed Fashion-MNIST test image per request (``.npy``):
   trains on a second thread, so its exits differ from the saved policy's: this row is the cost of
   learning at batch 1 on this machine, not of the serving layer.
 
+Beside ``plain`` and ``frozen`` runs a yardstick, ``benchmarks/bare_server.py``: the same model
+(or ``eem.predict`` with the same heads) called on the event loop of a one-endpoint FastAPI app on
+the same uvicorn, with nothing else. Each image goes to both servers (the order alternating) and
+then to the direct call, so ``bare_overhead_p50_ms`` is the floor of any FastAPI server on this
+machine (loopback HTTP, and each side waking up for it) and ``over_bare_p50_ms`` (the median of
+the per-image differences between the two servers) is what ``earlyexit serve``'s own layer costs:
+decoding and checking the body, the hand-over to the serving thread and back, metrics.
+
 ``H``: ``--heads PATH`` (heads saved by ``eem.save``, e.g. by ``earlyexit serve --save-on-exit``),
 or by default heads learned here on the fashion stream (``learn_online``, seed 0, ~30 s).
 
@@ -66,45 +74,73 @@ def learned_heads(path: Path) -> Path:
 
 
 def paired(
-    server: Server, payloads: list[bytes], inputs: list[torch.Tensor], direct: Callable, warmup: int
+    servers: dict[str, Server],
+    payloads: list[bytes],
+    inputs: list[torch.Tensor],
+    direct: Callable,
+    warmup: int,
 ) -> dict:
-    """One server request then one direct call on the same image, for every image."""
-    conn = http.client.HTTPConnection(HOST, server.port, timeout=60)
-    served, called, gaps, same = [], [], [], []
+    """Per image: one request to each server (their order alternating image by image), then one
+    direct call on the same image in this process.
+
+    Returns, for ``earlyexit serve`` (``"server"``): its median time, the median of its
+    per-image differences to the direct call (``overhead_p50_ms``) and whether its answers left
+    at the direct call's exits; with a ``"bare"`` server beside it, the same for the bare one
+    (``bare_*``) and the median of the per-image differences between the two (``over_bare_*``).
+    """
+    names = list(servers)
+    conns = {
+        name: http.client.HTTPConnection(HOST, s.port, timeout=60) for name, s in servers.items()
+    }
+    took: dict[str, list[float]] = {name: [] for name in names}
+    same: dict[str, list[bool]] = {name: [] for name in names}
+    called: list[float] = []
     with torch.no_grad():
         for i, (body, x) in enumerate(zip(payloads, inputs, strict=True)):
-            began = time.perf_counter()
-            conn.request(
-                "POST", "/predict", body=body, headers={"Content-Type": "application/x-npy"}
-            )
-            reply = conn.getresponse()
-            answer = json.loads(reply.read())
-            server_s = time.perf_counter() - began
+            spent, exits = {}, {}
+            for name in names if i % 2 == 0 else names[::-1]:
+                began = time.perf_counter()
+                conns[name].request(
+                    "POST", "/predict", body=body, headers={"Content-Type": "application/x-npy"}
+                )
+                reply = conns[name].getresponse()
+                answer = json.loads(reply.read())
+                spent[name] = time.perf_counter() - began
+                if reply.status != 200:
+                    raise RuntimeError(f"{name} answered {reply.status}: {answer}")
+                exits[name] = answer["predictions"][0]["exit"]
             began = time.perf_counter()
             result = direct(x)
             direct_s = time.perf_counter() - began
-            if reply.status != 200:
-                raise RuntimeError(f"the server answered {reply.status}: {answer}")
             if i < warmup:
                 continue
-            served.append(server_s)
             called.append(direct_s)
-            gaps.append(server_s - direct_s)
             exit_direct = int(result.exit_index[0]) if hasattr(result, "exit_index") else 0
-            same.append(answer["predictions"][0]["exit"] == exit_direct)
-    conn.close()
+            for name in names:
+                took[name].append(spent[name])
+                same[name].append(exits[name] == exit_direct)
+    for conn in conns.values():
+        conn.close()
 
     def ms(values: list[float]) -> float:
         return 1e3 * statistics.median(values)
 
-    return {
-        "requests": len(gaps),
-        "server_p50_ms": ms(served),
-        "direct_p50_ms": ms(called),
-        "overhead_p50_ms": ms(gaps),
-        "overhead_p90_ms": 1e3 * statistics.quantiles(gaps, n=10)[8],
-        "same_exit": sum(same) / len(same),
-    }
+    def p90_ms(values: list[float]) -> float:
+        return 1e3 * statistics.quantiles(values, n=10)[8]
+
+    out: dict = {"requests": len(called), "direct_p50_ms": ms(called)}
+    for name in names:
+        prefix = "" if name == "server" else f"{name}_"
+        gaps = [a - b for a, b in zip(took[name], called, strict=True)]
+        out[f"{prefix}server_p50_ms"] = ms(took[name])
+        out[f"{prefix}overhead_p50_ms"] = ms(gaps)
+        out[f"{prefix}overhead_p90_ms"] = p90_ms(gaps)
+        out[f"{prefix}same_exit"] = sum(same[name]) / len(same[name])
+    if "bare" in servers:
+        over = [a - b for a, b in zip(took["server"], took["bare"], strict=True)]
+        out["over_bare_p50_ms"] = ms(over)
+        out["over_bare_p90_ms"] = p90_ms(over)
+    return out
 
 
 def main() -> int:
@@ -129,31 +165,48 @@ def main() -> int:
     payloads = [npy_bytes(x) for x in inputs]
     eem = ee.load(model, heads)
 
-    arms = {
-        "plain": ((), model),
-        "frozen": (("--heads", str(heads), "--frozen"), eem.predict),
-        "learning": (("--heads", str(heads)), eem.predict),
+    arms = {  # the server's flags, whether the bare yardstick runs beside it, the direct call
+        "plain": ((), (), model),
+        "frozen": (("--heads", str(heads), "--frozen"), ("--heads", str(heads)), eem.predict),
+        "learning": (("--heads", str(heads)), None, eem.predict),
     }
+    bare_script = Path(__file__).resolve().parent / "bare_server.py"
     results = {}
-    for i, (name, (extra, direct)) in enumerate(arms.items()):
+    for i, (name, (extra, bare_extra, direct)) in enumerate(arms.items()):
         print(f"[{name}] starting the server ...", file=sys.stderr)
-        server = Server(
-            weights,
-            18651 + i,
-            plain=name == "plain",
-            threads=args.threads,
-            save=tmp / f"{name}.safetensors",
-            extra=extra,
-        )
+        servers = {
+            "server": Server(
+                weights,
+                18651 + 2 * i,
+                plain=name == "plain",
+                threads=args.threads,
+                save=tmp / f"{name}.safetensors",
+                extra=extra,
+            )
+        }
         try:
-            results[name] = paired(server, payloads, inputs, direct, args.warmup)
+            if bare_extra is not None:
+                port = 18652 + 2 * i
+                servers["bare"] = Server.from_command(
+                    [sys.executable, str(bare_script), "--weights", str(weights), "--port",
+                     str(port), "--threads", str(args.threads), *bare_extra],
+                    port,
+                )  # fmt: skip
+            results[name] = paired(servers, payloads, inputs, direct, args.warmup)
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
         r = results[name]
+        bare = (
+            f"; bare server overhead p50 {r['bare_overhead_p50_ms']:.2f} ms, ours over it "
+            f"{r['over_bare_p50_ms']:.2f} ms"
+            if "bare_overhead_p50_ms" in r
+            else ""
+        )
         print(
             f"[{name}] server p50 {r['server_p50_ms']:.2f} ms, direct p50 {r['direct_p50_ms']:.2f}"
             f" ms, paired overhead p50 {r['overhead_p50_ms']:.2f} ms (p90 "
-            f"{r['overhead_p90_ms']:.2f}), same exit {r['same_exit']:.1%}",
+            f"{r['overhead_p90_ms']:.2f}), same exit {r['same_exit']:.1%}{bare}",
             file=sys.stderr,
         )
     eem.remove()
@@ -166,6 +219,8 @@ def main() -> int:
         "heads": str(heads) if args.heads else "learned on the fashion stream, seed 0",
         **results,
         "server_overhead_batch1_ms": results["frozen"]["overhead_p50_ms"],
+        "bare_server_overhead_batch1_ms": results["frozen"]["bare_overhead_p50_ms"],
+        "server_over_bare_batch1_ms": results["frozen"]["over_bare_p50_ms"],
         "target": {"server_overhead_batch1_ms_at_most": 1.0},
     }
     out = Path(args.out or Path(__file__).parent / "results" / "serve_batch1.json")

@@ -153,8 +153,19 @@ class Server:
         if replicas:
             command += ["--ray", "--replicas", str(replicas)]
         command += list(extra)
+        self._start(command, port, ray=bool(replicas))
+
+    @classmethod
+    def from_command(cls, command: list[str], port: int) -> Server:
+        """Another server on ``port`` (a yardstick), started by ``command``, which prints the
+        same ``serving on`` line once it listens."""
+        server = cls.__new__(cls)
+        server._start(command, port, ray=False)
+        return server
+
+    def _start(self, command: list[str], port: int, *, ray: bool) -> None:
         self.port = port
-        self.ray = bool(replicas)
+        self.ray = ray
         self.process = subprocess.Popen(
             command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
         )
