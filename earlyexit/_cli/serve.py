@@ -41,13 +41,16 @@ DESCRIPTION = (
     "/calibrate need Authorization: Bearer TOKEN when --token is set; a host other than "
     "loopback needs --token. On SIGTERM the server finishes the requests in flight, saves the "
     "heads and thresholds to --save-on-exit (atomically; load them with earlyexit.load) and "
-    "exits 0. --frozen serves --heads as they are (no learning, no audits); --plain serves the "
+    "exits 0. --learner-state PATH saves the whole learner there on exit (evidence, replay, "
+    "counters) and resumes it when the file exists, so a restarted server keeps its gates open "
+    "instead of proving them again. --frozen serves --heads as they are (no learning, no audits); --plain serves the "
     "base model alone through the same server, for comparison. "
     "Needs pip install 'earlyexit[serve]'."
 )
 EPILOG = f"""examples:
   earlyexit serve --model timm:resnet50 --weights resnet50.pth --save-on-exit heads.safetensors
   earlyexit serve --model timm:resnet18 --num-classes 10 --input-size 64 --port 0
+  earlyexit serve --model timm:resnet50 --weights resnet50.pth --learner-state learner.safetensors
   earlyexit serve --model torchvision:resnet18 --pretrained --heads heads.safetensors --frozen
   earlyexit serve --model torchvision:resnet18 --pretrained --plain
   curl -s -X POST --data-binary @cat.jpg -H 'Content-Type: image/jpeg' localhost:8000/predict
@@ -123,6 +126,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-on-exit",
         metavar="PATH",
         help="save the heads and thresholds here on SIGTERM/Ctrl-C (and for POST /save)",
+    )
+    serving.add_argument(
+        "--learner-state",
+        metavar="PATH",
+        help="resume the learner saved in PATH when the file exists (its heads, thresholds, "
+        "evidence, replay and counters: the gates stay open across a restart; --heads and "
+        "--head then apply only to a first start) and save the whole learner there on "
+        "SIGTERM/Ctrl-C, atomically (up to the learner's memory cap, 256 MiB by default; "
+        "earlyexit.load reads its heads). Not with --frozen, --plain, --ray or --head auto",
     )
     serving.add_argument(
         "--target-agreement",
@@ -266,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             token=args.token,
             save_on_exit=args.save_on_exit,
+            learner_state=args.learner_state,
         )
     except ConfigError as err:
         raise CliError(str(err), EXIT_USAGE) from None
@@ -278,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plain and args.heads:
         raise CliError("--plain serves the base model alone: it takes no --heads", EXIT_USAGE)
     _check_head(args)
+    _check_learner_state(args)
     if args.ray:
         if args.plain:
             raise CliError(
@@ -322,7 +336,12 @@ def run(args: argparse.Namespace) -> int:
     if not started:
         backend.close()
         raise CliError("the server did not start (see the messages above)", EXIT_ERROR)
-    summary = {**state.stats(), "saved": state.saved_to, "model": label}
+    summary = {
+        **state.stats(),
+        "saved": state.saved_to,
+        "learner_saved": state.learner_saved_to,
+        "model": label,
+    }
     if args.json:
         emit_json(summary)
     else:
@@ -330,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
             f"served {summary['requests']} requests in {summary['batches']} batches; "
             f"heads version {summary['heads_version']}"
             + (f"; saved heads and thresholds to {state.saved_to}" if state.saved_to else "")
+            + (f"; saved the learner to {state.learner_saved_to}" if state.learner_saved_to else "")
         )
     return EXIT_ERROR if state.shutdown_error else EXIT_OK
 
@@ -372,11 +392,82 @@ def _preprocessing(model: Any, label: str, input_size: tuple[int, int, int] | No
     return transform, tuple(int(v) for v in probe.shape)
 
 
+def _check_learner_state(args: argparse.Namespace) -> None:
+    """``--learner-state``: only where a learner serves, in a folder that exists."""
+    path = args.learner_state
+    if path is None:
+        return
+    if args.frozen or args.plain or args.ray or args.head == "auto":
+        given = next(
+            flag
+            for flag, on in (
+                ("--frozen", args.frozen),
+                ("--plain", args.plain),
+                ("--ray", args.ray),
+                ("--head auto", args.head == "auto"),
+            )
+            if on
+        )
+        raise CliError(
+            f"--learner-state saves and resumes the learner of this process: {given} takes none "
+            "(use --save-on-exit for the heads and thresholds)",
+            EXIT_USAGE,
+        )
+    if Path(path).is_dir() or not Path(path).parent.is_dir():
+        raise CliError(
+            f"--learner-state needs a file path in a folder that exists, got {path}",
+            EXIT_MISSING_FILE,
+        )
+
+
 def _learner(model: Any, args: argparse.Namespace, input_size: tuple[int, int, int]) -> Any:
-    """The wrapped model (new heads as ``earlyexit run`` wraps, or ``--heads``) and its learner."""
+    """The learner: resumed from ``--learner-state`` when that file exists, else a new one on
+    the wrapped model (new heads as ``earlyexit run`` wraps, or ``--heads``)."""
     from ..distill import OnlineDistiller
 
+    if args.learner_state is not None and Path(args.learner_state).is_file():
+        return _resumed_learner(model, args, input_size)
     return OnlineDistiller(_wrapped(model, args, input_size), _distill_config(args))
+
+
+def _resumed_learner(model: Any, args: argparse.Namespace, input_size: tuple[int, int, int]) -> Any:
+    """The learner saved in ``--learner-state``, learning in the background at ``--learn-budget``
+    (the pace may change across a restart; the target may not: its evidence proves that one)."""
+    from ..distill import OnlineDistiller
+    from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+
+    path = args.learner_state
+    try:
+        learner = OnlineDistiller.load(
+            model, path, background=True, train_time_budget=args.learn_budget
+        )
+    except (CheckpointError, UnsupportedModelError) as err:
+        raise CliError(f"cannot resume the learner in {path}: {err}", EXIT_BAD_INPUT) from None
+    except ConfigError as err:
+        raise CliError(f"cannot resume the learner in {path}: {err}", EXIT_USAGE) from None
+    saved_target = learner.config.target_agreement
+    problem = None
+    if saved_target != args.target_agreement:
+        problem = (
+            f"the learner in {path} proves agreement {saved_target}; pass --target-agreement "
+            f"{saved_target}, or start a new learner with another --learner-state path"
+        )
+    elif tuple(learner.eem.input_size) != input_size:
+        problem = (
+            f"the preprocessing makes {input_size} images but the learner in {path} takes "
+            f"{tuple(learner.eem.input_size)}: pass --input-size to set both"
+        )
+    if problem is not None:
+        learner.close()
+        learner.eem.remove()
+        raise CliError(problem, EXIT_BAD_INPUT)
+    print(
+        f"resumed the learner in {path}: {learner.stats()['samples']} samples seen, heads "
+        f"version {learner.heads_version}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return learner
 
 
 def _wrapped(model: Any, args: argparse.Namespace, input_size: tuple[int, int, int]) -> Any:

@@ -96,6 +96,17 @@ __all__ = ["STATE_VERSION", "BackgroundTrainingError", "OnlineDistiller", "disti
 
 _T = TypeVar("_T")
 
+
+class _Keep:
+    """The type of :data:`KEEP`: an argument left as saved (where ``None`` is a value)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: Default of :meth:`OnlineDistiller.load`'s overrides: keep what the file says.
+KEEP = _Keep()
+
 #: Served batches a background learner may hold before the serving thread records them itself
 #: (a bound on the memory of a lagging trainer, never a loss of traffic).
 MAX_QUEUED_BATCHES = 64
@@ -1140,6 +1151,7 @@ class OnlineDistiller:
         path: str | Path,
         *,
         background: bool | None = None,
+        train_time_budget: float | _Keep | None = KEEP,
     ) -> OnlineDistiller:
         """Resume a learner saved with :meth:`save`, on the base model (or an ``EarlyExitModel`` of
         it) it was trained on.
@@ -1149,6 +1161,9 @@ class OnlineDistiller:
                 exits (its heads and thresholds are overwritten with the saved ones).
             path: the file :meth:`save` wrote.
             background: override ``config.background``.
+            train_time_budget: override ``config.train_time_budget`` (``None``: no wall-clock
+                cap); by default the saved one. Both only pace the learning: the evidence,
+                buffers and guarantee are resumed as saved.
 
         Example:
             >>> learner = OnlineDistiller.load(model, "learner.safetensors")  # doctest: +SKIP
@@ -1157,6 +1172,8 @@ class OnlineDistiller:
         cfg_dict = dict(state["config"])
         if background is not None:
             cfg_dict["background"] = bool(background)
+        if not isinstance(train_time_budget, _Keep):
+            cfg_dict["train_time_budget"] = train_time_budget
         wants_background = cfg_dict["background"]
         cfg_dict["background"] = False  # start the thread only once the state is in place
         learner = cls(eem, DistillConfig.from_dict(cfg_dict))

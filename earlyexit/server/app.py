@@ -90,6 +90,9 @@ class ServerSettings:
         token: when set, ``/save`` and ``/calibrate`` need ``Authorization: Bearer TOKEN``.
         save_on_exit: where the heads and thresholds are saved when the server stops (and where
             ``/save`` writes when no path is given).
+        learner_state: where the whole learner is saved when the server stops
+            (:meth:`~earlyexit.OnlineDistiller.save`: evidence, replay and counters too, so a
+            restarted server resumes with its gates open; ``earlyexit serve --learner-state``).
     """
 
     max_batch: int = 32
@@ -99,6 +102,7 @@ class ServerSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     token: str | None = None
     save_on_exit: str | None = None
+    learner_state: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -137,7 +141,9 @@ class ServerState:
         self.requests = 0
         #: Where the heads were saved on shutdown (``None``: not asked to, or it failed).
         self.saved_to: str | None = None
-        #: Why the save on shutdown failed (``None``: it did not).
+        #: Where the learner was saved on shutdown (``None``: not asked to, or it failed).
+        self.learner_saved_to: str | None = None
+        #: Why a save on shutdown failed (``None``: none did).
         self.shutdown_error: str | None = None
 
     def stats(self) -> dict[str, Any]:
@@ -151,21 +157,30 @@ class ServerState:
         return stats
 
     def shut_down(self) -> None:
-        """Serve what is queued, stop the learner's thread, then save to ``save_on_exit``."""
+        """Serve what is queued, stop the learner's thread, then save the heads to
+        ``save_on_exit`` and the learner to ``learner_state`` (each where asked)."""
         self.batcher.close()
         self.backend.close()
-        path = self.settings.save_on_exit
-        if path is None:
-            return
+        if self.settings.save_on_exit is not None:
+            self.saved_to = self._save("the heads", self.settings.save_on_exit, self.backend.save)
+        if self.settings.learner_state is not None:
+            self.learner_saved_to = self._save(
+                "the learner", self.settings.learner_state, self.backend.save_learner
+            )
+
+    def _save(self, what: str, path: str, save: Callable[[str], None]) -> str | None:
+        """``save(path)``; the path, or ``None`` where there was nothing to save or it failed
+        (then ``shutdown_error`` says why, also on stderr)."""
         try:
-            self.backend.save(path)
+            save(path)
         except NotAvailable:
-            return  # --plain: nothing to save
+            return None  # --plain: nothing to save
         except Exception as err:
-            self.shutdown_error = f"could not save the heads to {path}: {type(err).__name__}: {err}"
-            print(f"earlyexit serve: error: {self.shutdown_error}", file=sys.stderr, flush=True)
-            return
-        self.saved_to = str(path)
+            error = f"could not save {what} to {path}: {type(err).__name__}: {err}"
+            self.shutdown_error = error if self.shutdown_error is None else self.shutdown_error
+            print(f"earlyexit serve: error: {error}", file=sys.stderr, flush=True)
+            return None
+        return str(path)
 
 
 def create_app(

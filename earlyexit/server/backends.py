@@ -111,6 +111,8 @@ class Backend(Protocol):
 
     def save(self, path: str | Path) -> None: ...
 
+    def save_learner(self, path: str | Path) -> None: ...
+
     def calibrate(self) -> None: ...
 
     def close(self) -> None: ...
@@ -165,6 +167,12 @@ class LearnerBackend:
     def save(self, path: str | Path) -> None:
         """Heads and thresholds as :meth:`EarlyExitModel.save` writes them (atomically)."""
         self.learner.eem.save(path)
+
+    def save_learner(self, path: str | Path) -> None:
+        """The whole learner (:meth:`OnlineDistiller.save`, atomically): heads, thresholds,
+        evidence, replay, counters; :meth:`OnlineDistiller.load` resumes it and
+        :func:`earlyexit.load` reads its heads."""
+        self.learner.save(path)
 
     def calibrate(self) -> None:
         self.learner.calibrate()
@@ -272,6 +280,9 @@ class ChoosingBackend:
     def save(self, path: str | Path) -> None:
         self._after_choice("save").save(path)
 
+    def save_learner(self, path: str | Path) -> None:
+        self._after_choice("save the learner of").save_learner(path)
+
     def calibrate(self) -> None:
         self._after_choice("calibrate").calibrate()
 
@@ -347,6 +358,9 @@ class FrozenBackend:
         """The heads and thresholds served, as :meth:`EarlyExitModel.save` writes them."""
         self.eem.save(path)
 
+    def save_learner(self, path: str | Path) -> None:
+        raise NotAvailable("--frozen serves saved heads as they are: there is no learner to save")
+
     def calibrate(self) -> None:
         raise NotAvailable(
             "--frozen serves the loaded heads and thresholds as they are: nothing calibrates; "
@@ -396,6 +410,9 @@ class PlainBackend:
 
     def save(self, path: str | Path) -> None:
         raise NotAvailable("--plain serves the base model alone: it has no heads to save")
+
+    def save_learner(self, path: str | Path) -> None:
+        raise NotAvailable("--plain serves the base model alone: there is no learner to save")
 
     def calibrate(self) -> None:
         raise NotAvailable("--plain serves the base model alone: it has no heads to calibrate")
