@@ -6,7 +6,10 @@ batching and JSON, no exits, no learner), wrapped and learning online (``early_e
 on Ray Serve (``ray``: ``--ray --replicas 2``, one learner; one replica process is killed with
 SIGKILL half-way through the run, and the run checks that it comes back serving the latest heads).
 An optional fourth arm, ``frozen`` (``--heads SAVED --frozen``), serves the heads and thresholds
-the ``early_exit`` arm saved without learning: the server's cost apart from the learner's. Each
+the ``early_exit`` arm saved without learning: the server's cost apart from the learner's; and
+``resumed`` (``--learner-state SAVED``) restarts the learning server from the whole learner the
+``early_exit`` arm saved on stop (its evidence too, so its gates stay open): a learning server in
+steady state, its saving counted over its own run only. Each
 run sends real Fashion-MNIST test images (``.npy``, preprocessed like the workload) from N concurrent clients for a fixed
 time, then one client alone, and reports:
 
@@ -35,6 +38,7 @@ Usage:
     python benchmarks/serve_load.py                    # 10 minutes per server (the issue's run)
     python benchmarks/serve_load.py --quick            # 60 s per server, to try it
     python benchmarks/serve_load.py --paired --servers plain,early_exit,frozen --duration 300
+    python benchmarks/serve_load.py --paired --servers plain,early_exit,resumed --duration 300
     python benchmarks/serve_load.py --servers ray --quick   # one arm
 """
 
@@ -47,6 +51,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -166,6 +171,8 @@ class Server:
     def _start(self, command: list[str], port: int, *, ray: bool) -> None:
         self.port = port
         self.ray = ray
+        #: ``/stats`` once warm, for a server whose learner's counts go on from a saved run.
+        self.stats_at_start: dict | None = None
         self.process = subprocess.Popen(
             command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
         )
@@ -490,17 +497,24 @@ def start_server(
 ) -> tuple[Server, Path]:
     """Start one arm's server and warm it; returns it and where it saves its heads on SIGTERM.
 
-    Arms: ``plain`` (the base model), ``early_exit`` (the embedded server, learning),
-    ``frozen`` (the embedded server with ``--frozen``, serving ``learned``: the heads and
-    thresholds the ``early_exit`` arm saved) or ``ray`` (Ray Serve, ``args.replicas``
-    replicas)."""
+    Arms: ``plain`` (the base model), ``early_exit`` (the embedded server, learning; it also
+    saves its whole learner, :func:`learner_file`), ``frozen`` (the embedded server with
+    ``--frozen``, serving ``learned``: the heads and thresholds the ``early_exit`` arm saved),
+    ``resumed`` (the learning server resuming a copy of the learner the ``early_exit`` arm
+    saved beside ``learned``) or ``ray`` (Ray Serve, ``args.replicas`` replicas)."""
     save = Path(tempfile.mkdtemp(prefix="earlyexit-serve-")) / "heads.safetensors"
     replicas = args.replicas if kind == "ray" else 0
     extra: tuple[str, ...] = ()
-    if kind == "frozen":
-        if learned is None:
-            raise ValueError("the frozen arm serves the heads the early_exit arm saved: run both")
+    if kind in ("frozen", "resumed") and learned is None:
+        raise ValueError(f"the {kind} arm starts from what the early_exit arm saved: run both")
+    if kind == "early_exit":
+        extra = ("--learner-state", str(learner_file(save)))
+    elif kind == "frozen":
         extra = ("--heads", str(learned), "--frozen")
+    elif kind == "resumed":
+        assert learned is not None
+        shutil.copyfile(learner_file(learned), learner_file(save))  # the original stays as saved
+        extra = ("--learner-state", str(learner_file(save)))
     print(f"[{kind}] starting the server ...", file=sys.stderr)
     server = Server(
         weights,
@@ -514,10 +528,27 @@ def start_server(
     )
     try:
         sequential_latency(server, payloads, 20)  # warm-up: first calls allocate
+        # A resumed learner's counts go on from the saved ones: its own run is counted from here.
+        server.stats_at_start = server.get("/stats") if kind == "resumed" else None
     except BaseException:
         server.stop()
         raise
     return server, save
+
+
+def learner_file(heads: Path) -> Path:
+    """Where an arm that saves its heads to ``heads`` saves (or resumes) its whole learner."""
+    return heads.with_name("learner.safetensors")
+
+
+def saving_since(start: dict, end: dict) -> float | None:
+    """The MAC saving over the samples served between two ``/stats`` of one learner, from its
+    samples and whole-stream savings (every sample costs the same base MACs)."""
+    n0, n1 = start.get("samples") or 0, end.get("samples") or 0
+    s0, s1 = start.get("mac_saving_total"), end.get("mac_saving_total")
+    if n1 <= n0 or s0 is None or s1 is None:
+        return None
+    return 1.0 - (n1 * (1.0 - s1) - n0 * (1.0 - s0)) / (n1 - n0)
 
 
 def finish_server(
@@ -537,8 +568,10 @@ def finish_server(
         metrics = server.get("/metrics")
     finally:
         code = server.stop()
+    start = server.stats_at_start
     return {
         "server": kind,
+        "mac_saving_this_run": None if start is None else saving_since(start, stats),
         "replicas": args.replicas if server.ray else None,
         "replicas_after_kill": recovered,
         "load": load,
@@ -611,12 +644,13 @@ def alternate(
 
 
 def run_paired(
-    args: argparse.Namespace, weights: Path, payloads: list[bytes], *, frozen: bool
+    args: argparse.Namespace, weights: Path, payloads: list[bytes], *, followers: list[str]
 ) -> tuple[dict[str, dict], dict[str, Path]]:
     """``--paired``: ``plain`` and ``early_exit`` up together, loaded in alternating slices;
-    then, with ``frozen``, the early_exit server stops (saving its heads) and a frozen server
-    with those heads alternates with the same plain server. Each arm's ``vs_plain`` is taken
-    against the plain server's slices of its own pairing (``paired_plain_load``)."""
+    then the early_exit server stops (saving its heads and learner) and each of ``followers``
+    (``frozen``, ``resumed``) starts from what it saved and alternates with the same plain
+    server. Each arm's ``vs_plain`` is taken against the plain server's slices of its own
+    pairing (``paired_plain_load``)."""
     results: dict[str, dict] = {}
     heads: dict[str, Path] = {}
     running: dict[str, Server] = {}
@@ -633,22 +667,21 @@ def run_paired(
             args, running.pop("early_exit"), payloads, kind="early_exit",
             load=records["early_exit"].summary(),
         )  # fmt: skip
-        if frozen:
-            running["frozen"], heads["frozen"] = start_server(
-                args, weights, payloads, kind="frozen", port=18603, learned=heads["early_exit"]
+        for port, kind in enumerate(followers, start=18603):
+            running[kind], heads[kind] = start_server(
+                args, weights, payloads, kind=kind, port=port, learned=heads["early_exit"]
             )
-            frozen_records = alternate(args, payloads, running)
-            plain_loads["frozen"] = frozen_records["plain"].summary()
-            results["frozen"] = finish_server(
-                args, running.pop("frozen"), payloads, kind="frozen",
-                load=frozen_records["frozen"].summary(),
-            )  # fmt: skip
+            records = alternate(args, payloads, running)
+            plain_loads[kind] = records["plain"].summary()
+            results[kind] = finish_server(
+                args, running.pop(kind), payloads, kind=kind, load=records[kind].summary()
+            )
         results["plain"] = finish_server(
             args, running.pop("plain"), payloads, kind="plain", load=plain_loads["early_exit"]
         )
         for kind, load in plain_loads.items():
             results[kind]["paired_plain_load"] = load
-        return {k: results[k] for k in ("plain", "early_exit", "frozen") if k in results}, heads
+        return {k: results[k] for k in ("plain", "early_exit", *followers)}, heads
     finally:
         for server in running.values():
             server.stop()
@@ -685,8 +718,9 @@ def main() -> int:
     parser.add_argument(
         "--servers",
         default="plain,early_exit,ray",
-        help="arms to run, comma-separated: plain, early_exit, frozen, ray (default plain, "
-        "early_exit, ray); frozen serves the heads early_exit saved, so it runs after it",
+        help="arms to run, comma-separated: plain, early_exit, frozen, resumed, ray (default "
+        "plain, early_exit, ray); frozen and resumed start from what early_exit saved, so they "
+        "run after it",
     )
     parser.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (ray arm)")
     parser.add_argument("--out", default=None, help="JSON path")
@@ -718,15 +752,21 @@ def main() -> int:
     if args.quick:
         args.duration = min(args.duration, 60.0)
     arms = [a.strip() for a in args.servers.split(",") if a.strip()]
-    unknown = set(arms) - {"plain", "early_exit", "frozen", "ray"}
+    unknown = set(arms) - {"plain", "early_exit", "frozen", "resumed", "ray"}
     if unknown or not arms:
-        parser.error(f"--servers takes plain, early_exit, frozen, ray; got {args.servers!r}")
-    if "frozen" in arms and "early_exit" not in arms[: arms.index("frozen")]:
         parser.error(
-            "the frozen arm serves the heads the early_exit arm saved: list early_exit first"
+            f"--servers takes plain, early_exit, frozen, resumed, ray; got {args.servers!r}"
         )
+    for follower in ("frozen", "resumed"):
+        if follower in arms and "early_exit" not in arms[: arms.index(follower)]:
+            parser.error(
+                f"the {follower} arm starts from what the early_exit arm saved: list early_exit "
+                "first"
+            )
     if args.paired and arms[:2] != ["plain", "early_exit"]:
-        parser.error("--paired compares with plain: list plain,early_exit first (then frozen, ray)")
+        parser.error(
+            "--paired compares with plain: list plain,early_exit first (then frozen, resumed, ray)"
+        )
     if args.slices < 1:
         parser.error(f"--slices must be at least 1, got {args.slices}")
     torch.set_num_threads(args.threads)
@@ -751,7 +791,8 @@ def main() -> int:
     heads: dict[str, Path] = {}
     alone = arms
     if args.paired:
-        results, heads = run_paired(args, weights, payloads, frozen="frozen" in arms)
+        followers = [kind for kind in arms if kind in ("frozen", "resumed")]
+        results, heads = run_paired(args, weights, payloads, followers=followers)
         alone = [kind for kind in arms if kind not in results]
     for i, kind in enumerate(alone):
         results[kind], heads[kind] = run_server(
@@ -778,15 +819,21 @@ def main() -> int:
         mean_batch = max(1, round((served["samples"] or 0) / max(served["batches"] or 1, 1)))
         report["model_only"] = model_only(model, heads["early_exit"], inputs, mean_batch)
     if "plain" in results:
-        for kind in ("early_exit", "frozen", "ray"):
+        for kind in ("early_exit", "frozen", "resumed", "ray"):
             if kind not in results:
                 continue
             # Paired: against the plain server's slices of the same pairing.
             base_load = results[kind].get("paired_plain_load") or results["plain"]["load"]
             base = base_load["throughput_per_s"]
             stats = results[kind]["stats"]
-            # A frozen server's whole-run saving is its mac_saving (nothing is spent learning).
-            saving = stats.get("mac_saving_total") or stats.get("mac_saving") or 0.0
+            # A resumed learner's saving over its own run; a frozen server's whole-run saving
+            # is its mac_saving (nothing is spent learning).
+            saving = (
+                results[kind].get("mac_saving_this_run")
+                or stats.get("mac_saving_total")
+                or stats.get("mac_saving")
+                or 0.0
+            )
             speedup = results[kind]["load"]["throughput_per_s"] / base
             results[kind]["vs_plain"] = {
                 "throughput_ratio": speedup,
