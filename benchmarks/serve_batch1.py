@@ -13,10 +13,12 @@ sending one preprocessed Fashion-MNIST test image per request (``.npy``):
 * ``frozen`` (``--heads H --frozen``: the heads and thresholds as saved, nothing learning) against
   ``ee.load(model, H).predict``: the same policy on both sides, so every answer leaves at the
   same exit (``same_exit`` checks it). This is the server's overhead, the target's figure;
-* ``learning`` (``--heads H``: the default server, learning while it serves) against the same
-  direct call. Its learner audits (runs some early-leaving samples to the end), recalibrates and
-  trains on a second thread, so its exits differ from the saved policy's: this row is the cost of
-  learning at batch 1 on this machine, not of the serving layer.
+* ``learning`` (the default server, learning while it serves: ``--learner-state`` resuming the
+  learner saved in ``H``, or ``--heads H`` where ``H`` holds heads only) against the same direct
+  call. Its learner audits (runs some early-leaving samples to the end), recalibrates and trains
+  on a second thread, so its exits drift from the saved policy's (a new learner on ``--heads``
+  also closes the gates at its first calibration until it has evidence of its own): this row is
+  the cost of learning at batch 1 on this machine, not of the serving layer.
 
 Beside ``plain`` and ``frozen`` runs a yardstick, ``benchmarks/bare_server.py``: the same model
 (or ``eem.predict`` with the same heads) called on the event loop of a one-endpoint FastAPI app on
@@ -26,8 +28,9 @@ machine (loopback HTTP, and each side waking up for it) and ``over_bare_p50_ms``
 the per-image differences between the two servers) is what ``earlyexit serve``'s own layer costs:
 decoding and checking the body, the hand-over to the serving thread and back, metrics.
 
-``H``: ``--heads PATH`` (heads saved by ``eem.save``, e.g. by ``earlyexit serve --save-on-exit``),
-or by default heads learned here on the fashion stream (``learn_online``, seed 0, ~30 s).
+``H``: ``--heads PATH`` (heads saved by ``eem.save``, e.g. by ``earlyexit serve --save-on-exit``,
+or a whole learner), or by default a learner trained here on the fashion stream (``learn_online``,
+seed 0, ~30 s) and saved whole.
 
 Usage:
     python benchmarks/serve_batch1.py                      # ~3 min
@@ -43,6 +46,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -61,7 +65,9 @@ from earlyexit.evaluation.workloads._fashion import load_fashion_backbone
 
 
 def learned_heads(path: Path) -> Path:
-    """Heads learned on the fashion stream as ``earlyexit demo`` learns them (seed 0)."""
+    """Heads learned on the fashion stream as ``earlyexit demo`` learns them (seed 0), saved with
+    their whole learner (``OnlineDistiller.save``: ``ee.load`` reads the heads, ``earlyexit
+    serve --learner-state`` resumes the learner)."""
     from earlyexit.evaluation.pipeline import PipelineOptions, learn_online
     from earlyexit.evaluation.workloads import load_workload
 
@@ -69,8 +75,22 @@ def learned_heads(path: Path) -> Path:
     options = PipelineOptions(seed=0, progress=False)
     run = learn_online(workload.model, workload.traffic, options, workload.input_size)
     run.learner.close()
-    run.learner.eem.save(path)
+    run.learner.save(path)
     return path
+
+
+def learning_flags(model: torch.nn.Module, heads: Path, folder: Path) -> tuple[str, ...]:
+    """How the learning server starts: resuming a copy of the learner saved in ``heads`` (its
+    gates open from the first request, as a restarted server's), or a new learner on those heads
+    where the file holds heads only (``eem.save``): its first calibration then closes the gates
+    until it has evidence of its own."""
+    try:
+        ee.OnlineDistiller.load(model, heads, background=False).eem.remove()
+    except ee.CheckpointError:
+        return ("--heads", str(heads))
+    copy = folder / "learning_learner.safetensors"
+    shutil.copyfile(heads, copy)
+    return ("--learner-state", str(copy))
 
 
 def paired(
@@ -168,7 +188,7 @@ def main() -> int:
     arms = {  # the server's flags, whether the bare yardstick runs beside it, the direct call
         "plain": ((), (), model),
         "frozen": (("--heads", str(heads), "--frozen"), ("--heads", str(heads)), eem.predict),
-        "learning": (("--heads", str(heads)), None, eem.predict),
+        "learning": (learning_flags(model, heads, tmp), None, eem.predict),
     }
     bare_script = Path(__file__).resolve().parent / "bare_server.py"
     results = {}
