@@ -148,7 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_budget,
         default=SERVER_LEARN_BUDGET,
         metavar="SHARE|none",
-        help="cap the learner's background work at this share of serving wall-clock, earned "
+        help="cap the learner's background work (its thread's CPU time) at this share of "
+        "serving wall-clock, earned "
         f"per batch (default {SERVER_LEARN_BUDGET}: a server is latency-critical; more while "
         "every gate is closed, see DistillConfig.train_time_budget); 'none' learns on the "
         "sample schedule alone, as earlyexit run does (more steps, reproducible counts)",

@@ -129,8 +129,10 @@ class DistillConfig:
             (above), never in wall-clock, so the same seed and stream give bit-identical heads,
             thresholds and figures on an idle or a busy machine (synchronous mode). A number
             opts in to a wall-clock cap on top of the schedule: all learning work (per-batch
-            bookkeeping, training steps, calibrations) may take at most this share of the
-            wall-clock spent serving; runs then depend on the machine's speed. Precisely: every
+            bookkeeping, training steps, calibrations), timed in the CPU time of the thread
+            doing it (waiting for a core or for the interpreter lock is not work), may take at
+            most this share of the wall-clock spent serving; runs then depend on the machine's
+            speed. Precisely: every
             served batch earns its serving time times the budget (in background mode, more for
             the samples the full model answered, see ``closed_time_budget``), and an owed
             training step starts only while the learning time spent so far plus one step stays
