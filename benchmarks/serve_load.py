@@ -9,9 +9,9 @@ An optional fourth arm, ``frozen`` (``--heads SAVED --frozen``), serves the head
 the ``early_exit`` arm saved without learning: the server's cost apart from the learner's; and
 ``resumed`` (``--learner-state SAVED``) restarts the learning server from the whole learner the
 ``early_exit`` arm saved on stop (its evidence too, so its gates stay open): a learning server in
-steady state, its saving counted over its own run only. Each
-run sends real Fashion-MNIST test images (``.npy``, preprocessed like the workload) from N concurrent clients for a fixed
-time, then one client alone, and reports:
+steady state, its saving counted over its own run only. Each run sends real Fashion-MNIST test
+images (``.npy``, preprocessed like the workload) from N concurrent clients for a fixed time, then
+one client alone, and reports:
 
 * throughput, p50/p95/p99 latency, errors and lost requests (sent without an answer: must be 0);
 * the MAC saving under load (the learner's own count of MACs spent, audits included) and the
@@ -30,7 +30,7 @@ Targets (issue #16): the server adds <= 1 ms per request over calling ``eem`` di
 under load, early exit raises throughput over the unwrapped server by >= 0.7 x what the MAC saving
 allows (``1 / (1 - saving) - 1``). By default the arms run one after the other; on a shared
 machine whose speed drifts between them, ``--paired`` runs plain and early_exit (then plain and
-frozen) side by side with the load alternating between them in slices, and their ratio is the
+frozen, plain and resumed) side by side with the load alternating between them in slices, and their ratio is the
 one to read. Each arm also reports the cores its server process used and how busy the machine
 was: a server that uses under one core while the machine idles is bound by one thread.
 
@@ -497,17 +497,19 @@ def start_server(
 ) -> tuple[Server, Path]:
     """Start one arm's server and warm it; returns it and where it saves its heads on SIGTERM.
 
-    Arms: ``plain`` (the base model), ``early_exit`` (the embedded server, learning; it also
-    saves its whole learner, :func:`learner_file`), ``frozen`` (the embedded server with
-    ``--frozen``, serving ``learned``: the heads and thresholds the ``early_exit`` arm saved),
-    ``resumed`` (the learning server resuming a copy of the learner the ``early_exit`` arm
-    saved beside ``learned``) or ``ray`` (Ray Serve, ``args.replicas`` replicas)."""
+    Arms: ``plain`` (the base model), ``early_exit`` (the embedded server, learning; with
+    ``args.save_learner`` it also saves its whole learner, :func:`learner_file`), ``frozen``
+    (the embedded server with ``--frozen``, serving ``learned``: the heads and thresholds the
+    ``early_exit`` arm saved), ``resumed`` (the learning server resuming a copy of the learner
+    the ``early_exit`` arm saved beside ``learned``) or ``ray`` (Ray Serve, ``args.replicas``
+    replicas)."""
     save = Path(tempfile.mkdtemp(prefix="earlyexit-serve-")) / "heads.safetensors"
     replicas = args.replicas if kind == "ray" else 0
     extra: tuple[str, ...] = ()
     if kind in ("frozen", "resumed") and learned is None:
         raise ValueError(f"the {kind} arm starts from what the early_exit arm saved: run both")
-    if kind == "early_exit":
+    # Saving the whole learner writes up to its memory cap: only when a resumed arm needs it.
+    if kind == "early_exit" and args.save_learner:
         extra = ("--learner-state", str(learner_file(save)))
     elif kind == "frozen":
         extra = ("--heads", str(learned), "--frozen")
@@ -763,6 +765,7 @@ def main() -> int:
                 f"the {follower} arm starts from what the early_exit arm saved: list early_exit "
                 "first"
             )
+    args.save_learner = "resumed" in arms  # the resumed arm restarts early_exit's learner
     if args.paired and arms[:2] != ["plain", "early_exit"]:
         parser.error(
             "--paired compares with plain: list plain,early_exit first (then frozen, resumed, ray)"

@@ -398,20 +398,20 @@ def _check_learner_state(args: argparse.Namespace) -> None:
     path = args.learner_state
     if path is None:
         return
-    if args.frozen or args.plain or args.ray or args.head == "auto":
-        given = next(
-            flag
-            for flag, on in (
-                ("--frozen", args.frozen),
-                ("--plain", args.plain),
-                ("--ray", args.ray),
-                ("--head auto", args.head == "auto"),
-            )
-            if on
+    without_learner = [
+        flag
+        for flag, on in (
+            ("--frozen", args.frozen),
+            ("--plain", args.plain),
+            ("--ray", args.ray),
+            ("--head auto", args.head == "auto"),
         )
+        if on
+    ]
+    if without_learner:
         raise CliError(
-            f"--learner-state saves and resumes the learner of this process: {given} takes none "
-            "(use --save-on-exit for the heads and thresholds)",
+            f"--learner-state saves and resumes the learner of this process: "
+            f"{without_learner[0]} takes none (use --save-on-exit for the heads and thresholds)",
             EXIT_USAGE,
         )
     if Path(path).is_dir() or not Path(path).parent.is_dir():

@@ -177,7 +177,8 @@ class ServerState:
             return None  # --plain: nothing to save
         except Exception as err:
             error = f"could not save {what} to {path}: {type(err).__name__}: {err}"
-            self.shutdown_error = error if self.shutdown_error is None else self.shutdown_error
+            if self.shutdown_error is None:  # the first failure is the one reported
+                self.shutdown_error = error
             print(f"earlyexit serve: error: {error}", file=sys.stderr, flush=True)
             return None
         return str(path)

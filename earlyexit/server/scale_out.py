@@ -411,8 +411,8 @@ class EarlyExitReplica:
 
     async def predict(self, content_type: str | None, body: bytes) -> dict[str, Any]:
         """Decode and serve one ``/predict`` body. Returns ``{"status", "answer"}`` (the JSON
-        the client gets) and, when served, ``"batch": (number, rows)`` of the batch it rode in
-        (the router's batch metrics)."""
+        the client gets) and, when served, ``"batch": (replica, number, rows)`` of the batch it
+        rode in (the router's batch metrics)."""
         self.requests += 1
         try:
             self.decoder.check_content_type(content_type)
